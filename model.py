@@ -415,6 +415,8 @@ def read_safetensors(path):
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
     header.pop("__metadata__", None)
     tensors = {}
@@ -422,6 +424,8 @@ def read_safetensors(path):
         try:
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
             shape, (begin, end) = info["shape"], info["data_offsets"]
+            if not all(type(v) is int and v >= 0 for v in [*shape, begin, end]):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}: corrupt safetensors entry for {name!r}: {info}") from None
         count = math.prod(shape)
@@ -459,12 +463,15 @@ def config_from_meta(params):
 
 
 def config_from_hf(c):
-    if c.get("rope_scaling"):
-        raise ValueError(f"config.json: rope_scaling={c['rope_scaling']} is not supported (LLaMA-2 has none)")
+    rope = c.get("rope_parameters") or {}  # transformers >= 5 writes rope_theta (and any scaling) here
+    if c.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise ValueError(f"config.json: rope_scaling={c.get('rope_scaling') or rope} is not supported "
+                         f"(LLaMA-2 has none)")
     return LlamaConfig(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
                        n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
                        hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
-                       rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_position_embeddings", 4096))
+                       rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
+                       max_seq_len=c.get("max_position_embeddings", 4096))
 
 
 def iter_meta(folder):
