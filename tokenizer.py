@@ -1,0 +1,221 @@
+"""Tokenizers: LLaMA-2's SentencePiece BPE (tokenizer.model), reproduced exactly on tiktoken's BPE core, and a
+tiny byte-level one for the built-in model. No sentencepiece or protobuf at run time.
+
+    tok = load_tokenizer("path/to/tokenizer.model")  # or the folder holding it, or "byte"
+    ids = tok.encode("Hello world", bos=True)         # [1, 15043, 3186]
+    tok.decode(ids)                                   # "Hello world"
+
+What SentencePiece BPE does (DESIGN.md §3): every " " becomes "▁" (U+2581) and one "▁" is prepended; starting
+from Unicode characters it repeatedly merges the adjacent pair whose concatenation is a piece with the highest
+score (ties: leftmost); a character that is no piece becomes its UTF-8 bytes as byte pieces.
+
+tiktoken does BPE on bytes, merging the pair whose concatenation has the lowest rank, and a token's rank is
+also what it outputs. Making it do the above:
+  * Ranks follow scores; a rank -> ids table turns tiktoken's output into SentencePiece ids.
+  * "▁" is spelled " " in tiktoken's tokens and in the text (a literal "▁" in the text is the same symbol to
+    SentencePiece, so it becomes " " too).
+  * SentencePiece starts from characters, tiktoken from bytes. Synthetic ranks for the UTF-8 prefixes of every
+    character that occurs in a piece, all below any real merge, assemble multi-byte characters before anything
+    else merges; otherwise a character's bytes could never join a real merge. Tokens left over that are no
+    piece (such prefixes, characters without a piece of their own) expand back into byte pieces, which is
+    SentencePiece's byte fallback.
+  * The whitespace pieces ("▁▁" .. sixteen "▁") share the worst score, so SentencePiece merges them last and
+    leftmost first: a run of spaces is cut 16, 16, ..., rest from the left. Ranking them last, longer before
+    shorter, makes tiktoken grow the leftmost run first too.
+  * Split pattern ' *[^ ]+| +': no piece has a "▁" after another character (checked at load), so nothing
+    merges across a non-space -> space boundary; splitting there is exact and keeps tiktoken's chunks short.
+  * tiktoken returns a chunk that is itself a token without running BPE. That is exact when every piece is
+    what BPE makes of its own characters, as in a BPE-trained vocabulary (tests check all of LLaMA's).
+"""
+import codecs
+import struct
+from itertools import chain
+from pathlib import Path
+
+import tiktoken
+
+SPACE = "\u2581"  # SentencePiece's visible space
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece piece types
+SPLIT = r" *[^ ]+| +"
+
+# SentencePiece decodes a run of byte pieces as UTF-8 and turns each invalid byte into one U+FFFD. Python's
+# "replace" folds a truncated multi-byte sequence into a single U+FFFD, so resume one byte after the error.
+codecs.register_error("sentencepiece", lambda err: ("\ufffd", err.start + 1))
+
+
+class Tokenizer:
+    """SentencePiece-compatible BPE. `pieces` is the vocabulary, a list of (piece, score, type) indexed by id."""
+
+    def __init__(self, pieces, *, unk_id, bos_id, eos_id, pad_id=None, add_dummy_prefix=True,
+                 remove_extra_whitespaces=False, escape_whitespaces=True, unk_surface=" \u2047 "):
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
+        self.vocab_size = len(pieces)
+        self.add_dummy_prefix, self.remove_extra_ws = add_dummy_prefix, remove_extra_whitespaces
+        self.escape_ws, self.unk_surface = escape_whitespaces, unk_surface
+        self._pieces = [p for p, _, _ in pieces]
+        self._types = [t for _, _, t in pieces]
+
+        # Normal pieces as tiktoken sees them, "▁" spelled " " -> (id, score). A piece with a literal space
+        # can never match (text spaces become "▁"), so it is left out.
+        normal = {p.replace(SPACE, " "): (i, s) for i, (p, s, t) in enumerate(pieces) if t == NORMAL and " " not in p}
+        byte_id = {int(p[3:5], 16): i for i, (p, _, t) in enumerate(pieces) if t == BYTE}
+
+        # Ranks in merge order: the 256 bytes (tiktoken panics on a missing byte), then the UTF-8 prefixes of
+        # every character used in a piece (whole characters included), then multi-character pieces by score.
+        chars = {c.encode() for text in normal for c in text}
+        prefixes = sorted({c[:k] for c in chars for k in range(2, len(c) + 1)})
+        merges = sorted((t for t in normal if len(t) > 1), key=lambda t: (-normal[t][1], -len(t), normal[t][0]))
+        tokens = [bytes([b]) for b in range(256)] + prefixes + [t.encode() for t in merges]
+        self._enc = tiktoken.Encoding("sentencepiece-bpe", pat_str=SPLIT, special_tokens={},
+                                      mergeable_ranks={tok: rank for rank, tok in enumerate(tokens)})
+        # What each rank emits: its piece, or byte fallback for a token that is no piece.
+        piece_id = {text.encode(): i for text, (i, _) in normal.items()}
+        self._rank_ids = [(piece_id[t],) if t in piece_id else tuple(byte_id[b] for b in t) for t in tokens]
+        self._rank_id = [ids[0] if len(ids) == 1 else -1 for ids in self._rank_ids]  # fast path, -1: several
+
+    def _normalize(self, text):
+        if self.remove_extra_ws:  # drop leading/trailing spaces, collapse runs of spaces
+            text = " ".join(filter(None, text.split(" ")))
+        if self.escape_ws:
+            text = text.replace(SPACE, " ")
+        if text and self.add_dummy_prefix:
+            text = " " + text
+        return text.rstrip(" ") if self.remove_extra_ws else text
+
+    def _ids(self, ranks, bos, eos):
+        ids = list(map(self._rank_id.__getitem__, ranks))
+        if -1 in ids:  # a token that is no piece (an unknown character) expands into byte pieces
+            ids = list(chain.from_iterable(map(self._rank_ids.__getitem__, ranks)))
+        if bos:
+            ids.insert(0, self.bos_id)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode(self, text, bos=False, eos=False):
+        """Token ids of `text`; BOS/EOS only when asked (the text "<s>" is plain text)."""
+        return self._ids(self._enc.encode_ordinary(self._normalize(text)), bos, eos)
+
+    def encode_batch(self, texts, bos=False, eos=False, num_threads=8):
+        """encode() for many texts at once, on tiktoken's thread pool."""
+        batch = self._enc.encode_ordinary_batch([self._normalize(t) for t in texts], num_threads=num_threads)
+        return [self._ids(ranks, bos, eos) for ranks in batch]
+
+    def decode(self, ids):
+        """Text of `ids`, exactly as sentencepiece's decode gives it."""
+        if hasattr(ids, "tolist"):  # numpy array or torch tensor
+            ids = ids.tolist()
+        if ids and not 0 <= min(ids) <= max(ids) < self.vocab_size:
+            raise IndexError(f"token id out of range [0, {self.vocab_size}): {min(ids)}..{max(ids)}")
+        out, run = [], bytearray()  # run: pending byte pieces, decoded together
+        # The dummy prefix: the first piece with visible text loses one leading "▁" (not for byte pieces).
+        at_start = self.add_dummy_prefix or self.remove_extra_ws
+        for i in ids:
+            piece, kind = self._pieces[i], self._types[i]
+            if kind == BYTE:
+                run.append(int(piece[3:5], 16))
+                continue
+            if run:
+                out.append(run.decode("utf-8", "sentencepiece"))
+                run.clear()
+            at_start = at_start and not out
+            if kind == CONTROL:
+                continue
+            if kind == UNKNOWN:
+                out.append(self.unk_surface)
+                continue
+            if at_start and piece.startswith(SPACE):
+                piece = piece[1:]
+                at_start = self.remove_extra_ws  # sentencepiece then also strips the next piece's "▁"
+            if piece:
+                out.append(piece.replace(SPACE, " "))
+        if run:
+            out.append(run.decode("utf-8", "sentencepiece"))
+        return "".join(out)
+
+
+def byte_tokenizer():
+    """The built-in model's tokenizer, laid out like LLaMA's: 0 <unk> (never emitted), 1 <s>, 2 </s>, byte b -> 3 + b.
+    vocab_size 259, no pad id. Round-trips any str (lone surrogates become U+FFFD, as in tiktoken)."""
+    pieces = [("<unk>", 0.0, UNKNOWN), ("<s>", 0.0, CONTROL), ("</s>", 0.0, CONTROL)]
+    pieces += [(f"<0x{b:02X}>", 0.0, BYTE) for b in range(256)]
+    return Tokenizer(pieces, unk_id=0, bos_id=1, eos_id=2, add_dummy_prefix=False, escape_whitespaces=False)
+
+
+def _varint(buf, pos):
+    value = shift = 0
+    while True:
+        b = buf[pos]  # IndexError when truncated
+        value |= (b & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if b < 0x80:
+            return value, pos
+
+
+def _fields(buf):
+    """(field number, value) pairs of one protobuf message: int for varints, bytes for the other wire types."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire in (1, 2, 5):  # 64-bit, length-delimited, 32-bit
+            size, pos = (8, pos) if wire == 1 else (4, pos) if wire == 5 else _varint(buf, pos)
+            value, pos = buf[pos:pos + size], pos + size
+            if pos > len(buf):
+                raise IndexError
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield key >> 3, value
+
+
+def _signed(v):  # int32 fields store negatives as 10-byte varints
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _read_model(data, path):
+    """Parse a SentencePiece ModelProto by hand: pieces (1), trainer_spec (2), normalizer_spec (3)."""
+    pieces, trainer, norm = [], {}, {}
+    try:
+        for field, value in _fields(data):
+            if field == 1:
+                p = dict(_fields(value))
+                pieces.append((p.get(1, b"").decode(), struct.unpack("<f", p.get(2, bytes(4)))[0], p.get(3, NORMAL)))
+            elif field in (2, 3):  # a message field given twice merges, later values win
+                (trainer if field == 2 else norm).update(_fields(value))
+        unk, bos, eos, pad = (_signed(trainer.get(f, d)) for f, d in ((40, 0), (41, 1), (42, 2), (43, -1)))
+        unk_surface = trainer.get(44, " \u2047 ".encode()).decode()
+        byte_pieces = {int(p[3:5], 16) for p, _, t in pieces if t == BYTE}
+    except IndexError:
+        raise ValueError(f"{path}: not a valid SentencePiece model (truncated protobuf data)") from None
+    except (ValueError, TypeError, AttributeError, struct.error) as e:  # wrong wire types, bad UTF-8, ...
+        raise ValueError(f"{path}: not a valid SentencePiece model ({e})") from None
+    problems = [msg for bad, msg in [
+        (not pieces, "it has no pieces"),
+        (trainer.get(3, 1) != 2, "model_type is not BPE"),
+        (not trainer.get(35, 0), "byte_fallback is off"),
+        (len(byte_pieces) != 256, "it lacks the 256 byte pieces"),
+        (any(t not in (NORMAL, UNKNOWN, CONTROL, BYTE) for _, _, t in pieces), "it has user-defined or unused pieces"),
+        (not all(0 <= i < len(pieces) for i in (unk, bos, eos)) or pad >= len(pieces), "special ids out of range"),
+        (norm.get(2), "it has normalization rules (only identity is supported)"),
+        (not norm.get(5, 1) or trainer.get(24, 0), "escape_whitespaces is off or treat_whitespace_as_suffix on"),
+        (any(SPACE in p.lstrip(SPACE) for p, _, t in pieces if t == NORMAL), "a piece has '▁' inside"),
+    ] if bad]
+    if problems:
+        raise ValueError(f"{path}: unsupported SentencePiece model: {'; '.join(problems)}")
+    return Tokenizer(pieces, unk_id=unk, bos_id=bos, eos_id=eos, pad_id=pad if pad >= 0 else None,
+                     add_dummy_prefix=bool(norm.get(3, 1)), remove_extra_whitespaces=bool(norm.get(4, 1)),
+                     unk_surface=unk_surface)
+
+
+def load_tokenizer(path):
+    """"byte" -> the built-in byte tokenizer; a tokenizer.model file, or a folder holding one -> LLaMA's."""
+    if str(path) == "byte":
+        return byte_tokenizer()
+    path = Path(path)
+    file = path / "tokenizer.model" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no tokenizer at {path}: looked for {file} (give 'byte', a tokenizer.model "
+                                f"file, or a folder containing tokenizer.model)")
+    return _read_model(file.read_bytes(), file)
