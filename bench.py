@@ -1,15 +1,21 @@
 """Benchmarks, one subcommand each.
 
     python bench.py tokenizer [--text-mb 4]   # encode throughput: tokenizer.py vs sentencepiece
+    python bench.py load                      # peak RSS while loading a 1.1B-shaped bf16 checkpoint, both formats
 """
 import argparse
 import json
 import os
 import random
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 SHARED = Path(__file__).resolve().parent.parent / "shared"  # read-only data beside the repo, when present
 
@@ -113,6 +119,86 @@ def bench_tokenizer(args):
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 
+# ---- loading: peak RSS against the file size --------------------------------------------------------------
+
+TINYLLAMA_SHAPE = dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, vocab_size=32000)
+
+
+def write_random_checkpoint(folder, fmt, cfg, shards=1):
+    """A random bf16 checkpoint in `fmt` ("hf" or "meta"), written one tensor at a time to keep memory low."""
+    from model import Llama, save_safetensors, OURS_TO_HF, rename
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Llama(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    rand = lambda shape: (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    if fmt == "hf":
+        save_safetensors({rename(k, OURS_TO_HF): rand(s) for k, s in shapes.items()}, folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps({
+            "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+            "vocab_size": cfg.vocab_size, "rms_norm_eps": 1e-5}))
+    else:  # Meta's names; q/k layout does not matter for a memory test
+        meta = {"embed.weight": "tok_embeddings.weight", "norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
+        sub = [("attn.q", "attention.wq"), ("attn.k", "attention.wk"), ("attn.v", "attention.wv"), ("attn.o", "attention.wo"),
+               ("mlp.gate", "feed_forward.w1"), ("mlp.up", "feed_forward.w3"), ("mlp.down", "feed_forward.w2"),
+               ("attn_norm", "attention_norm"), ("mlp_norm", "ffn_norm")]
+        state = {}
+        for k, s in shapes.items():
+            name = meta.get(k, k)
+            for ours, theirs in sub:
+                name = name.replace(f".{ours}.", f".{theirs}.")
+            state[name] = rand(s)
+        torch.save(state, folder / "consolidated.00.pth")
+        del state
+        (folder / "params.json").write_text(json.dumps({
+            "dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+            "multiple_of": 256, "norm_eps": 1e-5, "vocab_size": -1}))
+    return sum(f.stat().st_size for f in folder.iterdir())
+
+
+LOAD_CHILD = r"""
+import sys, time, torch
+from model import from_pretrained
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+base = rss("VmRSS:")
+t = time.perf_counter()
+model = from_pretrained(sys.argv[1])
+load_s = time.perf_counter() - t
+after_load = rss("VmHWM:") - base
+with torch.no_grad():  # touch every weight: the mapped pages become resident
+    total = sum(p.sum().item() for p in model.parameters())  # no fp32 copy
+after_touch = rss("VmHWM:") - base
+print(load_s, after_load, after_touch)
+"""
+
+
+def bench_load(args):
+    from model import LlamaConfig
+    cfg = LlamaConfig(**TINYLLAMA_SHAPE)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        for fmt in ["hf", "meta"]:
+            folder = Path(tmp) / fmt
+            size = write_random_checkpoint(folder, fmt, cfg)
+            out = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(folder)], capture_output=True, text=True,
+                                 cwd=Path(__file__).parent, check=True).stdout.split()
+            load_s, after_load, after_touch = float(out[0]), int(out[1]), int(out[2])
+            rows.append((fmt, size, load_s, after_load, after_touch))
+            shutil.rmtree(folder)
+    print(f"\nLoading a {cfg.n_layers}-layer dim-{cfg.dim} (TinyLlama-1.1B-shaped) random bf16 checkpoint\n")
+    print("| format | file size | load time | peak RSS during load | ratio | peak RSS after touching every weight | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    gib = 2 ** 30
+    for fmt, size, load_s, a, b in rows:
+        name = {"hf": "Hugging Face (model.safetensors)", "meta": "Meta (consolidated.00.pth)"}[fmt]
+        print(f"| {name} | {size / gib:.2f} GiB | {load_s:.2f} s | {a / gib:.2f} GiB | {a / size:.2f}x "
+              f"| {b / gib:.2f} GiB | {b / size:.2f}x |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +210,9 @@ def main():
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="threads for batch encoding (0: all CPUs)")
     p.set_defaults(func=bench_tokenizer)
+    p = sub.add_parser("load", help="peak RSS while loading a TinyLlama-shaped random bf16 checkpoint")
+    p.add_argument("--tmp", default=None, help="folder for the temporary checkpoints (about 2.1 GB each)")
+    p.set_defaults(func=bench_load)
     args = parser.parse_args()
     args.func(args)
 

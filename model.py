@@ -221,7 +221,7 @@ class Llama(nn.Module):
             cache.pos += T
 
         if self.mod is not None:
-            logits, loss = self.mod(self, hidden, targets)
+            logits, loss = self.mod(self, hidden, targets, cache=cache, n_pad=n_pad)
         else:
             logits = self.lm_head(self.norm(x))
             loss = None

@@ -1,0 +1,313 @@
+"""MoD (mod.py) against references written out by hand here: the logit-lens average, the plain model, the
+loss and its gradients, uncached generation, and the memory saved for backward. CPU, fp32, tiny models."""
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import KVCache, Llama, LlamaConfig, apply_lora
+from mod import MoDConfig, attach_mod, layer_logits, routing_stats, routing_weights
+
+CFG = LlamaConfig(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=64, max_seq_len=64)
+V = CFG.vocab_size
+
+
+def tiny(seed=0):
+    model = Llama(CFG).init_weights(seed, std=0.15)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # a final norm that is not all ones, so copying it is visible
+        model.norm.weight.copy_(1 + 0.5 * torch.randn(CFG.dim, generator=g))
+    return model
+
+
+def randomize_mod(model, seed=0, scale=1.0):
+    """Move the ensemble away from its step-0 state: random router and norm weights."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.mod.parameters():
+            p.copy_((1 if p.dim() == 1 and p.numel() == CFG.dim else 0) + scale * torch.randn(p.shape, generator=g))
+
+
+def batch(B=2, T=13, seed=0, n_masked=5):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, V, (B, T), generator=g)
+    y = torch.randint(0, V, (B, T), generator=g)
+    y.view(-1)[torch.randperm(B * T, generator=g)[:n_masked]] = -100
+    y[0, :4] = -100  # a masked prompt (with chunks of 4: a chunk with no target at all)
+    return idx, y
+
+
+def hand_weights(model, hidden, cfg):
+    """Routing weights computed plainly: scores, optional running mean (a loop), top-k by torch.topk."""
+    x = model.norm(hidden[-1]).float()
+    if cfg.router == "vector":
+        scores = model.mod.scores.expand(*x.shape[:2], -1)
+    else:
+        if cfg.router == "sequence":
+            x = torch.stack([x[:, :t + 1].mean(1) for t in range(x.size(1))], 1)
+        scores = x @ model.mod.router.weight.T + model.mod.router.bias
+    if cfg.top_k is not None and cfg.top_k < cfg.k:
+        idx = scores.topk(cfg.top_k, -1).indices
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, idx, scores.gather(-1, idx))
+    return scores.softmax(-1)
+
+
+def reference_loss(model, hidden, y, cfg):
+    """The MoD loss written plainly (whole batch, F.kl_div): returns (total, ce, distill, layer_ce)."""
+    k, T = cfg.k, cfg.distill_temp
+    norms = list(model.mod.norms) + [model.norm]
+    logits = [model.lm_head(n(h)).float() for n, h in zip(norms, hidden[-k:])]
+    w = hand_weights(model, hidden, cfg)
+    z = sum(w[..., i, None] * logits[i] for i in range(k))
+    real = y != -100
+    ce = F.cross_entropy(z.view(-1, V), y.view(-1), ignore_index=-100)
+    teacher = F.log_softmax(logits[-1] / T, -1).detach()
+    kls = []
+    for l in logits[:-1]:
+        student = F.log_softmax(l / T, -1)
+        if cfg.distill_direction == "forward":  # kl_div(input, target) = KL(target || input)
+            kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
+        else:
+            kl = F.kl_div(teacher, student, log_target=True, reduction="none").sum(-1)
+        kls.append(kl[real].mean() * T * T)
+    distill = torch.stack(kls).mean()
+    layer_ce = torch.zeros(())
+    if cfg.layer_ce:
+        layer_ce = torch.stack([F.cross_entropy(l.view(-1, V), y.view(-1), ignore_index=-100) for l in logits]).mean()
+    return ce + cfg.distill_weight * distill + layer_ce, ce, distill, layer_ce
+
+
+def test_step0_is_the_logit_lens_average():
+    model = tiny()
+    idx, _ = batch()
+    _, hidden = model(idx, return_hidden=True)
+    k = 3
+    by_hand = torch.stack([model.lm_head(model.norm(h)) for h in hidden[-k:]]).mean(0)
+    attach_mod(model, MoDConfig(k=k), verbose=False)
+    torch.testing.assert_close(model(idx), by_hand, rtol=1e-6, atol=1e-6)
+    for i, l in enumerate(layer_logits(model, hidden)):  # each late layer alone: its plain logit lens
+        torch.testing.assert_close(l, model.lm_head(model.norm(hidden[-k + i])))
+    keys = {"mod.norms.0.weight", "mod.norms.1.weight", "mod.router.weight", "mod.router.bias"}
+    assert keys <= set(model.state_dict())
+
+
+@pytest.mark.parametrize("cfg", [MoDConfig(k=1), MoDConfig(k=1, router="sequence", chunk_size=5),
+                                 MoDConfig(k=3, top_k=1)])
+def test_plain_model_when_k1_or_top1_at_step0(cfg):
+    # k = 1, or Top-1 of a zero router (ties go to the final layer): exactly the plain model
+    model = tiny()
+    idx, y = batch()
+    logits, loss = model(idx, y)
+    attach_mod(model, cfg, verbose=False)
+    assert torch.equal(model(idx), logits)
+    mod_logits, mod_loss = model(idx, y)
+    assert torch.equal(model.mod.last_losses["ce"], loss.detach())
+    if cfg.k == 1:  # (Top-1 adds the distillation of the other layers to the loss)
+        assert torch.equal(mod_loss, loss)
+    assert mod_logits is None if cfg.chunk_size else torch.equal(mod_logits, logits)
+
+
+def test_top_k_keeps_the_k_largest():
+    model = tiny()
+    cfg = MoDConfig(k=4, top_k=2)
+    attach_mod(model, cfg, verbose=False)
+    randomize_mod(model)
+    idx, _ = batch(T=20)
+    _, hidden = model(idx, return_hidden=True)
+    w = routing_weights(model, hidden)
+    assert ((w > 0).sum(-1) == 2).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:2]))
+    torch.testing.assert_close(w, hand_weights(model, hidden, cfg))
+
+
+def trainable_setup(lora, cfg=None):
+    model = tiny()
+    if lora:
+        apply_lora(model, rank=2, alpha=4, last_layers=None if lora == "all" else 3, verbose=False)
+        with torch.no_grad():  # nonzero lora_B, so lora_A gets a gradient too
+            for name, p in model.named_parameters():
+                if name.endswith("lora_B"):
+                    p.normal_(0, 0.1)
+    attach_mod(model, cfg or MoDConfig(k=3), verbose=False)
+    return model
+
+
+@pytest.mark.parametrize("lora", [None, "all", "last"])
+def test_gradients_reach_router_norms_and_lora_only(lora):
+    model = trainable_setup(lora)
+    idx, y = batch()
+    model(idx, y)[1].backward()
+    lora_layers = set()
+    for name, p in model.named_parameters():
+        if name.startswith("mod.") or name.endswith(("lora_A", "lora_B")):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+            if "lora" in name:
+                lora_layers.add(int(name.split(".")[1]))
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    assert lora_layers == {None: set(), "all": {0, 1, 2, 3}, "last": {1, 2, 3}}[lora]
+
+
+CHUNK_CASES = [dict(distill_direction="forward"),
+               dict(distill_direction="reverse", distill_temp=2.0, layer_ce=True, distill_weight=0.5),
+               dict(distill_direction="forward", distill_temp=0.7, layer_ce=True, top_k=2),
+               dict(router="sequence", distill_direction="reverse", distill_temp=1.5),
+               dict(router="vector", layer_ce=True, top_k=3)]
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES)
+def test_loss_and_gradients_match_reference(case):
+    cfg = MoDConfig(k=3, **case)
+    model = trainable_setup("all", cfg)
+    randomize_mod(model, scale=0.5)
+    idx, y = batch(T=13)  # 26 tokens
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(chunk_size):
+        model.zero_grad()
+        if chunk_size == "ref":
+            _, hidden = model(idx, return_hidden=True)
+            terms = reference_loss(model, hidden, y, cfg)
+            loss, parts = terms[0], dict(zip(["ce", "distill", "layer_ce"], terms[1:]))
+        else:
+            model.mod.cfg.chunk_size = chunk_size
+            logits, loss = model(idx, y)
+            assert (logits is None) == (chunk_size is not None)
+            parts = model.mod.last_losses
+        loss.backward()
+        return loss.detach(), parts, [p.grad.clone() for p in params]
+
+    ref_loss, ref_parts, ref_grads = loss_and_grads("ref")
+    for chunk_size in [None, 7, 4, 26, 100]:  # 7: chunks of 7, 7, 7 and 5 tokens
+        loss, parts, grads = loss_and_grads(chunk_size)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+        for name in ref_parts:
+            torch.testing.assert_close(parts[name], ref_parts[name].detach(), rtol=1e-5, atol=1e-7)
+        for g, r in zip(grads, ref_grads):  # relative to the tensor's scale: sums of many terms cancel
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
+    with torch.no_grad():  # a validation loss: chunked without checkpointing
+        torch.testing.assert_close(model(idx, y)[1], ref_loss, rtol=1e-5, atol=0)
+
+
+def test_sequence_router_is_causal():
+    model = tiny()
+    attach_mod(model, MoDConfig(k=3, router="sequence"), verbose=False)
+    randomize_mod(model)
+    idx, _ = batch(T=12)
+    changed = idx.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % V
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+MODEL_PASSES_CACHE = "cache=cache" in inspect.getsource(Llama.forward)
+GEN_CASES = [MoDConfig(k=3), MoDConfig(k=4, top_k=2), MoDConfig(k=3, router="vector"),
+             MoDConfig(k=3, router="sequence"), MoDConfig(k=2, router="sequence", top_k=1)]
+
+
+@pytest.mark.parametrize("cfg", GEN_CASES, ids=lambda c: f"{c.router}-k{c.k}-top{c.top_k}")
+def test_cached_generation_equals_full_forward(cfg):
+    if cfg.router == "sequence" and not MODEL_PASSES_CACHE:
+        pytest.fail("the sequence router needs model.forward to call self.mod(self, hidden, targets, cache=cache, "
+                    "n_pad=n_pad): apply that one-line change to model.py")
+    model = tiny().eval()
+    attach_mod(model, cfg, verbose=False)
+    randomize_mod(model, scale=2.0)
+    prompts = [[1, 5, 9], [1, 2, 3, 4, 5, 6, 7, 8], [1, 40], [1, 7, 7, 7, 7, 30]]
+    with_cache = model.generate(prompts, max_new_tokens=10, use_cache=True)
+    assert with_cache == model.generate(prompts, max_new_tokens=10, use_cache=False)
+
+    # logits, step by step, against one full forward over the left-padded batch
+    seq = torch.tensor([[0] * (8 - len(p)) + p + with_cache[i][:4] for i, p in enumerate(prompts)])
+    n_pad = torch.tensor([8 - len(p) for p in prompts])
+    with torch.no_grad():
+        full = model(seq, n_pad=n_pad)
+        cache = KVCache(CFG, CFG.n_layers, len(prompts), seq.size(1), "cpu", torch.float32)
+        cache.n_pad = n_pad
+        steps = [model(seq[:, :8], cache=cache)] + [model(seq[:, t:t + 1], cache=cache) for t in range(8, 12)]
+    real = torch.arange(12)[None] >= n_pad[:, None]
+    for i in range(len(prompts)):  # left padding changes nothing (the running mean skips it)
+        alone = model(seq[i:i + 1, n_pad[i]:])
+        torch.testing.assert_close(alone[0], full[i, n_pad[i]:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-4, atol=1e-4)
+
+
+def saved_for_backward(model, idx, y):
+    """Sizes (elements) of every tensor autograd saves for backward in the ensemble's forward and loss."""
+    _, hidden = model(idx, return_hidden=True)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model.mod(model, hidden, y)[1]
+    loss.backward()  # (runs: the chunks are recomputed here)
+    return sizes
+
+
+def test_chunking_saves_no_full_logits_for_backward():
+    model = trainable_setup("all")
+    model.mod.cfg.layer_ce = True
+    idx, y = batch(B=2, T=48)
+    full = 2 * 48 * V  # one vocab-size logits tensor for the whole batch
+    naive = saved_for_backward(model, idx, y)
+    assert max(naive) >= full and sum(naive) >= 3 * full  # the measurement sees the k logits tensors
+    model.mod.cfg.chunk_size = 16
+    chunked = saved_for_backward(model, idx, y)
+    assert max(chunked) < full, max(chunked)
+    assert sum(chunked) < sum(naive) / 4, (sum(chunked), sum(naive))
+
+
+def test_routing_stats_by_hand():
+    w = torch.tensor([[[0.5, 0.5, 0.0], [0.0, 1.0, 0.0]], [[0.2, 0.3, 0.5], [0.9, 0.0, 0.1]]])
+    mask = torch.tensor([[True, True], [True, False]])
+    s = routing_stats(w, mask)
+    assert s["tokens"] == 3
+    torch.testing.assert_close(torch.tensor(s["mean_weight"]), torch.tensor([0.7, 1.8, 0.5]) / 3)
+    torch.testing.assert_close(torch.tensor(s["sparsity"]), torch.tensor([1, 0, 2]) / 3)
+    torch.testing.assert_close(torch.tensor(s["top1"]), torch.tensor([1, 1, 1]) / 3)  # a tie goes to the first
+
+
+def test_only_layer_gives_that_layer_alone():
+    model = tiny()
+    attach_mod(model, MoDConfig(k=3), verbose=False)
+    randomize_mod(model)
+    idx, _ = batch()
+    _, hidden = model(idx, return_hidden=True)
+    alone = layer_logits(model, hidden)
+    for i in range(3):
+        model.mod.only_layer = i
+        torch.testing.assert_close(model(idx), alone[i], rtol=0, atol=0)
+    model.mod.only_layer = 3
+    with pytest.raises(ValueError, match="only_layer=3"):
+        model(idx)
+
+
+def test_bf16_model_trains():
+    model = tiny().to(torch.bfloat16)
+    apply_lora(model, rank=2, alpha=4, verbose=False)
+    attach_mod(model, MoDConfig(k=2, chunk_size=5, layer_ce=True), verbose=False)
+    assert all(p.dtype == torch.float32 for p in model.mod.parameters())
+    idx, y = batch()
+    loss = model(idx, y)[1]
+    loss.backward()
+    assert torch.isfinite(loss) and model.mod.router.weight.grad is not None
+    assert model(idx).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(k=0), "k"), (dict(k=3, top_k=4), "top_k"), (dict(k=3, top_k=0), "top_k"), (dict(router="layer"), "router"),
+    (dict(distill_direction="both"), "distill_direction"), (dict(distill_temp=0.0), "distill_temp"),
+    (dict(distill_weight=-1.0), "distill_weight"), (dict(chunk_size=0), "chunk_size")])
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoDConfig(**kwargs)
+
+
+def test_k_larger_than_the_model():
+    with pytest.raises(ValueError, match="the model has 4 layers"):
+        attach_mod(tiny(), MoDConfig(k=5), verbose=False)
