@@ -189,9 +189,10 @@ class Llama(nn.Module):
                 p.copy_(torch.ones_like(p) if p.dim() == 1 else torch.randn(p.shape, generator=g) * std)
         return self
 
-    def forward(self, idx, targets=None, *, cache=None, n_pad=None, return_hidden=False):
+    def forward(self, idx, targets=None, *, cache=None, n_pad=None, prompt_end=None, return_hidden=False):
         """idx (B, T) -> logits (B, T, vocab); with targets also the loss (-100 = ignored); with return_hidden
-        also the hidden state after every layer. n_pad (B,): left-padding length of each row."""
+        also the hidden state after every layer. n_pad (B,): left-padding length of each row. prompt_end (B,)
+        or int: the columns before it hold each row's prompt; MoLEx routes a sequence on its prompt only."""
         B, T = idx.shape
         start = 0
         if cache is not None:
@@ -210,7 +211,7 @@ class Llama(nn.Module):
         hidden = []
         for i, block in enumerate(self.layers):
             if self.molex is not None:
-                x = self.molex(self, i, x, rope, mask, cache)
+                x = self.molex(self, i, x, rope, mask, cache, n_pad=n_pad, prompt_end=prompt_end)
             elif self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
@@ -262,7 +263,7 @@ class Llama(nn.Module):
             if use_cache:
                 logits = self(seq if step == 0 else seq[:, -1:], cache=cache)
             else:
-                logits = self(seq, n_pad=n_pad if bool(n_pad.any()) else None)
+                logits = self(seq, n_pad=n_pad if bool(n_pad.any()) else None, prompt_end=longest)
             logits = logits[:, -1].float()
             if temperature == 0:
                 nxt = logits.argmax(-1)

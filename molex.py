@@ -1,0 +1,278 @@
+"""
+MoLEx: Mixture of Layer Experts (Teo & Nguyen, ICLR 2025; DESIGN.md §1.2).
+
+At each mixed layer t a gate reads the layer's input z_t and picks a layer j of the same model as an "expert"
+(the very module model.layers[j], its weights and LoRA adapters shared; no new expert parameters):
+
+    z_{t+1} = alpha * u_t(z_t) + (1 - alpha) * u_j(z_t)      (u = a whole block, residual connections included)
+
+The gate scores all L layers for every token; j is the mode of the tokens' top-1 choices, taken over the whole
+batch (rule "paper", training only) or over each sequence (rule "sequence": sequences are grouped by expert so
+each chosen block runs once on its group). Evaluation and generation always route per sequence, so predictions
+never depend on batch-mates: only a sequence's prompt tokens vote (not padding, not tokens after prompt_end),
+the choice is made at prefill and kept in cache.state, and the expert call of layer t has its own KV-cache slot
+(L + t), so cached generation equals the uncached forward exactly.
+
+Train/test consistency (vote="prompt", the default): at generation only the prompt exists, so in training too
+only the prompt's tokens vote (train.py passes prompt_end); an example is then trained with the very experts its
+prompt would get at test time, and the options of a multiple-choice question are all scored under the same
+experts. vote="all" lets the answer tokens vote as in the paper.
+
+What trains the gate (gate_mode):
+  balance   the paper. Argmax and mode give the task loss nothing to differentiate; the only signal is the
+            load-balance loss  balance_weight * sum over mixed layers of L * mean_tokens p_j.
+  task      u_j's output is multiplied by p_j / p_j.detach() (value 1, gradient d log p_j), plus the balance
+            loss if balance_weight > 0.
+  aux_free  as task, but balanced without a loss: a per-(layer, expert) bias is added to the scores for the
+            selection only and moved after each optimizer step, b_e += u * sign(mean load - load_e).
+
+Usage: apply_lora(model, ...) first (it freezes the whole model), then attach_molex(model, MoLExConfig()).
+"""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SHARES = ("shared", "per_layer")
+RULES = ("paper", "sequence")
+GATE_MODES = ("balance", "task", "aux_free")
+VOTES = ("prompt", "all")
+
+
+@dataclass
+class MoLExConfig:
+    layers: str = "all"  # mixed layers: "all", "first:n" or "last:n"; each chooses among all L layers
+    share: str = "shared"  # "shared": one gate Linear(dim, L) with bias for all mixed layers; "per_layer": one each
+    cosine: bool = False  # scores_e = cosine_scale * <z/|z|, w_e/|w_e|> + b_e instead of <z, w_e> + b_e
+    cosine_scale: float = 10.0  # cosines lie in [-1, 1]: without a scale the softmax is nearly uniform
+    rule: str = "paper"  # training: "paper" one expert per layer for the batch; "sequence" one per sequence
+    vote: str = "prompt"  # training: which tokens vote, "prompt" (tokens before prompt_end, as at generation) or "all"
+    alpha: float = 0.5  # weight of the layer itself (the paper: 0.5; 0.95 for CoLA and GPT-2)
+    learn_alpha: bool = False  # alpha = softmax(two scalars per mixed layer)[0], starting at `alpha`
+    gate_mode: str = "balance"  # what trains the gate: "balance", "task" or "aux_free" (module docstring)
+    balance_weight: float | None = None  # None: 0.01 for balance and task, 0 for aux_free
+    bias_rate: float = 0.001  # u of aux_free balancing
+    # The gate's own optimizer group. None: the main (LoRA) learning rate. The paper's 0.1 suits RoBERTa, whose
+    # layer inputs are LayerNorm outputs; one AdamW step of 0.1 (6x the init scale of +-1/sqrt(4096)) on LLaMA's
+    # unnormalized residual stream (channels in the hundreds) would saturate the gate at once.
+    gate_lr: float | None = None
+    gate_weight_decay: float = 0.1  # the paper's GLUE scripts
+    seed: int = 0  # the gate's initialization (nn.Linear's default: uniform within +-1/sqrt(dim))
+
+    def __post_init__(self):
+        if self.balance_weight is None:
+            self.balance_weight = 0.0 if self.gate_mode == "aux_free" else 0.01
+        for name, allowed in [("share", SHARES), ("rule", RULES), ("gate_mode", GATE_MODES), ("vote", VOTES)]:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown MoLEx {name} (--molex-{name.replace('_', '-')}) {getattr(self, name)!r}; "
+                                 f"choose from {allowed}")
+        mixed_layers(self.layers, None)
+        if not 0 <= self.alpha <= 1 or (self.learn_alpha and not 0 < self.alpha < 1):
+            raise ValueError(f"MoLEx alpha (--molex-alpha) must be in [0, 1] (in (0, 1) with learn_alpha), "
+                             f"got {self.alpha}")
+        if self.balance_weight < 0 or self.bias_rate < 0 or self.cosine_scale <= 0:
+            raise ValueError(f"MoLEx needs balance_weight >= 0, bias_rate >= 0 and cosine_scale > 0 (--molex-balance-"
+                             f"weight, --molex-bias-rate, --molex-cosine-scale), got {self.balance_weight}, "
+                             f"{self.bias_rate}, {self.cosine_scale}")
+
+
+def mixed_layers(spec, n_layers):
+    """The mixed layer indices for "all", "first:n", "last:n" (n_layers None: check the syntax only)."""
+    kind, _, n = spec.partition(":")
+    if spec != "all" and (kind not in ("first", "last") or not n.isdigit() or int(n) < 1):
+        raise ValueError(f"MoLEx layers (--molex-layers) {spec!r}: use 'all', 'first:n' or 'last:n' with n >= 1")
+    if n_layers is None or spec == "all":
+        return None if n_layers is None else list(range(n_layers))
+    if int(n) > n_layers:
+        raise ValueError(f"MoLEx layers (--molex-layers) {spec!r}: the model has {n_layers} layers")
+    return list(range(int(n))) if kind == "first" else list(range(n_layers - int(n), n_layers))
+
+
+def rows_of(t, rows):
+    """The rows of a per-row tensor (a (B, 1, T, .) mask or RoPE table); shared ones (size 1 or 2-D) as they are."""
+    return t[rows] if t is not None and t.dim() == 4 and t.size(0) > 1 else t
+
+
+class MoLEx(nn.Module):
+    """Registered as model.molex; model.forward calls it for every layer i instead of the block. It holds only the
+    gate, the optional alpha scalars and the aux_free bias (fp32, in model.state_dict() as molex.*): the experts
+    are the model's own blocks, taken from the `model` argument at every call."""
+
+    def __init__(self, model, cfg: MoLExConfig):
+        super().__init__()
+        L, dim, device = model.config.n_layers, model.config.dim, model.embed.weight.device
+        self.cfg, self.L = cfg, L
+        self.mixed = mixed_layers(cfg.layers, L)
+        self.index = {t: k for k, t in enumerate(self.mixed)}  # mixed layer -> its gate (per_layer) and alpha
+        n_gates = 1 if cfg.share == "shared" else len(self.mixed)
+        g, bound = torch.Generator().manual_seed(cfg.seed), 1 / math.sqrt(dim)
+        self.gate_weight = nn.Parameter(((torch.rand(n_gates, L, dim, generator=g) * 2 - 1) * bound).to(device))
+        self.gate_bias = nn.Parameter(((torch.rand(n_gates, L, generator=g) * 2 - 1) * bound).to(device))
+        if cfg.gate_mode == "balance" and cfg.balance_weight == 0:  # nothing could train it: keep it out of the
+            self.gate_weight.requires_grad_(False)  # optimizer (and out of DDP's unused-parameter check)
+            self.gate_bias.requires_grad_(False)
+        self.alpha_logits = None
+        if cfg.learn_alpha:  # softmax([log a, log(1 - a)])[0] = a; a = 0.5 gives two equal scalars (the paper)
+            start = torch.tensor([math.log(cfg.alpha), math.log(1 - cfg.alpha)])
+            self.alpha_logits = nn.Parameter(start.repeat(len(self.mixed), 1).to(device))
+        self.register_buffer("select_bias", torch.zeros(L, L, device=device))  # aux_free: [layer t, expert e]
+        # plain CPU tensors, not buffers (DDP would overwrite every rank's buffers with rank 0's at each forward)
+        self.load = torch.zeros(L, L)  # aux_free: sequences per [layer t, expert e] since the last update_bias
+        self.collect_stats = False  # when True, stats[t, j] counts the sequences whose layer t used expert j
+        self.stats = torch.zeros(L, L, dtype=torch.long)
+        self._aux = None  # this pass's balance loss (without its weight)
+        self.last_aux = None  # what aux_loss() last returned (for logging: model.forward adds it to the loss)
+
+    def gate_parameters(self):
+        """Everything MoLEx trains (gate and alpha): the parameters of its own optimizer group."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def alpha(self, t):
+        return self.cfg.alpha if self.alpha_logits is None else self.alpha_logits[self.index[t]].softmax(-1)[0]
+
+    def scores(self, t, x):
+        """(B, T, L) gate scores of layer t's input, in fp32 (bf16 scores would tie and flip choices)."""
+        k = 0 if self.cfg.share == "shared" else self.index[t]
+        w, b, x = self.gate_weight[k], self.gate_bias[k], x.float()
+        if self.cfg.cosine:
+            return self.cfg.cosine_scale * F.normalize(x, dim=-1) @ F.normalize(w, dim=-1).T + b
+        return F.linear(x, w, b)
+
+    def forward(self, model, i, x, rope, mask, cache=None, n_pad=None, prompt_end=None):
+        if i == 0:
+            self._aux = None  # a pass that computed no loss must not leak its balance loss into the next
+        block, ckpt = model.layers[i], model.grad_checkpointing and model.training
+        if i not in self.index:
+            if ckpt:
+                return checkpoint(block, x, rope, mask, use_reentrant=False)
+            return block(x, rope, mask, cache.slot(i) if cache is not None else None)
+        experts, scale = self.route(i, x, cache, cache.n_pad if cache is not None else n_pad, prompt_end,
+                                    model.training)
+        a = self.alpha(i)
+        run = lambda x: self.mix(model, i, x, rope, mask, cache, experts, a, scale)  # noqa: E731
+        return checkpoint(run, x, use_reentrant=False) if ckpt else run(x)  # both blocks recomputed in backward
+
+    def route(self, t, x, cache, n_pad, prompt_end, training):
+        """experts (B,): each row's expert at layer t; scale (B, T, 1) or None: p_j / p_j.detach() (task modes)."""
+        B, T, _ = x.shape
+        if cache is not None and cache.pos > 0:  # generation after the prefill: keep the prompt's choice
+            if "molex" not in cache.state:
+                raise RuntimeError("MoLEx: a KV cache past position 0 without the routing its prefill decides")
+            return cache.state["molex"][t], None  # no scale: generation has no gradients (and it is 1)
+        logits = self.scores(t, x)
+        voters = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        col = torch.arange(T, device=x.device)
+        if n_pad is not None:
+            voters &= col >= n_pad[:, None]
+        if prompt_end is not None and not (training and cache is None and self.cfg.vote == "all"):
+            voters &= col < torch.as_tensor(prompt_end, device=x.device).reshape(-1, 1)
+        choice = (logits.detach() + self.select_bias[t]).argmax(-1)  # the bias steers the selection only
+        votes = (F.one_hot(choice, self.L) * voters[..., None]).sum(1)  # (B, L) per-row counts
+        if training and cache is None and self.cfg.rule == "paper":
+            votes = votes.sum(0, keepdim=True).expand(B, -1)
+        # argmax takes the lowest index among ties; a row without voters keeps its own layer (the plain block)
+        experts = torch.where(votes.sum(-1) > 0, votes.argmax(-1), t)
+        if cache is not None:
+            cache.state.setdefault("molex", {})[t] = experts
+        self.record(t, experts, training)
+        logp = F.log_softmax(logits, -1).gather(-1, experts[:, None, None].expand(B, T, 1))
+        if training and self.cfg.balance_weight > 0:
+            p = logp.squeeze(-1).exp()
+            term = self.L * (p * voters).sum() / voters.sum().clamp(min=1)
+            self._aux = term if self._aux is None else self._aux + term
+        scale = None
+        if self.cfg.gate_mode != "balance" and torch.is_grad_enabled():
+            scale = torch.exp(logp - logp.detach())  # = p_j / p_j.detach(), never 0/0 when p_j underflows
+        return experts, scale
+
+    def mix(self, model, t, x, rope, mask, cache, experts, a, scale):
+        B = x.size(0)
+        y = model.layers[t](x, rope, mask, cache.slot(t) if cache is not None else None)
+        ye = y  # rows whose expert is layer t itself: the mix is the block itself
+        for j in experts.unique().tolist():
+            if j == t:
+                continue
+            rows = (experts == j).nonzero().squeeze(1)
+            whole = len(rows) == B
+            slot = cache.slot(self.L + t, None if whole else rows) if cache is not None else None
+            if whole:
+                ye = model.layers[j](x, rope, mask, slot)
+            else:
+                part = model.layers[j](x[rows], tuple(rows_of(r, rows) for r in rope), rows_of(mask, rows), slot)
+                ye = ye.index_copy(0, rows, part)
+        if scale is not None:
+            ye = ye * scale.to(ye.dtype)
+        return a * y + (1 - a) * ye
+
+    def record(self, t, experts, training):
+        counts = torch.bincount(experts, minlength=self.L).cpu()
+        if training and self.cfg.gate_mode == "aux_free":
+            self.load[t] += counts
+        if self.collect_stats:
+            self.stats[t] += counts
+
+    def aux_loss(self):
+        """The weighted balance loss accumulated since the last call (0-dim; 0 when off or in eval), then reset."""
+        aux, self._aux = self._aux, None
+        self.last_aux = self.gate_bias.new_zeros(()) if aux is None else self.cfg.balance_weight * aux
+        return self.last_aux
+
+    @torch.no_grad()
+    def update_bias(self):
+        """aux_free: after each optimizer step, b_e += u * sign(mean load - load_e) per mixed layer (else nothing)."""
+        if self.cfg.gate_mode == "aux_free":
+            load = self.load.to(self.select_bias.device)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(load)  # every rank moves its bias by the global load
+            load = load[self.mixed]
+            self.select_bias[self.mixed] += self.cfg.bias_rate * torch.sign(load.mean(-1, keepdim=True) - load)
+        self.load.zero_()
+
+    def stat_fractions(self):
+        """(L, L): stats[t, j] / sequences counted at layer t (rows of unmixed or unseen layers are 0)."""
+        return self.stats.double() / self.stats.sum(1, keepdim=True).clamp(min=1)
+
+
+def attach_molex(model, cfg: MoLExConfig, verbose=True):
+    """Build the gate and register it as model.molex (after apply_lora: that freezes the whole model)."""
+    model.molex = MoLEx(model, cfg)
+    if verbose:
+        own = sum(p.numel() for p in model.molex.parameters())
+        alpha = "learned" if cfg.learn_alpha else cfg.alpha
+        print(f"MoLEx on layers {cfg.layers} of {model.config.n_layers} ({cfg.share} gate, rule {cfg.rule}, "
+              f"gate_mode {cfg.gate_mode}, alpha {alpha}): {own:,} new parameters")
+    return model.molex
+
+
+def prompt_end_from_targets(targets):
+    """(B,) prompt_end for model(idx, targets, prompt_end=...): the column of each row's first answer token, one
+    past the first position with a target. Valid only if the prompt's positions are ignored (prompt_loss off)."""
+    return (targets != -100).int().argmax(1) + 1
+
+
+def save_stats(molex, stem):
+    """Write the (layer, expert) choice counts and fractions as {stem}.json and, when matplotlib is installed, a
+    heat map as {stem}.png. Returns the paths written."""
+    Path(stem).parent.mkdir(parents=True, exist_ok=True)
+    frac = molex.stat_fractions()
+    Path(f"{stem}.json").write_text(json.dumps({
+        "rows": "layer t", "columns": "expert layer j", "mixed_layers": molex.mixed,
+        "counts": molex.stats.tolist(), "fractions": [[round(v, 6) for v in r] for r in frac.tolist()]}))
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [f"{stem}.json"]
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(frac.numpy(), cmap="viridis", vmin=0, vmax=1)
+    ticks = range(0, molex.L, max(1, molex.L // 16))
+    ax.set_xticks(ticks), ax.set_yticks(ticks)
+    ax.set_xlabel("expert layer j"), ax.set_ylabel("layer t"), ax.set_title("MoLEx: how often layer t uses j")
+    fig.colorbar(im, ax=ax)
+    fig.savefig(f"{stem}.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return [f"{stem}.json", f"{stem}.png"]
