@@ -2,9 +2,12 @@
 
     python bench.py tokenizer [--text-mb 4]   # encode throughput: tokenizer.py vs sentencepiece
     python bench.py load                      # peak RSS while loading a 1.1B-shaped bf16 checkpoint, both formats
+    python bench.py train [--shape small]     # training step time, memory, MFU: ours (LoRA, MoD, MoLEx) vs HF+PEFT
+    python bench.py train --explain           # torch.compile graphs and graph breaks of each configuration
 """
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -199,6 +202,392 @@ def bench_load(args):
               f"| {b / gib:.2f} GiB | {b / size:.2f}x |")
 
 
+# ---- training step: ours (LoRA, MoD, MoLEx) against transformers + PEFT ------------------------------------
+
+TRAIN_SHAPES = {  # FFN width by LLaMA's rule where not given: 1536 for dim 512, 11008 for dim 4096
+    "small": dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000),
+    "tinyllama": TINYLLAMA_SHAPE,
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
+}
+TRAIN_ROWS = {"hf": "transformers + PEFT, LoRA", "lora": "ours, LoRA", "mod": "ours, LoRA + MoD k={k}, naive loss",
+              "mod-chunked": "ours, LoRA + MoD k={k}, chunked loss ({chunk} tokens)",
+              "molex": "ours, LoRA + MoLEx, all layers"}
+LORA_RANK, LORA_ALPHA, LORA_TARGETS = 8, 16, ("q", "k", "v", "o")
+RESULT_TAG = "BENCH_RESULT "  # the line a row's subprocess prints its JSON result on
+
+
+def rss_mib(field="VmRSS:"):
+    """This process's resident memory (VmRSS) or its peak (VmHWM) in MiB, from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss():
+    """Reset VmHWM to the current RSS (Linux: writing 5 to /proc/self/clear_refs). False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def random_llama(cfg, device, dtype, seed=0, std=0.02):
+    """Our Llama with N(0, std) weights and unit norms, built on the meta device and filled in place on `device`
+    (no fp32 copy of a bf16 model). On the CPU the weights equal Llama(cfg).init_weights(seed, std)."""
+    from model import Llama
+    with torch.device("meta"):
+        model = Llama(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    model.build_rope(device)  # fp32 tables, rebuilt (to_empty left them uninitialized)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.ones_like(p) if p.dim() == 1 else torch.randn(p.shape, generator=g, device=device) * std)
+    return model
+
+
+def hf_from_ours(ours):
+    """transformers' LlamaForCausalLM holding our weights (the same tensors, assigned: no copy), with SDPA."""
+    import transformers
+    from model import OURS_TO_HF, rename
+    c = ours.config
+    hf_cfg = transformers.LlamaConfig(
+        hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+        num_key_value_heads=c.n_kv_heads, vocab_size=c.vocab_size, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_seq_len, tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False)
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(hf_cfg)
+    hf.load_state_dict({rename(k, OURS_TO_HF): v for k, v in ours.state_dict().items()}, strict=True, assign=True)
+    device = ours.embed.weight.device
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg).to(device)  # its inv_freq is not in the state dict
+    meta = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
+    if meta:
+        raise RuntimeError(f"transformers' model kept tensors on the meta device: {meta[:3]}")
+    return hf
+
+
+def build_row(row, args, cfg, device, dtype):
+    """(module, loss_fn(module, idx, targets)) for one row; the module is in training mode with LoRA applied."""
+    from model import apply_lora
+    model = random_llama(cfg, device, dtype)
+    if row == "hf":
+        import peft
+        hf = hf_from_ours(model)
+        del model
+        if args.grad_checkpointing:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        names = [f"{t}_proj" for t in LORA_TARGETS]
+        hf = peft.get_peft_model(hf, peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                                     target_modules=names, bias="none"))
+        # HF shifts the labels itself: labels = the input ids gives the same loss as our shifted targets
+        return hf.train(), lambda m, idx, targets: m(input_ids=idx, labels=idx, use_cache=False).loss
+    apply_lora(model, LORA_RANK, LORA_ALPHA, 0.0, targets=LORA_TARGETS, verbose=False)
+    model.grad_checkpointing = args.grad_checkpointing
+    if row in ("mod", "mod-chunked"):
+        from mod import MoDConfig, attach_mod
+        attach_mod(model, MoDConfig(k=args.mod_k, chunk_size=args.mod_chunk if row == "mod-chunked" else None),
+                   verbose=False)
+    elif row == "molex":
+        from molex import MoLExConfig, attach_molex
+        attach_molex(model, MoLExConfig(layers="all"), verbose=False)
+        model.molex.collect_stats = True  # counts the expert blocks that actually ran (an expert j = t runs none)
+    return model.train(), lambda m, idx, targets: m(idx, targets)[1]
+
+
+def train_flops(cfg, B, T, lm_heads=1, expert_blocks=0.0):
+    """Model FLOPs of one LoRA training step (forward + backward; the optimizer's are negligible).
+
+    N = B*T tokens; P = matmul parameters of one block (q, k, v, o, gate, up, down) + its LoRA factors P_lora;
+    blocks = n_layers + the MoLEx expert blocks that ran; heads = LM-head projections (k for MoD, else 1).
+      forward    F = 2*N*(blocks*P + heads*dim*vocab) + A,   A = blocks * 2*B*T^2*dim  (attention: QK^T and PV,
+                 each 2*B*T^2*dim in full, halved because causal attention computes only the lower triangle)
+      backward   frozen weights need only their input gradients: one matmul each, i.e. 1x the forward's matmul
+                 FLOPs (a full backward is 2x); the LoRA factors add their weight gradients, 2*N*blocks*P_lora;
+                 attention's backward is 2*A (gradients of Q, K and V)
+      step       2*F - A + 2*N*blocks*P_lora + 2*A  =  2*(F - A) + 3*A + 2*N*blocks*P_lora
+    Not counted: recomputation (gradient checkpointing, MoD's chunked loss), norms, softmax, the optimizer, and
+    the input gradients layer 0's q/k/v do not need (nothing before them trains: < 1% of the step)."""
+    d, kv = cfg.dim, cfg.n_kv_heads * cfg.head_dim
+    p_lora = LORA_RANK * ((d + d) + 2 * (d + kv) + (d + d))  # q, k, v, o: r * (in + out) each
+    p_block = 2 * d * d + 2 * d * kv + 3 * d * cfg.hidden_dim + p_lora
+    N, blocks = B * T, cfg.n_layers + expert_blocks
+    attn = blocks * 2 * B * T * T * d
+    matmul = 2 * N * (blocks * p_block + lm_heads * d * cfg.vocab_size)
+    return 2 * matmul + 3 * attn + 2 * N * blocks * p_lora
+
+
+def matmul_rate(device, dtype, n=None, repeat=10):
+    """Measured matmul FLOP/s: the median over `repeat` n x n x n products (after 2 warm-ups)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(repeat + 2):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            dt = start.elapsed_time(end) / 1e3
+        else:
+            t = time.perf_counter()
+            a @ b
+            dt = time.perf_counter() - t
+        if i >= 2:
+            times.append(dt)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def run_row(args):
+    """One row in this (sub)process: build, warm up, time `steps` training steps; print the JSON result."""
+    import importlib
+    import importlib.util
+    from model import Llama, LlamaConfig
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    row = args.row
+    # Everything a row's process loads once, whatever the row, happens before the memory baseline: the imports
+    # (transformers and peft in every row: importing them alone adds about 25 MiB) and the first use of the meta
+    # device (it loads torch's Python meta kernels: about 70 MiB of RSS measured here, not model memory).
+    for name in ("transformers", "peft", "mod", "molex"):
+        if importlib.util.find_spec(name):
+            importlib.import_module(name)
+    with torch.device("meta"):
+        Llama(LlamaConfig(dim=64, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=64))
+    cfg = LlamaConfig(**TRAIN_SHAPES[args.shape], max_seq_len=max(args.seq, 4096))
+    cuda = device.type == "cuda"
+    base_rss = rss_mib()
+    torch.manual_seed(0)  # LoRA's A factors (ours and PEFT's) draw from the global RNG: the same run every time
+    model, loss_fn = build_row(row, args, cfg, device, dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
+    targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -100)], 1)  # next token; the last has none
+    fn = torch.compile(model) if args.compile else model
+
+    if args.explain:
+        torch._dynamo.reset()
+        e = torch._dynamo.explain(model)(**({"input_ids": idx, "labels": idx, "use_cache": False} if row == "hf"
+                                              else {"idx": idx, "targets": targets}))
+        reasons = {}
+        for r in e.break_reasons:
+            where = r.user_stack[-1] if r.user_stack else None
+            key = f"{r.reason.splitlines()[0][:120]} at {Path(where.filename).name}:{where.lineno}" if where else \
+                r.reason.splitlines()[0][:120]
+            reasons[key] = reasons.get(key, 0) + 1
+        print(RESULT_TAG + json.dumps({"row": row, "graphs": e.graph_count, "breaks": e.graph_break_count,
+                                       "ops": e.op_count, "reasons": reasons}), flush=True)
+        return
+
+    def step():
+        loss = loss_fn(fn, idx, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if row == "molex":
+            model.molex.update_bias()
+        return loss.detach()
+
+    from tqdm import tqdm
+    losses, wall, cpu, events = [], [], [], []
+    load_before = os.getloadavg()[0]
+    bar = tqdm(total=args.warmup + args.steps, desc=f"{row} ({args.shape}, {device.type})", file=sys.stderr,
+               dynamic_ncols=True)
+    t = time.perf_counter()
+    for _ in range(args.warmup):
+        losses.append(step())
+        bar.update(1)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    warmup_s = time.perf_counter() - t
+    peak_reset = reset_peak_rss()
+    if row == "molex":
+        model.molex.stats.zero_()
+    for _ in range(args.steps):
+        if cuda:  # events: no host-device sync inside the timed loop (the CPU queues steps ahead)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            losses.append(step())
+            end.record()
+            events.append((start, end))
+        else:
+            w, c = time.perf_counter(), time.process_time()
+            losses.append(step())
+            wall.append(time.perf_counter() - w)
+            cpu.append(time.process_time() - c)
+        bar.update(1)
+    if cuda:
+        torch.cuda.synchronize()
+        wall = [s.elapsed_time(e) / 1e3 for s, e in events]
+    bar.close()
+    losses = [float(l) for l in losses]
+    result = {"row": row, "wall": wall, "cpu": cpu, "warmup_s": warmup_s,
+              "first_loss": losses[0], "last_loss": losses[-1], "trainable": sum(p.numel() for p in params),
+              "load_before": load_before, "load_after": os.getloadavg()[0], "lm_heads": 1, "expert_blocks": 0.0}
+    if cuda:
+        result.update(peak_mib=torch.cuda.max_memory_allocated() / 2 ** 20, peak_how="CUDA max allocated")
+    else:
+        result.update(peak_mib=rss_mib("VmHWM:") - base_rss, base_rss_mib=base_rss,
+                      peak_how=("peak RSS of the timed steps" if peak_reset else "peak RSS of the whole process")
+                      + " minus the RSS before the model was built")
+    if row in ("mod", "mod-chunked"):
+        result["lm_heads"] = args.mod_k
+    if row == "molex":  # stats[t, j]: sequences whose layer t used expert j; j = t runs no second block
+        s = model.molex.stats.double()
+        result["expert_blocks"] = float((s.sum() - s.diagonal().sum()) / (args.batch * args.steps))
+    if not all(map(math.isfinite, losses)):
+        raise RuntimeError(f"{row}: non-finite loss {losses}")
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def child_command(args, row):
+    cmd = [sys.executable, str(Path(__file__).resolve()), "train", "--row", row, "--shape", args.shape,
+           "--device", args.device, "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--batch", str(args.batch), "--seq", str(args.seq), "--mod-k", str(args.mod_k),
+           "--mod-chunk", str(args.mod_chunk), "--threads", str(args.threads)]
+    return cmd + ["--compile"] * args.compile + ["--grad-checkpointing"] * args.grad_checkpointing + \
+        ["--explain"] * args.explain
+
+
+def run_child(args, row):
+    """Run one row in a fresh process (so peak RSS and CUDA peaks never mix); its result, or {"error": ...}."""
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold:  # glibc: fixed threshold, so every freed tensor above it goes back to the OS
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    proc = subprocess.run(child_command(args, row), stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent,
+                          env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+        print(line)
+    why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
+    return {"row": row, "error": f"failed: {why}, see its output above"}
+
+
+def pool_rounds(rounds):
+    """One row's results over its rounds: step times pooled (median, min, max over all timed steps), the largest
+    peak memory, the first round's losses. An error in any round is the row's result."""
+    failed = [r for r in rounds if "error" in r]
+    if failed or "graphs" in rounds[0]:  # an error, or --explain's result (one round is enough)
+        return (failed or rounds)[0]
+    wall = [t for r in rounds for t in r["wall"]]
+    cpu = [t for r in rounds for t in r["cpu"]]
+    out = dict(rounds[0], rounds=len(rounds), ms=1e3 * statistics.median(wall), ms_min=1e3 * min(wall),
+               ms_max=1e3 * max(wall), cpu_ms=1e3 * statistics.median(cpu) if cpu else None,
+               peak_mib=max(r["peak_mib"] for r in rounds), peaks=[r["peak_mib"] for r in rounds],
+               warmup_s=[r["warmup_s"] for r in rounds], load_after=rounds[-1]["load_after"],
+               expert_blocks=statistics.mean(r["expert_blocks"] for r in rounds))
+    return out
+
+
+def train_defaults(args):
+    """Fill in what depends on the shape and device; check the flags."""
+    gpu_shape = args.shape != "small"
+    args.device = args.device or ("cuda" if gpu_shape else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args.seq = args.seq or (512 if gpu_shape else 256)
+    args.batch = args.batch or 8
+    rows = args.rows.split(",") if isinstance(args.rows, str) else args.rows
+    unknown = [r for r in rows if r not in TRAIN_ROWS]
+    if unknown:
+        sys.exit(f"--rows: unknown {unknown}; choose from {','.join(TRAIN_ROWS)}")
+    args.rows = rows
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here (this torch build or machine has none); use --device cpu")
+    if args.dtype not in ("float32", "bfloat16"):  # float16 would need a gradient scaler
+        sys.exit(f"--dtype {args.dtype}: choose float32 or bfloat16")
+    if min(args.steps, args.batch, args.seq, args.mod_chunk, args.rounds) < 1 or args.warmup < 0:
+        sys.exit("--steps, --batch, --seq, --mod-chunk and --rounds must be >= 1, --warmup >= 0")
+    if args.seq > 4096:
+        sys.exit(f"--seq {args.seq}: at most 4096 (LLaMA-2's context)")
+
+
+def bench_train(args):
+    import importlib.util
+    train_defaults(args)
+    if args.threads:  # the parent's matmul-rate measurement uses the same number of threads as the rows
+        torch.set_num_threads(args.threads)
+    if args.row:  # a child: one configuration
+        return run_row(args)
+    from model import LlamaConfig
+    cfg = LlamaConfig(**TRAIN_SHAPES[args.shape])
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    B, T = args.batch, args.seq
+    have_hf = all(importlib.util.find_spec(m) for m in ("transformers", "peft"))
+    names = {r: TRAIN_ROWS[r].format(k=args.mod_k, chunk=args.mod_chunk) for r in args.rows}
+    what = (f"{args.shape}: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads ({cfg.n_kv_heads} KV), FFN "
+            f"{cfg.hidden_dim}, vocab {cfg.vocab_size}; batch {B} x seq {T} = {B * T} tokens/step; {args.dtype} "
+            f"on {args.device}{', compiled' if args.compile else ', eager'}"
+            f"{', gradient checkpointing' if args.grad_checkpointing else ''}; LoRA r={LORA_RANK} alpha={LORA_ALPHA} "
+            f"on {','.join(LORA_TARGETS)}")
+    malloc = f", MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}" if args.malloc_mmap_threshold else ""
+    print(f"{what}\ntorch {torch.__version__}, threads {args.threads or torch.get_num_threads()}, cpus "
+          f"{os.cpu_count()}{malloc}, load average before: {os.getloadavg()[0]:.2f}\n", flush=True)
+    runs = {row: [] for row in args.rows}
+    for i in range(args.rounds):  # round-robin, so a change in the machine's load hits every row alike
+        for row in args.rows:
+            if row == "hf" and not have_hf:
+                runs[row] = [{"row": row, "error": "skipped: transformers and peft are not installed (optional, "
+                                                   "benchmark only: pip install transformers peft)"}]
+                continue
+            if args.rounds > 1:
+                print(f"round {i + 1}/{args.rounds}: {row}", file=sys.stderr, flush=True)
+            runs[row].append(run_child(args, row))
+    results = {row: pool_rounds(r) for row, r in runs.items()}
+
+    if args.explain:
+        print("\n| configuration | graphs | graph breaks | break reasons (count) |\n|---|---:|---:|---|")
+        for row, r in results.items():
+            if "error" in r:
+                print(f"| {names[row]} | | | {r['error']} |")
+                continue
+            why = "; ".join(f"{k} (x{n})" for k, n in r["reasons"].items()) or "none"
+            print(f"| {names[row]} | {r['graphs']} | {r['breaks']} | {why} |")
+        return
+
+    peak_flops = matmul_rate(device, dtype)
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}; measured {args.dtype} matmul rate "
+          f"{peak_flops / 1e12:.2f} TFLOP/s ({'8192' if device.type == 'cuda' else '2048'}^3)\n")
+    ref, ours = results.get("hf", {}), results.get("lora", {})
+    cpu = device.type == "cpu"
+    print(f"| configuration | ms/step (median) | min-max ms | {'CPU ms/step | ' if cpu else ''}tokens/s | "
+          f"speed vs HF+PEFT | time vs ours LoRA | peak memory (MiB) | memory vs HF+PEFT | memory vs ours LoRA | "
+          f"MFU | step-1 loss |")
+    print("|---|---:|---:|" + ("---:|" if cpu else "") + "---:|---:|---:|---:|---:|---:|---:|---:|")
+    ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "n/a"  # noqa: E731
+    for row, r in results.items():
+        if "error" in r:
+            print(f"| {names[row]} | {r['error']} |" + " |" * (10 if cpu else 9))
+            continue
+        flops = train_flops(cfg, B, T, r["lm_heads"], r["expert_blocks"])
+        print(f"| {names[row]} | {r['ms']:.0f} | {r['ms_min']:.0f}-{r['ms_max']:.0f} | "
+              + (f"{r['cpu_ms']:.0f} | " if cpu else "")
+              + f"{B * T / r['ms'] * 1e3:,.0f} | {ratio(ref.get('ms'), r['ms'])} | {ratio(r['ms'], ours.get('ms'))} | "
+              f"{r['peak_mib']:,.0f} | {ratio(r['peak_mib'], ref.get('peak_mib'))} | "
+              f"{ratio(r['peak_mib'], ours.get('peak_mib'))} | {flops / (r['ms'] / 1e3) / peak_flops:.1%} | "
+              f"{r['first_loss']:.4f} |")
+    done = [r for r in results.values() if "error" not in r]
+    if done:
+        print(f"\npeak memory: {done[0]['peak_how']}; MFU: model FLOPs of the step (train_flops) / measured "
+              f"matmul rate; speed vs HF+PEFT = its ms / this ms; time and memory vs ours LoRA = this / that")
+        if args.rounds > 1:
+            print(f"{args.rounds} rounds, round-robin, each row in a fresh process every round: the step times of "
+                  f"all rounds pooled, the largest peak of the rounds (all peaks listed below)")
+        for r in done:
+            extra = f", {r['expert_blocks']:.1f} MoLEx expert blocks ran per step" if r["row"] == "molex" else ""
+            peaks = f", peaks {'/'.join(f'{p:,.0f}' for p in r['peaks'])} MiB" if args.rounds > 1 else ""
+            print(f"  {r['row']}: warm-up {'/'.join(f'{w:.1f}' for w in r['warmup_s'])} s, load average "
+                  f"{r['load_before']:.2f} -> {r['load_after']:.2f}, {r['trainable']:,} trainable parameters, loss "
+                  f"{r['first_loss']:.4f} -> {r['last_loss']:.4f}{peaks}{extra}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,6 +602,32 @@ def main():
     p = sub.add_parser("load", help="peak RSS while loading a TinyLlama-shaped random bf16 checkpoint")
     p.add_argument("--tmp", default=None, help="folder for the temporary checkpoints (about 2.1 GB each)")
     p.set_defaults(func=bench_load)
+    p = sub.add_parser("train", help="training step speed and memory: ours (LoRA, MoD, MoLEx) vs transformers+PEFT")
+    p.add_argument("--shape", choices=list(TRAIN_SHAPES), default="small",
+                   help="small: 8 layers, dim 512 (CPU); tinyllama: TinyLlama-1.1B; 7b: LLaMA-2-7B (random weights)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cpu for small, else cuda")
+    p.add_argument("--dtype", default=None, help="weights' dtype (LoRA and add-ons stay float32); default: "
+                                                 "float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default 8)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256 small, 512 otherwise)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (forward + loss; backward via AOT)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--rows", default=",".join(TRAIN_ROWS), help=f"comma-separated subset of {','.join(TRAIN_ROWS)}")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the rows this many times, round-robin, and pool the step times (noisy machines)")
+    p.add_argument("--mod-k", type=int, default=4, help="MoD: the last k layers form the ensemble")
+    p.add_argument("--mod-chunk", type=int, default=512, help="MoD: tokens per chunk of the chunked loss")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in each row's process (0: torch's default)")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=0,
+                   help="CPU: run each row with glibc's MALLOC_MMAP_THRESHOLD_ set to this many bytes (e.g. 65536), so "
+                        "peak RSS follows the live tensors instead of what the heap keeps after frees (0: glibc's "
+                        "default, a threshold that grows up to 32 MiB)")
+    p.add_argument("--explain", action="store_true",
+                   help="instead of timing: torch._dynamo.explain of each row's forward + loss (graphs, breaks)")
+    p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: run one row in this process
+    p.set_defaults(func=bench_train)
     args = parser.parse_args()
     args.func(args)
 

@@ -1,0 +1,165 @@
+"""eval.py: scoring on hand-made cases, overlap counts, the logit-lens readout against a naive reference, and the
+command end to end on a tiny tuned run."""
+import json
+import sys
+
+import pytest
+import torch
+
+import eval as ev
+import train
+from model import Llama, LlamaConfig, save_hf
+from tokenizer import load_tokenizer
+
+
+# ---------------------------------------------------------------- scoring
+
+def test_acc_and_acc_norm_differ_where_length_matters():
+    texts = [" ant", " elephant seal", " cat"]  # 4, 14, 4 characters
+    lls = [-6.0, -9.8, -8.0]
+    # acc: highest total (-6.0, option 0); acc_norm: per character -1.5, -0.7, -2.0 -> option 1
+    assert ev.score_choice_lls(lls, texts, gold_index=0) == {"acc": True, "acc_norm": False}
+    assert ev.score_choice_lls(lls, texts, gold_index=1) == {"acc": False, "acc_norm": True}
+    assert ev.score_choice_lls(lls, texts, gold_index=2) == {"acc": False, "acc_norm": False}
+    # equal lengths: both agree
+    assert ev.score_choice_lls([-3.0, -1.0], [" ab", " cd"], 1) == {"acc": True, "acc_norm": True}
+    with pytest.raises(ValueError, match="2 log-likelihoods for 3 options"):
+        ev.score_choice_lls([-1.0, -2.0], texts, 0)
+
+
+def test_generation_scoring_strict_and_flexible():
+    rec = {"question": "q", "answer": "x\n#### 12", "gold": "12"}
+    assert ev.score_generation(" 5 + 7 = 12\n#### 12", rec) == {"strict": True, "flexible": True}
+    assert ev.score_generation(" so she has 12 now", rec) == {"strict": False, "flexible": True}
+    assert ev.score_generation(" #### 12 or maybe 13", rec) == {"strict": True, "flexible": False}
+    assert ev.score_generation(" The answer is 12.0", rec) == {"strict": True, "flexible": True}
+    assert ev.cut_at_stops(" 3 + 4 = 7\n#### 7\n\nQuestion: Tom has", ev.STOPS["generation"]) == " 3 + 4 = 7\n#### 7"
+
+
+def test_overlap_counts_on_a_hand_made_example():
+    solved = {"L1": {0, 1, 2}, "L2": {1, 2, 3}, "L3": {2, 4}}
+    ov = ev.overlap(solved, n_problems=6)
+    # problem 0: L1 only; 1: L1+L2; 2: all; 3: L2 only; 4: L3 only; 5: none
+    exact = {tuple(e["sources"]): e["count"] for e in ov["exact"]}
+    assert exact == {("L1", "L2", "L3"): 1, ("L1", "L2"): 1, ("L1", "L3"): 0, ("L2", "L3"): 0,
+                     ("L1",): 1, ("L2",): 1, ("L3",): 1, (): 1}
+    assert sum(exact.values()) == 6
+    assert (ov["any"], ov["all"], ov["none"]) == (5, 1, 1)
+    assert ov["only"] == {"L1": 1, "L2": 1, "L3": 1}
+    assert ov["solved"] == {"L1": 3, "L2": 3, "L3": 2}
+    assert ov["pairwise"] == [[3, 2, 1], [2, 3, 1], [1, 1, 2]]
+
+
+def test_overlap_many_layers_has_matrix_but_no_exact_regions():
+    solved = {f"L{i}": set(range(i)) for i in range(1, 8)}  # nested sets
+    ov = ev.overlap(solved, n_problems=10)
+    assert "exact" not in ov
+    assert ov["pairwise"][2][5] == 3 and ov["any"] == 7 and ov["all"] == 1 and ov["none"] == 3
+    assert ov["only"] == {**{f"L{i}": 0 for i in range(1, 7)}, "L7": 1}
+
+
+# ---------------------------------------------------------------- the logit-lens readout
+
+@pytest.fixture
+def tiny():
+    cfg = LlamaConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=259, hidden_dim=64, max_seq_len=96)
+    return Llama(cfg).init_weights(seed=1, std=0.2).eval()
+
+
+def test_readout_gives_each_layers_logit_lens(tiny):
+    idx = torch.randint(3, 259, (2, 10), generator=torch.Generator().manual_seed(0))
+    normal, hidden = tiny(idx, return_hidden=True)
+    for layer in range(3):
+        with ev.readout(tiny, layer):
+            got = tiny(idx)
+        assert torch.allclose(got, tiny.lm_head(tiny.norm(hidden[layer])), atol=1e-5)
+    assert tiny.mod is None and torch.equal(tiny(idx), normal)  # restored
+
+
+def test_readout_generation_matches_a_naive_greedy_loop(tiny):
+    prompts = [[1, 50, 60, 70], [1, 80, 90]]
+    layer = 1
+    with ev.readout(tiny, layer):
+        got = tiny.generate(prompts, 6)  # KV cache, left padding, batched
+    for p, g in zip(prompts, got):
+        seq = list(p)
+        for _ in range(6):  # reference: full forward each step, logits from layer 1 by hand
+            _, hidden = tiny(torch.tensor([seq]), return_hidden=True)
+            seq.append(int(tiny.lm_head(tiny.norm(hidden[layer]))[0, -1].argmax()))
+        assert g == seq[len(p):]
+
+
+@torch.no_grad()
+def test_option_logliks_match_an_unbatched_reference(tiny):
+    tok = load_tokenizer("byte")
+    records = [{"question": "Tom has 3 pens. How many?", "choices": ["3", "four", "12"], "labels": ["A", "B", "C"],
+                "gold": "A"},
+               {"question": "Which is more?", "choices": ["5", "9"], "labels": ["A", "B"], "gold": "B"}]
+    got = ev.option_logliks(tiny, tok, records, layers=[0, 2], batch_size=2)
+    for r, rec in enumerate(records):
+        for j, choice in enumerate(rec["choices"]):
+            prompt = [1] + tok.encode(f"Question: {rec['question']}\nAnswer:")
+            cont = tok.encode(" " + choice)
+            ids = torch.tensor([prompt + cont])
+            logits, hidden = tiny(ids, return_hidden=True)
+            for source, lg in (("output", logits), ("layer_1", tiny.lm_head(tiny.norm(hidden[0]))),
+                               ("layer_3", tiny.lm_head(tiny.norm(hidden[2])))):
+                lp = torch.log_softmax(lg[0], -1)
+                ref = sum(float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(cont))
+                assert got[source][r][j] == pytest.approx(ref, abs=1e-4)
+
+
+def test_batching_does_not_change_generations(tiny):
+    tok = load_tokenizer("byte")
+    prompts = [[1] + tok.encode("ab" * (i + 1)) for i in range(5)]
+    one = ev.generate_texts(tiny, tok, prompts, 5, batch_size=1, stops=(), desc="x")
+    many = ev.generate_texts(tiny, tok, prompts, 5, batch_size=3, stops=(), desc="x")
+    assert one == many
+
+
+# ---------------------------------------------------------------- the command
+
+@pytest.fixture(scope="module")
+def tuned_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eval")
+    cfg = LlamaConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=259, hidden_dim=64, max_seq_len=160)
+    save_hf(Llama(cfg).init_weights(seed=0, std=0.05), folder / "base", extra_config={"tokenizer": "byte"})
+    train.main(["--init", str(folder / "base"), "--data", "choice", "--difficulty", "1", "--n-train", "8",
+                "--max-len", "96", "--batch-size", "4", "--max-steps", "2", "--eval-n", "0",
+                "--out", str(folder / "run")])
+    return folder
+
+
+def test_eval_command_on_a_choice_run(tuned_run):
+    report = ev.main(["--ckpt", str(tuned_run / "run"), "--n", "6", "--layers", "2", "--baseline"])
+    assert report["data"] == "choice" and report["difficulty"] == 1 and report["n"] == 6
+    assert set(report["metrics"]) == {"output", "layer_2", "layer_3", "base"}
+    assert set(report["metrics"]["output"]) == {"acc", "acc_norm", "acc_gen"}
+    for source, per_metric in report["solved"].items():  # percentages agree with the solved lists
+        for m, idx in per_metric.items():
+            assert report["metrics"][source][m] == pytest.approx(100 * len(idx) / 6)
+    assert report["overlap"]["sources"] == ["layer_2", "layer_3"]
+    written = json.loads((tuned_run / "run" / "eval-choice-test.json").read_text())
+    assert written["metrics"] == report["metrics"]
+    md = (tuned_run / "run" / "eval-choice-test.md").read_text()
+    assert "| model output |" in md and "layer 3/3" in md and "Venn" in md
+
+
+def test_eval_of_an_untuned_base_and_no_matplotlib(tuned_run, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = tuned_run / "base-eval"
+    report = ev.main(["--init", str(tuned_run / "base"), "--data", "arith", "--difficulty", "1", "--n", "3",
+                      "--max-new-tokens", "6", "--layers", "all", "--out", str(out)])
+    assert set(report["metrics"]) == {"output", "layer_1", "layer_2", "layer_3"}
+    assert set(report["metrics"]["output"]) == {"strict", "flexible"}
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert (out / "eval-arith-test.md").is_file() and not list(out.glob("*.png"))
+
+
+def test_eval_bad_input(tuned_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--ckpt", str(tmp_path / "nothing")])
+    assert e.value.code == 2 and "--ckpt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--init", str(tuned_run / "base"), "--data", "no-such-data"])
+    assert "no-such-data" in str(e.value.code)

@@ -1,0 +1,276 @@
+"""train.py: exact resume, DDP = one process, atomic checkpoints, NaN stop, bad input, the built-in base build.
+
+Every run uses a tiny base (dim 32, 2 layers) saved in a temporary folder and a few steps on the built-in arith
+task, so the whole file runs in well under a minute on 2 cores.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as model_module
+import train
+from model import Llama, LlamaConfig, from_pretrained, save_hf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A random tiny LLaMA for the byte tokenizer, saved like the built-in base (HF format, tokenizer named)."""
+    folder = tmp_path_factory.mktemp("tiny-base")
+    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=259, hidden_dim=64, max_seq_len=128)
+    save_hf(Llama(cfg).init_weights(seed=0, std=0.05), folder, extra_config={"tokenizer": "byte"})
+    return folder
+
+
+def base_argv(base, out, *extra):
+    return ["--init", str(base), "--data", "arith", "--difficulty", "1", "--n-train", "24", "--max-len", "96",
+            "--batch-size", "4", "--lora-rank", "4", "--lr", "1e-2", "--warmup-steps", "2", "--eval-every", "0",
+            "--eval-n", "4", "--out", str(out), *extra]
+
+
+def metrics(run):
+    lines = [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "loss" in r]
+
+
+def ckpt_params(run):
+    return torch.load(Path(run) / "ckpt.pt", weights_only=True)["model"]
+
+
+# ---------------------------------------------------------------- schedule, data order
+
+def test_lr_schedule_warmup_then_cosine():
+    args = train.parse_args(["--lr", "1e-3", "--min-lr", "1e-4", "--warmup-steps", "10"])
+    f = [train.lr_factor(s, args, 110) for s in range(111)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup, step 0 already > 0
+    for s in (10, 35, 60, 85, 110):  # naive cosine from 1 to 0.1 over steps 10..110
+        assert f[s] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 10) / 100)))
+
+
+def test_data_order_is_a_seeded_permutation_per_epoch_and_resumes():
+    order = train.DataOrder(5, seed=3)
+    first = order.take(7) + order.take(6)  # crosses into epoch 1 and 2
+    perms = [torch.randperm(5, generator=torch.Generator().manual_seed(3 * 1_000_003 + e)).tolist() for e in range(3)]
+    assert first == (perms[0] + perms[1] + perms[2])[:13]
+    again = train.DataOrder(5, seed=3)
+    again.take(7)
+    resumed = train.DataOrder(5, seed=3, **again.state())
+    assert resumed.take(6) == first[7:]
+
+
+# ---------------------------------------------------------------- exact resume
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_base, tmp_path, monkeypatch):
+    extra = ["--max-steps", "7", "--save-every", "3", "--grad-accum", "2", "--lora-dropout", "0.2"]
+    full = train.main(base_argv(tiny_base, tmp_path / "full", *extra))
+    assert len(full["losses"]) == 7
+
+    # crash while computing step 5: steps 1-4 are logged, the last checkpoint is step 3
+    real_lr_factor = train.lr_factor
+
+    def crash_at_step_4(step, *a):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_lr_factor(step, *a)
+
+    monkeypatch.setattr(train, "lr_factor", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(base_argv(tiny_base, tmp_path / "cut", *extra))
+    monkeypatch.setattr(train, "lr_factor", real_lr_factor)
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"] == 3
+    assert [r["step"] for r in metrics(tmp_path / "cut")] == [1, 2, 3, 4]
+
+    resumed = train.main(["--resume", str(tmp_path / "cut")])
+    assert len(resumed["losses"]) == 4  # steps 4..7
+    assert [r["step"] for r in metrics(tmp_path / "cut")] == list(range(1, 8))  # step 4's old line dropped
+    assert [r["loss"] for r in metrics(tmp_path / "cut")] == [r["loss"] for r in metrics(tmp_path / "full")]
+    assert resumed["losses"] == full["losses"][3:]
+    a, b = ckpt_params(tmp_path / "full"), ckpt_params(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_changed_training_flags(tiny_base, tmp_path, capsys):
+    train.main(base_argv(tiny_base, tmp_path / "r", "--max-steps", "1"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(tmp_path / "r"), "--lr", "5e-2"])
+    assert e.value.code == 2 and "--lr" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- loss normalization and DDP
+
+def test_grad_accum_equals_one_big_batch(tiny_base, tmp_path):
+    """Loss normalized by the step's target tokens: 2 micro-batches of 2 = 1 batch of 4 (examples differ in length)."""
+    one = train.main(base_argv(tiny_base, tmp_path / "one", "--max-steps", "2", "--batch-size", "4"))
+    two = train.main(base_argv(tiny_base, tmp_path / "two", "--max-steps", "2", "--batch-size", "2",
+                               "--grad-accum", "2"))
+    # the same 4 examples per step? order.take(2) twice == order.take(4): yes, the data stream is the same
+    assert one["losses"] == pytest.approx(two["losses"], rel=1e-5)
+    # float noise only (Adam turns a 1e-9 gradient difference into up to 1e-6 here); a step moves them ~lr = 1e-2
+    a, b = ckpt_params(tmp_path / "one"), ckpt_params(tmp_path / "two")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_ddp_two_processes_match_one_process(tiny_base, tmp_path):
+    """torchrun, gloo, 2 ranks; batch 3 splits 2 + 1 examples, so only global token normalization matches."""
+    extra = ["--max-steps", "3", "--batch-size", "3", "--grad-accum", "2", "--save-every", "0"]
+    single = train.main(base_argv(tiny_base, tmp_path / "single", *extra))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *base_argv(tiny_base, tmp_path / "ddp", *extra)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = metrics(tmp_path / "ddp")
+    assert [r["step"] for r in ddp] == [1, 2, 3]  # one writer: no line twice
+    assert [r["loss"] for r in ddp] == pytest.approx(single["losses"], rel=1e-5)
+    a, b = ckpt_params(tmp_path / "single"), ckpt_params(tmp_path / "ddp")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+# ---------------------------------------------------------------- checkpoints survive crashes
+
+def test_checkpoint_write_killed_midway_keeps_the_previous_one(tiny_base, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_save = torch.save
+    calls = []
+
+    def torn_save(obj, f, *a, **kw):
+        calls.append(obj["step"])
+        if len(calls) == 2:  # the second checkpoint: write half of it, then "crash"
+            import io
+            buf = io.BytesIO()
+            real_save(obj, buf)
+            f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+            raise OSError("simulated crash in the middle of a checkpoint write")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(train.torch, "save", torn_save)
+    with pytest.raises(OSError, match="simulated crash"):
+        train.main(base_argv(tiny_base, run, "--max-steps", "4", "--save-every", "2"))
+    monkeypatch.setattr(train.torch, "save", real_save)
+    assert calls == [2, 4]
+    assert (run / "ckpt.pt.tmp").exists()  # the torn file is the temporary one
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2
+    resumed = train.main(["--resume", str(run)])  # and the run carries on from it
+    assert resumed["step"] == 4 and not (run / "ckpt.pt.tmp").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_base, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_forward = Llama.forward
+    calls = []
+
+    def forward(self, idx, targets=None, **kw):
+        out = real_forward(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls.append(1)
+            if len(calls) == 5:  # step 5 goes wrong
+                return out[0], out[1] * float("nan")
+        return out
+
+    monkeypatch.setattr(model_module.Llama, "forward", forward)
+    good = {}
+    real_save = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint",
+                        lambda state, path: (good.update(state["model"]), real_save(state, path)))
+    with pytest.raises(SystemExit) as e:
+        train.main(base_argv(tiny_base, run, "--max-steps", "8", "--save-every", "2"))
+    msg = str(e.value.code)
+    assert "nan" in msg and "step 5" in msg and "step 4" in msg and "ckpt.pt" in msg
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4
+    assert all(torch.equal(ckpt["model"][k], good[k]) and torch.isfinite(good[k]).all() for k in good)
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]  # the NaN step is not logged as a step
+
+
+# ---------------------------------------------------------------- bad input: clear message, nonzero exit
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--lora-rank", "0"], "--lora-rank"),
+    (["--data", "no-such-task"], "--data"),
+    (["--init", "/no/such/folder"], "--init"),
+    (["--lora-targets", "q,x"], "--lora-targets"),
+    (["--max-steps", "3", "--epochs", "1"], "--max-steps or --epochs"),
+])
+def test_bad_flags_are_named(tiny_base, tmp_path, capsys, flags, needle):
+    argv = base_argv(tiny_base, tmp_path / "run") + flags
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_empty_data_file_is_an_error(tiny_base, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    argv = base_argv(tiny_base, tmp_path / "run")
+    argv = [a for a in argv if a not in ("--difficulty", "1")]
+    argv[argv.index("arith")] = str(empty)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert "empty" in str(e.value.code) and str(empty) in str(e.value.code)
+
+
+def test_command_line_exit_status(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--lora-rank", "0"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--lora-rank must be >= 1" in proc.stderr
+
+
+def test_existing_run_folder_is_not_overwritten(tiny_base, tmp_path):
+    train.main(base_argv(tiny_base, tmp_path / "run", "--max-steps", "1"))
+    with pytest.raises(SystemExit) as e:
+        train.main(base_argv(tiny_base, tmp_path / "run", "--max-steps", "1"))
+    assert "--resume" in str(e.value.code)
+
+
+# ---------------------------------------------------------------- what a checkpoint holds
+
+def test_checkpoint_holds_only_trainable_parameters_and_loads_weights_only(tiny_base, tmp_path):
+    train.main(base_argv(tiny_base, tmp_path / "run", "--max-steps", "2", "--lora-targets", "q,v",
+                         "--lora-layers", "1"))
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert sorted(ckpt["model"]) == ["layers.1.attn.q.lora_A", "layers.1.attn.q.lora_B",
+                                     "layers.1.attn.v.lora_A", "layers.1.attn.v.lora_B"]
+    assert ckpt["step"] == 2 and set(ckpt["data"]) == {"epoch", "pos"} and len(ckpt["rng"]) == 1
+    assert ckpt["args"]["lora_rank"] == 4 and ckpt["args"]["init"] == str(tiny_base.resolve())
+    assert ckpt["optimizer"]["state"]  # Adam moments are there
+    # rebuilt from its own args, the model matches
+    model = train.build_model(ckpt["args"], verbose=False)
+    train.load_trainable(model, ckpt["model"], "ckpt")
+
+
+# ---------------------------------------------------------------- pretraining and the built-in base
+
+TINY_PRETRAIN = ["--pretrain", "--dim", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
+                 "--context", "128", "--corpus-chars", "20000", "--max-len", "64", "--batch-size", "4",
+                 "--max-steps", "3", "--eval-every", "0"]
+
+
+def test_pretrain_exports_a_loadable_base(tmp_path):
+    train.main(TINY_PRETRAIN + ["--out", str(tmp_path / "base")])
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert config["tokenizer"] == "byte" and config["num_key_value_heads"] == 2
+    loaded = from_pretrained(tmp_path / "base")
+    trained = ckpt_params(tmp_path / "base")
+    state = loaded.state_dict()
+    assert set(trained) == set(state)  # every parameter was trainable, and is exported
+    assert all(torch.equal(trained[k], state[k]) for k in trained)
+
+
+def test_no_init_builds_the_builtin_base_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "BUILTIN_BASE", tmp_path / "builtin-base")
+    monkeypatch.setattr(train, "BUILTIN_BASE_ARGV", TINY_PRETRAIN)
+    argv = base_argv("x", tmp_path / "run", "--max-steps", "1")
+    argv = argv[2:]  # no --init
+    result = train.main(argv)
+    assert "building it now" in capsys.readouterr().out
+    assert (tmp_path / "builtin-base" / "model.safetensors").is_file() and result["step"] == 1
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["tokenizer"] == "byte"
