@@ -33,6 +33,7 @@ from tqdm import tqdm
 from data import BUILTIN_TASKS, load_examples, resolve_path
 from data.builtin import make_corpus
 from data.format import IGNORE_INDEX, encode_example
+from mod import MoDConfig, attach_mod
 from model import LORA_TARGETS, Llama, LlamaConfig, apply_lora, from_pretrained, save_hf
 from tokenizer import load_tokenizer
 
@@ -118,6 +119,29 @@ def get_parser():
                    help="LoRA+ (Hayou et al., 2024): the B factors learn this many times faster than the A "
                         "factors (1 = plain LoRA)")
     # add-ons: MoD (mod.py), MoLEx (molex.py) add their flags here (build_model reads them)
+    g = p.add_argument_group("MoD: Mixture-of-Depths ensemble of the last k layers (mod.py)")
+    g.add_argument("--mod-k", type=int, default=0,
+                   help="mix the logits of the last k layers, each read out through its own trainable norm and the "
+                        "frozen LM head (0: off; 1: the plain model)")
+    g.add_argument("--mod-router", default="token", choices=["token", "sequence", "vector"],
+                   help="routing weights: token = a zero-initialized linear layer on each token's final normed "
+                        "state; sequence = the same on its running mean over the sequence so far; vector = k "
+                        "learned weights shared by all tokens (all start as the uniform average)")
+    g.add_argument("--mod-top-k", type=int, default=None,
+                   help="keep only the K largest routing weights per token, renormalized (default: all k)")
+    g.add_argument("--mod-distill-weight", type=float, default=1.0,
+                   help="lambda: weight of the final layer's distillation into the other late layers (0: off)")
+    g.add_argument("--mod-distill-temp", type=float, default=1.0,
+                   help="distillation temperature T (the KL is multiplied by T^2)")
+    g.add_argument("--mod-distill-direction", default="forward", choices=["forward", "reverse"],
+                   help="forward: KL(p_final || p_layer); reverse: KL(p_layer || p_final); the final layer is the "
+                        "detached teacher")
+    g.add_argument("--mod-layer-ce", action="store_true",
+                   help="also train each late layer alone with its own CE loss (averaged over the k layers)")
+    g.add_argument("--mod-chunk-size", type=int, default=None,
+                   help="compute the MoD loss this many tokens at a time, recomputed in backward, so the k "
+                        "vocab-size logits tensors of the whole batch never exist (e.g. 1024 for LLaMA-2-7B, k=4); "
+                        "default: all at once")
     g = p.add_argument_group("pretraining (--pretrain: a new model, every parameter trained)")
     g.add_argument("--pretrain", action="store_true",
                    help="train a new randomly initialized model (all parameters) instead of LoRA on --init")
@@ -202,6 +226,7 @@ def parse_args(argv=None):
             elif getattr(args, key) is None:
                 setattr(args, key, value)
     check_args(parser, args)
+    check_addons(parser, args)
     return args
 
 
@@ -264,6 +289,16 @@ def check_args(parser, a):
         parser.error(f"--device {a.device}: CUDA is not available on this machine")
 
 
+def check_addons(parser, a):
+    if a.mod_k:
+        if a.pretrain:
+            parser.error("--mod-k tunes a pretrained model: it cannot be combined with --pretrain")
+        try:
+            mod_config(vars(a))
+        except ValueError as e:
+            parser.error(str(e))
+
+
 def die(msg):
     """Stop with a message and exit status 1 (bad input found after parsing: files, data, NaN loss)."""
     raise SystemExit(f"train.py: error: {msg}")
@@ -294,10 +329,19 @@ def build_model(args, vocab_size=None, device="cpu", dtype=torch.float32, verbos
             last = None if a["lora_layers"] == "all" else int(a["lora_layers"])
             targets = tuple(t.strip() for t in a["lora_targets"].split(",") if t.strip())
             apply_lora(model, a["lora_rank"], a["lora_alpha"], a["lora_dropout"], targets, last, verbose=verbose)
-    # add-ons: MoD (mod.py), MoLEx (molex.py) attach here, after LoRA (which freezes the model), e.g.
-    #     if a.get("mod_k"): attach_mod(model, MoDConfig(k=a["mod_k"], ...))
+    # add-ons: MoD (mod.py), MoLEx (molex.py) attach here, after LoRA (which freezes the model)
+    if a.get("mod_k"):
+        attach_mod(model, mod_config(a), verbose=verbose)
     model.grad_checkpointing = bool(a.get("grad_checkpointing"))
     return model.to(device)
+
+
+def mod_config(a):
+    """MoDConfig from the run settings (a dict); keys missing from older checkpoints take the defaults."""
+    return MoDConfig(k=a["mod_k"], router=a.get("mod_router", "token"), top_k=a.get("mod_top_k"),
+                     distill_weight=a.get("mod_distill_weight", 1.0), distill_temp=a.get("mod_distill_temp", 1.0),
+                     distill_direction=a.get("mod_distill_direction", "forward"),
+                     layer_ce=a.get("mod_layer_ce", False), chunk_size=a.get("mod_chunk_size"))
 
 
 def param_groups(model, args):
