@@ -294,7 +294,9 @@ def build_row(row, args, cfg, device, dtype):
     elif row == "molex":
         from molex import MoLExConfig, attach_molex
         attach_molex(model, MoLExConfig(layers="all"), verbose=False)
-        model.molex.collect_stats = True  # counts the expert blocks that actually ran (an expert j = t runs none)
+        # count the expert blocks that actually ran (an expert j = t runs none); not when explaining: training
+        # does not collect statistics, and a future `record` may skip its bincount (a graph break) without them
+        model.molex.collect_stats = not args.explain
     return model.train(), lambda m, idx, targets: m(idx, targets)[1]
 
 
@@ -548,13 +550,16 @@ def bench_train(args):
             if "error" in r:
                 print(f"| {names[row]} | | | {r['error']} |")
                 continue
-            why = "; ".join(f"{k} (x{n})" for k, n in r["reasons"].items()) or "none"
+            why = "; ".join(f"{k} (x{n})" for k, n in r["reasons"].items())
+            if r["breaks"] > sum(r["reasons"].values()):  # explain does not record a reason for every break
+                why += f"{'; ' if why else ''}{r['breaks'] - sum(r['reasons'].values())} without a recorded reason"
+            why = why or "none"
             print(f"| {names[row]} | {r['graphs']} | {r['breaks']} | {why} |")
         return
 
     peak_flops = matmul_rate(device, dtype)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}; measured {args.dtype} matmul rate "
-          f"{peak_flops / 1e12:.2f} TFLOP/s ({'8192' if device.type == 'cuda' else '2048'}^3)\n")
+          f"{peak_flops / 1e9:,.0f} GFLOP/s ({'8192' if device.type == 'cuda' else '2048'}^3)\n")
     ref, ours = results.get("hf", {}), results.get("lora", {})
     cpu = device.type == "cpu"
     print(f"| configuration | ms/step (median) | min-max ms | {'CPU ms/step | ' if cpu else ''}tokens/s | "
