@@ -1,5 +1,6 @@
 """
-The ablation: LoRA against LoRA + MoD (k = 2 and 4; Top-K = 1, 2 and k), several seeds each, on a built-in task; one table of mean ± std accuracy.
+The ablation: LoRA against LoRA + MoD (k = 2 and 4; Top-K = 1, 2 and k) and LoRA + MoLEx (the paper's routing
+rule and per-sequence routing), several seeds each, on a built-in task; one table of mean ± std accuracy.
 
     python ablate.py                          # every configuration, seeds 0 1 2, on the built-in arith task
     python ablate.py --configs lora,mod4 --seeds 0 1 2 3 4 --steps 300
@@ -7,7 +8,7 @@ The ablation: LoRA against LoRA + MoD (k = 2 and 4; Top-K = 1, 2 and k), several
 
 Each run is train.py then eval.py, in this process, into <out>/<config>-seed<s>/; a run whose evaluation is
 already there is not repeated, so an interrupted ablation continues where it stopped. The table is printed and
-written to <out>/ablation.md (and ablation.json with every run's numbers).
+written to <out>/ablation.md (and ablation.json with every run's numbers, ablation.png with matplotlib).
 """
 import argparse
 import json
@@ -25,7 +26,8 @@ CONFIGS = {  # name: (label, train.py flags added to the LoRA baseline)
     "mod4-top1": ("LoRA + MoD k=4, Top-1", ["--mod-k", "4", "--mod-top-k", "1"]),
     "mod4-top2": ("LoRA + MoD k=4, Top-2", ["--mod-k", "4", "--mod-top-k", "2"]),
     "mod4": ("LoRA + MoD k=4, Top-4 (all)", ["--mod-k", "4"]),
-    # MoLEx rows come when train.py has its --molex flags (molex.py is done; the flags are not wired in yet)
+    "molex": ("LoRA + MoLEx, paper rule (one expert per batch)", ["--molex"]),
+    "molex-seq": ("LoRA + MoLEx, per-sequence rule", ["--molex", "--molex-rule", "sequence"]),
 }
 
 
@@ -47,8 +49,7 @@ def main(argv=None):
         p.error(f"--configs: unknown {unknown or 'empty list'}; choose from {','.join(CONFIGS)}")
     out = Path(args.out)
 
-    results = {}  # config -> {seed: accuracy}
-    metric = None
+    results = {}  # config -> {seed: {metric: accuracy}}
     for name in names:
         label, flags = CONFIGS[name]
         for seed in args.seeds:
@@ -62,24 +63,50 @@ def main(argv=None):
                 train.main(train_argv)
                 report = evaluate_run.main(["--ckpt", str(run), "--n", str(args.eval_n), "--layers", "1"])
                 report_path.write_text(json.dumps({"metrics": report["metrics"]["output"], "kind": report["kind"]}))
-            saved = json.loads(report_path.read_text())
-            metric = metric or ("flexible" if saved["kind"] == "generation" else "acc")
-            results.setdefault(name, {})[seed] = saved["metrics"][metric]
+            results.setdefault(name, {})[seed] = json.loads(report_path.read_text())["metrics"]
 
-    lines = [f"Accuracy (%) on the {args.data} test split ({args.eval_n} problems, metric: {metric}), "
-             f"mean ± std over seeds {' '.join(map(str, args.seeds))}", "",
-             "| configuration | mean ± std | runs |", "|---|---:|---|"]
+    metrics = list(next(iter(next(iter(results.values())).values())))  # strict, flexible or acc, acc_norm, acc_gen
+    summary = {name: {m: mean_std([r[m] for r in by_seed.values()]) for m in metrics}
+               for name, by_seed in results.items()}
+    main_metric = metrics[0]
+    lines = [f"Accuracy (%) on the {args.data} test split ({args.eval_n} problems), mean ± std over seeds "
+             f"{' '.join(map(str, args.seeds))}", "",
+             "| configuration | " + " | ".join(metrics) + f" | runs ({main_metric}) |", "|---|" + "---:|" * len(metrics) + "---|"]
     for name, by_seed in results.items():
-        accs = list(by_seed.values())
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(f"| {CONFIGS[name][0]} | {statistics.mean(accs):.1f} ± {std:.1f} | "
-                     f"{', '.join(f'{a:.1f}' for a in accs)} |")
+        cells = [f"{summary[name][m][0]:.1f} ± {summary[name][m][1]:.1f}" for m in metrics]
+        runs = ", ".join(f"{r[main_metric]:.1f}" for r in by_seed.values())
+        lines.append(f"| {CONFIGS[name][0]} | " + " | ".join(cells) + f" | {runs} |")
     table = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(table)
-    (out / "ablation.json").write_text(json.dumps({"metric": metric, "results": results}, indent=1))
+    (out / "ablation.json").write_text(json.dumps({"data": args.data, "seeds": args.seeds, "results": results,
+                                                   "mean_std": summary}, indent=1))
+    plot(summary, main_metric, out / "ablation.png")
     print("\n" + table)
     return results
+
+
+def mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def plot(summary, metric, path):
+    """Mean accuracy with a ±std bar per configuration, when matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(names), 3.8))
+    ax.bar(range(len(names)), [summary[n][metric][0] for n in names], yerr=[summary[n][metric][1] for n in names],
+           capsize=4)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel(f"{metric} accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,11 @@ Scoring (DESIGN.md section 4):
   log-likelihood; acc_norm = the same divided by the option's length in characters (of the scored text " option",
   as lm-eval-harness does); acc_gen = the label the model writes after the prompt with the option list.
 
-Per-layer readout: the hidden state after layer i through the final norm and the LM head, used as the model's
-logits (for generation, every generated token comes from that layer). The overlap of the problems each layer
+Per-layer readout: the hidden state after layer i through a norm and the LM head, used as the model's logits
+(for generation, every generated token comes from that layer). The norm is MoD's trained norm for the layers of a
+MoD ensemble (--mod-k), the model's final norm otherwise (the plain logit lens). With MoD the report also has the
+routing weights on the test answers (mean per layer, sparsity, how often each layer weighs most) and a plot; with
+MoLEx the (layer x chosen expert) fractions of the test prompts, as numbers and as a heat map. The overlap of the problems each layer
 solves is counted by exact subset (like a Venn diagram) for up to 5 layers, and always as a pairwise matrix with
 "solved by any / by all / only by this layer".
 
@@ -34,8 +37,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import BUILTIN_TASKS, load_examples, task_kind
-from data.format import (choice_continuations, encode_prompt, extract_answer, extract_choice, gold_answer,
-                         prompt_text, same_number, split_encode, target_text)
+from data.format import (IGNORE_INDEX, choice_continuations, encode_example, encode_prompt, extract_answer,
+                         extract_choice, gold_answer, prompt_text, same_number, split_encode, target_text)
+from mod import routing_stats, routing_weights
+from molex import prompt_end_from_targets, save_stats
 from tokenizer import load_tokenizer
 from train import (BUILTIN_BASE, BUILTIN_DIFFICULTY, REPO, HelpFormatter, build_model, checkpoint_path,
                    choose_threads, load_checkpoint, load_trainable, resolve_tokenizer)
@@ -132,34 +137,60 @@ def overlap(solved, n_problems, exact_max=EXACT_OVERLAP_MAX):
 # ----------------------------------------------------------------------------------------------------------
 # Reading logits from one layer (logit lens), without a second generate loop
 
+def mod_index(model, layer):
+    """Index of layer `layer` (0-based) in the MoD ensemble of the last k layers, or None (no MoD, or earlier)."""
+    if model.mod is None:
+        return None
+    i = layer - (model.config.n_layers - model.mod.k)
+    return i if i >= 0 else None
+
+
+def layer_head(model, layer, h):
+    """Logits of the hidden state after layer `layer`: through MoD's trained norm for that layer if it has one
+    (the final layer: the model's own norm), else the plain logit lens (the final norm)."""
+    i = mod_index(model, layer)
+    if i is not None:
+        return model.mod.head(model, i, h)
+    return model.lm_head(model.norm(h).to(model.lm_head.weight.dtype)).float()
+
+
 class LogitLens(nn.Module):
     """Stands in for model.mod while set: the logits come from the hidden state after layer `layer` through the
-    model's final norm and LM head (model.forward passes every layer's output to model.mod)."""
+    model's final norm and LM head (model.forward passes every layer's output to model.mod). Used for the layers
+    that have no MoD norm."""
 
     def __init__(self, layer):
         super().__init__()
         self.layer = layer
 
     def forward(self, model, hidden, targets=None, cache=None, n_pad=None):
-        logits = model.lm_head(model.norm(hidden[self.layer]))
+        h = model.norm(hidden[self.layer])
+        logits = model.lm_head(h.to(model.lm_head.weight.dtype)).float()
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
 
 @contextmanager
 def readout(model, layer):
-    """Within the block, the model's logits are layer `layer`'s (None: the model's own output)."""
+    """Within the block, the model's logits are layer `layer`'s (None: the model's own output). A layer of the
+    MoD ensemble is read through the ensemble itself (only_layer), so generation uses its trained norm."""
     if layer is None:
         yield model
         return
-    saved = model.mod  # MoD's ensemble, if any, comes back afterwards
-    model.mod = LogitLens(layer)
+    i = mod_index(model, layer)
+    saved = model.mod
+    if i is not None:
+        model.mod.only_layer = i
+    else:
+        model.mod = LogitLens(layer)
     try:
         yield model
     finally:
         model.mod = saved
+        if saved is not None:
+            saved.only_layer = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -201,8 +232,9 @@ def option_logliks(model, tokenizer, records, layers, batch_size, autocast=nullc
         batch = rows[start:start + batch_size]
         T = max(len(ids) for _, ids, _ in batch)
         idx = torch.tensor([ids + [0] * (T - len(ids)) for _, ids, _ in batch], device=device)
+        prompt_end = torch.tensor([first for _, _, first in batch], device=device)  # MoLEx: route on the prompt
         with autocast:
-            logits, hidden = model(idx, return_hidden=True)
+            logits, hidden = model(idx, return_hidden=True, prompt_end=prompt_end)
         for b, (r, ids, first) in enumerate(batch):
             pos = torch.arange(first - 1, len(ids) - 1, device=device)  # positions that predict the option
             tgt = idx[b, first:len(ids)]
@@ -210,10 +242,33 @@ def option_logliks(model, tokenizer, records, layers, batch_size, autocast=nullc
                 if s == "output":
                     row_logits = logits[b, pos]
                 else:
-                    row_logits = model.lm_head(model.norm(hidden[int(s.split("_")[1]) - 1][b, pos]))
+                    layer = int(s.split("_")[1]) - 1
+                    row_logits = layer_head(model, layer, hidden[layer][b, pos])
                 lp = torch.log_softmax(row_logits.float(), -1).gather(-1, tgt[:, None]).sum()
                 lls[s][r].append(float(lp))
     return lls
+
+
+@torch.no_grad()
+def mod_routing(model, tokenizer, records, batch_size, autocast=nullcontext()):
+    """MoD's routing weights on the gold answers (teacher forcing: prompt + reference answer, the weights at the
+    positions that predict answer tokens): mean weight, sparsity and top-1 share of each late layer."""
+    device = model.embed.weight.device
+    examples = [encode_example(tokenizer, r, max_len=model.config.max_seq_len) for r in records]
+    weights, masks = [], []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        T = max(len(ids) for ids, _ in batch)
+        idx = torch.tensor([ids + [0] * (T - len(ids)) for ids, _ in batch], device=device)
+        labels = torch.tensor([y + [IGNORE_INDEX] * (T - len(y)) for _, y in batch], device=device)
+        with autocast:  # right padding: the causal router never sees it at the scored positions
+            _, hidden = model(idx, return_hidden=True, prompt_end=prompt_end_from_targets(labels))
+        weights.append(routing_weights(model, hidden).flatten(0, 1).float().cpu())
+        masks.append((labels != IGNORE_INDEX).flatten().cpu())
+    stats = routing_stats(torch.cat(weights), torch.cat(masks))
+    n = model.config.n_layers
+    stats["layers"] = list(range(n - model.mod.k + 1, n + 1))  # 1-based, earliest first, like the weights
+    return stats
 
 
 def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=None, autocast=nullcontext(),
@@ -245,6 +300,8 @@ def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=No
     if baseline is not None:
         runs.append(("base", baseline, None))
     for s, m, layer in runs:
+        if m.molex is not None:  # routing is the prompt's whatever the readout: count each prompt once
+            m.molex.collect_stats = s == "output"
         with readout(m, layer):
             outputs[s] = generate_texts(m, tokenizer, prompts, max_new_tokens, batch_size, STOPS[kind],
                                         f"generate ({s})", autocast)
@@ -253,6 +310,8 @@ def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=No
                 correct[s].append(score_generation(out, rec))
             else:
                 correct[s].append({"acc_gen": extract_choice(out, rec["labels"]) == rec["gold"]})
+    if model.molex is not None:
+        model.molex.collect_stats = False
     if kind == "choice":
         lls = option_logliks(model, tokenizer, records, layers, batch_size, autocast)
         if baseline is not None:
@@ -264,18 +323,28 @@ def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=No
     metric_names = GENERATION_METRICS if kind == "generation" else CHOICE_METRICS
     metrics = {s: {m: 100.0 * sum(c[m] for c in cs) / len(cs) for m in metric_names} for s, cs in correct.items()}
     solved = {s: {m: [i for i, c in enumerate(cs) if c[m]] for m in metric_names} for s, cs in correct.items()}
-    return {"kind": kind, "max_new_tokens": max_new_tokens, "metrics": metrics, "solved": solved, "outputs": outputs}
+    res = {"kind": kind, "max_new_tokens": max_new_tokens, "metrics": metrics, "solved": solved, "outputs": outputs,
+           "mod_k": model.mod.k if model.mod is not None else 0}
+    if model.mod is not None:
+        res["mod_routing"] = mod_routing(model, tokenizer, records, batch_size, autocast)
+    if model.molex is not None:
+        res["molex"] = {"rows": "layer t (1-based: row 0 = layer 1)", "columns": "expert layer j",
+                        "mixed_layers": [t + 1 for t in model.molex.mixed], "counts": model.molex.stats.tolist(),
+                        "fractions": [[round(v, 4) for v in row] for row in model.molex.stat_fractions().tolist()]}
+    return res
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Reports
 
-def source_label(s, n_layers):
+def source_label(s, n_layers, mod_k=0):
     if s == "output":
-        return "model output"
+        return "model output" + (f" (MoD ensemble of {mod_k})" if mod_k else "")
     if s == "base":
         return "untuned base output"
-    return f"layer {s.split('_')[1]}/{n_layers} (logit lens)"
+    layer = int(s.split("_")[1])
+    how = "MoD norm" if layer > n_layers - mod_k and layer < n_layers else "logit lens"
+    return f"layer {layer}/{n_layers}" + ("" if layer == n_layers else f" ({how})")
 
 
 def markdown_report(res, title, n_layers):
@@ -283,7 +352,7 @@ def markdown_report(res, title, n_layers):
     lines = [f"# {title}", "", "| readout | " + " | ".join(metric_names) + " |",
              "|---|" + "---:|" * len(metric_names)]
     for s, m in res["metrics"].items():
-        lines.append(f"| {source_label(s, n_layers)} | " + " | ".join(f"{m[k]:.1f}" for k in metric_names) + " |")
+        lines.append(f"| {source_label(s, n_layers, res.get('mod_k', 0))} | " + " | ".join(f"{m[k]:.1f}" for k in metric_names) + " |")
     ov = res.get("overlap")
     if ov and ov["sources"]:
         names = [s.replace("layer_", "L") for s in ov["sources"]]
@@ -298,6 +367,20 @@ def markdown_report(res, title, n_layers):
             lines += ["", "Solved by exactly these layers (Venn regions):", "", "| layers | problems |", "|---|---:|"]
             lines += [f"| {', '.join(s.replace('layer_', 'L') for s in e['sources']) or 'none'} | {e['count']} |"
                       for e in ov["exact"]]
+    rt = res.get("mod_routing")
+    if rt:
+        lines += ["", f"## MoD routing weights ({rt['tokens']} answer tokens of the reference answers)", "",
+                  "| layer | mean weight | sparsity (weight < 0.001) | weighs most |", "|---|---:|---:|---:|"]
+        lines += [f"| {layer} | {w:.3f} | {100 * s:.1f}% | {100 * t:.1f}% |" for layer, w, s, t in
+                  zip(rt["layers"], rt["mean_weight"], rt["sparsity"], rt["top1"])]
+    mx = res.get("molex")
+    if mx:
+        lines += ["", "## MoLEx: the expert each mixed layer picks (fraction of test prompts)", "",
+                  "| layer | most picked expert | its share | experts used |", "|---|---:|---:|---:|"]
+        for t in mx["mixed_layers"]:
+            row = mx["fractions"][t - 1]
+            j = max(range(len(row)), key=row.__getitem__)
+            lines.append(f"| {t} | {j + 1} | {100 * row[j]:.0f}% | {sum(v > 0 for v in row)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -318,7 +401,7 @@ def write_plots(res, stem, n_layers):
     for j, m in enumerate(metric_names):
         ax.bar([i + j * width for i in range(len(sources))], [res["metrics"][s][m] for s in sources], width, label=m)
     ax.set_xticks([i + width * (len(metric_names) - 1) / 2 for i in range(len(sources))])
-    ax.set_xticklabels([source_label(s, n_layers).replace(" (logit lens)", "") for s in sources], rotation=30,
+    ax.set_xticklabels([source_label(s, n_layers, res.get("mod_k", 0)).split(" (")[0] for s in sources], rotation=30,
                        ha="right")
     ax.set_ylabel("accuracy (%)")
     ax.legend()
@@ -342,6 +425,20 @@ def write_plots(res, stem, n_layers):
         fig.tight_layout()
         fig.savefig(f"{stem}-overlap.png", dpi=120)
         files.append(f"{stem}-overlap.png")
+        plt.close(fig)
+    rt = res.get("mod_routing")
+    if rt:
+        fig, ax = plt.subplots(figsize=(1.5 + 0.8 * len(rt["layers"]), 3.2))
+        x = range(len(rt["layers"]))
+        ax.bar([i - 0.2 for i in x], rt["mean_weight"], 0.4, label="mean weight")
+        ax.bar([i + 0.2 for i in x], rt["sparsity"], 0.4, label="sparsity (share of tokens < 0.001)")
+        ax.set_xticks(list(x), [f"L{layer}" for layer in rt["layers"]])
+        ax.set_ylim(0, 1)
+        ax.set_title("MoD routing weights on the reference answers")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(f"{stem}-routing.png", dpi=120)
+        files.append(f"{stem}-routing.png")
         plt.close(fig)
     return files
 
@@ -442,6 +539,8 @@ def main(argv=None):
     md = markdown_report(res, title, n_layers)
     Path(f"{stem}.md").write_text(md)
     plots = write_plots(res, str(stem), n_layers)
+    if model.molex is not None:  # the heat map (its numbers are in the JSON report too)
+        plots += [p for p in save_stats(model.molex, f"{stem}-molex") if p.endswith(".png")]
     print(md)
     print(f"wrote {stem}.json, {stem}.md" + "".join(f", {p}" for p in plots))
     return report

@@ -129,10 +129,16 @@ class DepthEnsemble(nn.Module):
         if cfg.distill_weight > 0 and self.k > 1:
             real = (y != -100).float()
             logp_final = F.log_softmax(logits[-1] / cfg.distill_temp, dim=-1).detach()
-            for l in logits[:-1]:
-                logp = F.log_softmax(l / cfg.distill_temp, dim=-1)
-                p, q = (logp_final, logp) if cfg.distill_direction == "forward" else (logp, logp_final)
-                distill = distill + ((p.exp() * (p - q)).sum(-1) * real).sum()  # KL(p || q) per token
+            if cfg.distill_direction == "forward":  # KL(p_f || p_i) = sum p_f log p_f - sum p_f log p_i
+                p_final = logp_final.exp()
+                neg_entropy = (p_final * logp_final).sum(-1)  # the teacher's part: once, not once per layer
+                for l in logits[:-1]:
+                    logp = F.log_softmax(l / cfg.distill_temp, dim=-1)
+                    distill = distill + ((neg_entropy - (p_final * logp).sum(-1)) * real).sum()
+            else:  # KL(p_i || p_f)
+                for l in logits[:-1]:
+                    logp = F.log_softmax(l / cfg.distill_temp, dim=-1)
+                    distill = distill + ((logp.exp() * (logp - logp_final)).sum(-1) * real).sum()
             distill = distill * cfg.distill_temp ** 2 / (self.k - 1)
         if cfg.layer_ce:
             layer_ce = sum(F.cross_entropy(l, y, ignore_index=-100, reduction="sum") for l in logits) / self.k

@@ -210,8 +210,11 @@ class MoLEx(nn.Module):
         return a * y + (1 - a) * ye
 
     def record(self, t, experts, training):
+        counting = training and self.cfg.gate_mode == "aux_free"
+        if not counting and not self.collect_stats:
+            return  # nothing to count: no bincount, no device-to-host copy in the step
         counts = torch.bincount(experts, minlength=self.L).cpu()
-        if training and self.cfg.gate_mode == "aux_free":
+        if counting:
             self.load[t] += counts
         if self.collect_stats:
             self.stats[t] += counts

@@ -18,6 +18,7 @@ and after --pretrain also config.json + model.safetensors (Hugging Face format),
 The same build_model() makes the model here and in eval.py, so an add-on's flags live in one place.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from data.builtin import make_corpus
 from data.format import IGNORE_INDEX, encode_example
 from mod import MoDConfig, attach_mod
 from model import LORA_TARGETS, Llama, LlamaConfig, apply_lora, from_pretrained, save_hf
+from molex import GATE_MODES, RULES, SHARES, VOTES, MoLExConfig, attach_molex, prompt_end_from_targets
 from tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent
@@ -142,6 +144,42 @@ def get_parser():
                    help="compute the MoD loss this many tokens at a time, recomputed in backward, so the k "
                         "vocab-size logits tensors of the whole batch never exist (e.g. 1024 for LLaMA-2-7B, k=4); "
                         "default: all at once")
+    g = p.add_argument_group("MoLEx (molex.py: each layer mixed with another layer picked by a gate)")
+    g.add_argument("--molex", action="store_true",
+                   help="MoLEx: z' = alpha * layer_t(z) + (1 - alpha) * layer_j(z), layer j picked by a gate")
+    g.add_argument("--molex-layers", default="all",
+                   help="mixed layers: all, first:n or last:n (each chooses among all layers)")
+    g.add_argument("--molex-share", default="shared", choices=SHARES,
+                   help="one gate Linear(dim, n_layers) for all mixed layers, or one per layer")
+    g.add_argument("--molex-cosine", action="store_true",
+                   help="cosine gate: scale * cos(z, w_e) + b_e, blind to the size of the hidden state")
+    g.add_argument("--molex-cosine-scale", type=float, default=10.0, help="scale of the cosine gate's scores")
+    g.add_argument("--molex-rule", default="paper", choices=RULES,
+                   help="training: paper = one expert per layer for the whole batch (the mode of the tokens' top-1 "
+                        "choices); sequence = one per sequence. Evaluation always routes per sequence")
+    g.add_argument("--molex-vote", default="prompt", choices=VOTES,
+                   help="training: which tokens vote for the expert: prompt (as at generation, where only the "
+                        "prompt exists) or all (the paper)")
+    g.add_argument("--molex-alpha", type=float, default=0.5,
+                   help="weight of the layer itself (the paper: 0.5; 0.95 for CoLA and GPT-2); the start value "
+                        "with --molex-learn-alpha")
+    g.add_argument("--molex-learn-alpha", action="store_true",
+                   help="learn alpha per mixed layer (a softmax of two scalars)")
+    g.add_argument("--molex-gate-mode", default="balance", choices=GATE_MODES,
+                   help="what trains the gate: balance = only the load-balance loss (the paper); task = the task "
+                        "loss too (expert output x p_j / p_j.detach()); aux_free = the task loss, balanced by a "
+                        "selection bias instead of a loss")
+    g.add_argument("--molex-balance-weight", type=float, default=None,
+                   help="weight of the load-balance loss L * mean p_j, summed over mixed layers (default 0.01; "
+                        "0 with aux_free)")
+    g.add_argument("--molex-bias-rate", type=float, default=0.001,
+                   help="aux_free: step u of the selection bias after each optimizer step")
+    g.add_argument("--molex-gate-lr", type=float, default=None,
+                   help="peak lr of the gate and alpha (default: --lr; the paper's 0.1 was for RoBERTa and "
+                        "saturates a gate reading LLaMA's hidden states)")
+    g.add_argument("--molex-gate-weight-decay", type=float, default=0.1,
+                   help="AdamW weight decay of the gate and alpha (the paper's)")
+    g.add_argument("--molex-seed", type=int, default=0, help="seed of the gate's initialization")
     g = p.add_argument_group("pretraining (--pretrain: a new model, every parameter trained)")
     g.add_argument("--pretrain", action="store_true",
                    help="train a new randomly initialized model (all parameters) instead of LoRA on --init")
@@ -298,6 +336,14 @@ def check_addons(parser, a):
         except ValueError as e:
             parser.error(str(e))
 
+    if a.molex:
+        try:
+            molex_config(a)
+        except ValueError as e:
+            parser.error(str(e))
+        if a.prompt_loss and a.molex_vote == "prompt":
+            parser.error("--molex-vote prompt needs the prompt/answer boundary, which --prompt-loss removes from "
+                         "the labels: use --molex-vote all")
 
 def die(msg):
     """Stop with a message and exit status 1 (bad input found after parsing: files, data, NaN loss)."""
@@ -310,6 +356,12 @@ def die(msg):
 def base_folder(init):
     """The checkpoint folder --init stands for (None or 'builtin': the built-in base)."""
     return BUILTIN_BASE if init in (None, "builtin") else Path(init)
+
+
+def molex_config(args):
+    """MoLExConfig from the --molex-* settings (a Namespace or the dict saved in a checkpoint)."""
+    a = args if isinstance(args, dict) else vars(args)
+    return MoLExConfig(**{f.name: a[f"molex_{f.name}"] for f in dataclasses.fields(MoLExConfig)})
 
 
 def build_model(args, vocab_size=None, device="cpu", dtype=torch.float32, verbose=True):
@@ -332,6 +384,8 @@ def build_model(args, vocab_size=None, device="cpu", dtype=torch.float32, verbos
     # add-ons: MoD (mod.py), MoLEx (molex.py) attach here, after LoRA (which freezes the model)
     if a.get("mod_k"):
         attach_mod(model, mod_config(a), verbose=verbose)
+    if a.get("molex"):  # after LoRA and MoD (attach_mod freezes every parameter but LoRA's)
+        attach_molex(model, molex_config(a), verbose=verbose)
     model.grad_checkpointing = bool(a.get("grad_checkpointing"))
     return model.to(device)
 
@@ -348,7 +402,9 @@ def param_groups(model, args):
     """AdamW parameter groups, each with its own peak lr and weight decay (the schedule scales every group's lr
     by the same factor). Matrices decay, norms and vectors do not; LoRA's B factors get lr * lora_plus (LoRA+).
     An add-on with settings of its own appends a group here."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    gate = model.molex.gate_parameters() if model.molex is not None else []  # MoLEx's gate: its own group
+    own = {id(p) for p in gate}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in own]
     lora_b = [p for n, p in trainable if n.endswith("lora_B")]
     decay = [p for n, p in trainable if p.dim() >= 2 and not n.endswith("lora_B")]
     no_decay = [p for n, p in trainable if p.dim() < 2]
@@ -356,8 +412,10 @@ def param_groups(model, args):
               {"name": "lora_B", "params": lora_b, "peak_lr": args.lr * args.lora_plus,
                "weight_decay": args.weight_decay},
               {"name": "no_decay", "params": no_decay, "peak_lr": args.lr, "weight_decay": 0.0}]
-    # add-ons: e.g. MoLEx's gate: {"name": "molex_gate", "params": [...], "peak_lr": 0.1, "weight_decay": 0.1}
-    # (and leave those parameters out of the groups above)
+    if gate:
+        cfg = model.molex.cfg
+        groups.append({"name": "molex_gate", "params": gate, "peak_lr": cfg.gate_lr or args.lr,
+                       "weight_decay": cfg.gate_weight_decay})
     return [g for g in groups if g["params"]]
 
 
@@ -371,12 +429,17 @@ def lr_factor(step, args, max_steps):
 
 
 def trainable_state(model):
-    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    if model.molex is not None:  # MoLEx's aux_free selection bias: a buffer, trained without gradients
+        state["molex.select_bias"] = model.molex.select_bias.detach().cpu()
+    return state
 
 
 def load_trainable(model, state, where):
     """Copy saved trainable parameters into the model, naming any mismatch."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if model.molex is not None:
+        params["molex.select_bias"] = model.molex.select_bias
     missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
     if missing or unexpected:
         raise ValueError(f"{where}: its parameters do not fit the model built from its settings: missing "
@@ -599,7 +662,8 @@ def validation_loss(model, examples, batch_size, pad_id, device, autocast):
     for i in range(0, len(examples), batch_size):
         ids, labels = collate(examples[i:i + batch_size], pad_id, device)
         with autocast:
-            _, loss = model(ids, labels)
+            prompt_end = prompt_end_from_targets(labels) if model.molex is not None else None  # MoLEx routing
+            _, loss = model(ids, labels, prompt_end=prompt_end)
         n = int((labels != IGNORE_INDEX).sum())
         total, count = total + float(loss) * n, count + n
     model.train(was_training)
@@ -764,7 +828,8 @@ def main(argv=None):
             last = i == len(micro) - 1
             with model.no_sync() if world > 1 and not last else nullcontext():
                 with autocast:
-                    _, loss = model(ids, labels)  # mean over this micro-batch's target tokens
+                    prompt_end = prompt_end_from_targets(labels) if raw_model.molex is not None else None
+                    _, loss = model(ids, labels, prompt_end=prompt_end)  # mean over this micro-batch's targets
                 # the sum over our tokens / all tokens of the step; * world undoes DDP's gradient averaging
                 (loss * (n_local[i] * world / n_global)).backward()
             loss_sum += loss.detach().double() * n_local[i]
@@ -779,6 +844,8 @@ def main(argv=None):
                 f"--grad-clip or float32.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if raw_model.molex is not None:
+            raw_model.molex.update_bias()  # aux_free's selection bias (nothing in the other modes)
         step += 1
         losses.append(step_loss)
 

@@ -109,6 +109,24 @@ def test_option_logliks_match_an_unbatched_reference(tiny):
                 assert got[source][r][j] == pytest.approx(ref, abs=1e-4)
 
 
+def test_mod_layers_are_read_through_their_trained_norms(tiny):
+    from mod import MoDConfig, attach_mod
+    attach_mod(tiny, MoDConfig(k=2), verbose=False)
+    with torch.no_grad():  # trained norms that differ from the final norm
+        tiny.mod.norms[0].weight.copy_(torch.linspace(0.5, 2.0, 32))
+    idx = torch.randint(3, 259, (2, 10), generator=torch.Generator().manual_seed(0))
+    ensemble, hidden = tiny(idx, return_hidden=True)
+    by_hand = {0: tiny.lm_head(tiny.norm(hidden[0])),  # before the ensemble: the plain logit lens
+               1: tiny.lm_head(tiny.mod.norms[0](hidden[1])),  # MoD's own norm for layer 2 of 3
+               2: tiny.lm_head(tiny.norm(hidden[2]))}  # the final layer alone
+    for layer, ref in by_hand.items():
+        with ev.readout(tiny, layer):
+            assert torch.allclose(tiny(idx), ref, atol=1e-5)
+        assert torch.allclose(ev.layer_head(tiny, layer, hidden[layer]), ref, atol=1e-5)
+    assert tiny.mod.only_layer is None and torch.equal(tiny(idx), ensemble)  # restored
+    assert not torch.allclose(by_hand[1], tiny.lm_head(tiny.norm(hidden[1])), atol=1e-3)  # the test can fail
+
+
 def test_batching_does_not_change_generations(tiny):
     tok = load_tokenizer("byte")
     prompts = [[1] + tok.encode("ab" * (i + 1)) for i in range(5)]
@@ -143,6 +161,34 @@ def test_eval_command_on_a_choice_run(tuned_run):
     assert written["metrics"] == report["metrics"]
     md = (tuned_run / "run" / "eval-choice-test.md").read_text()
     assert "| model output |" in md and "layer 3/3" in md and "Venn" in md
+
+
+def test_eval_command_on_a_mod_and_molex_run(tuned_run):
+    run = tuned_run / "addons"
+    train.main(["--init", str(tuned_run / "base"), "--data", "arith", "--difficulty", "1", "--n-train", "8",
+                "--max-len", "96", "--batch-size", "4", "--max-steps", "2", "--eval-n", "0", "--mod-k", "2",
+                "--molex", "--molex-rule", "sequence", "--out", str(run)])
+    report = ev.main(["--ckpt", str(run), "--n", "5", "--layers", "3", "--max-new-tokens", "6"])
+    rt = report["mod_routing"]
+    assert rt["layers"] == [2, 3] and rt["tokens"] > 0 and sum(rt["mean_weight"]) == pytest.approx(1, abs=1e-5)
+    assert all(0 <= v <= 1 for v in rt["sparsity"] + rt["top1"])
+    mx = report["molex"]
+    assert mx["mixed_layers"] == [1, 2, 3]
+    assert [sum(row) for row in mx["counts"]] == [5, 5, 5]  # each test prompt counted once per mixed layer
+    assert all(sum(row) == pytest.approx(1, abs=1e-3) for row in mx["fractions"])
+    md = (run / "eval-arith-test.md").read_text()
+    assert "MoD ensemble of 2" in md and "layer 2/3 (MoD norm)" in md and "layer 1/3 (logit lens)" in md
+    assert "MoD routing weights" in md and "MoLEx" in md
+    if ev_has_matplotlib():
+        assert {p.name for p in run.glob("*.png")} >= {"eval-arith-test-routing.png", "eval-arith-test-molex.png"}
+
+
+def ev_has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
 
 
 def test_eval_of_an_untuned_base_and_no_matplotlib(tuned_run, monkeypatch, capsys):

@@ -274,3 +274,52 @@ def test_no_init_builds_the_builtin_base_first(tmp_path, monkeypatch, capsys):
     assert "building it now" in capsys.readouterr().out
     assert (tmp_path / "builtin-base" / "model.safetensors").is_file() and result["step"] == 1
     assert json.loads((tmp_path / "run" / "args.json").read_text())["tokenizer"] == "byte"
+
+
+# ---------------------------------------------------------------- the add-ons: MoD and MoLEx flags
+
+def test_mod_and_molex_run_resumes_exactly_and_saves_their_parameters(tiny_base, tmp_path, capsys, monkeypatch):
+    extra = ["--max-steps", "4", "--save-every", "2", "--mod-k", "2", "--mod-top-k", "1", "--molex",
+             "--molex-gate-mode", "aux_free", "--molex-bias-rate", "0.01", "--molex-gate-lr", "0.05"]
+    full = train.main(base_argv(tiny_base, tmp_path / "full", *extra))
+    out = capsys.readouterr().out
+    assert "MoD over the last 2 of 2 layers" in out and "MoLEx on layers all of 2" in out and "trainable" in out
+    real_lr_factor = train.lr_factor
+
+    def crash_at_step_2(step, *a):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_lr_factor(step, *a)
+
+    monkeypatch.setattr(train, "lr_factor", crash_at_step_2)
+    with pytest.raises(KeyboardInterrupt):  # crash in step 3: the last checkpoint is step 2
+        train.main(base_argv(tiny_base, tmp_path / "cut", *extra))
+    monkeypatch.setattr(train, "lr_factor", real_lr_factor)
+    resumed = train.main(["--resume", str(tmp_path / "cut")])
+    assert resumed["losses"] == full["losses"][2:]
+    a, b = ckpt_params(tmp_path / "full"), ckpt_params(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("mod.norms.") for k in a) and "mod.router.weight" in a
+    assert "molex.select_bias" in a and a["molex.select_bias"].abs().sum() > 0  # aux_free moved the bias
+    # the gate has its own optimizer group with its own lr
+    ckpt = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
+    model = train.build_model(ckpt["args"], verbose=False)
+    args = train.get_parser().parse_args(base_argv(tiny_base, tmp_path / "x", *extra))
+    args.lr, args.weight_decay = 1e-2, 0.0
+    groups = {g["name"]: g for g in train.param_groups(model, args)}
+    gate_ids = {id(p) for p in model.molex.gate_parameters()}
+    assert groups["molex_gate"]["peak_lr"] == 0.05 and {id(p) for p in groups["molex_gate"]["params"]} == gate_ids
+    assert all(id(p) not in gate_ids for n, g in groups.items() if n != "molex_gate" for p in g["params"])
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--molex", "--molex-layers", "first:x"], "molex"),
+    (["--molex", "--molex-alpha", "1.5"], "--molex-alpha"),
+    (["--molex", "--prompt-loss"], "--molex-vote"),
+    (["--mod-k", "9"], "--mod-k"),
+    (["--mod-k", "2", "--mod-top-k", "3"], "--mod-top-k"),
+])
+def test_bad_addon_flags_are_named(tiny_base, tmp_path, capsys, flags, needle):
+    with pytest.raises(SystemExit) as e:
+        train.main(base_argv(tiny_base, tmp_path / "run") + flags)
+    assert needle in (capsys.readouterr().err + str(e.value.code))
