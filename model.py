@@ -337,6 +337,8 @@ def apply_lora(model, rank=8, alpha=16, dropout=0.0, targets=("q", "v"), last_la
     n = model.config.n_layers
     if last_layers is not None and not 1 <= last_layers <= n:
         raise ValueError(f"LoRA on the last {last_layers} layers: the model has {n}")
+    if lora_layers(model):
+        raise ValueError("LoRA is already applied to this model: merge_lora(model) and rebuild, or build a new one")
     model.requires_grad_(False)
     for i in range(n - (last_layers or n), n):
         for t in targets:
@@ -485,6 +487,11 @@ def iter_meta(folder):
     if params.get("vocab_size", -1) <= 0:  # -1 in Meta's release: the tokenizer's size, i.e. the embedding's
         params["vocab_size"] = states[0]["tok_embeddings.weight"].shape[0]
     cfg = config_from_meta(params)
+    for p, state in zip(shards[1:], states[1:]):  # every shard holds a slice of every tensor
+        if state.keys() != states[0].keys():
+            diff = sorted(state.keys() ^ states[0].keys())
+            raise ValueError(f"{p}: its tensors differ from {shards[0].name}'s (e.g. {diff[:3]}): shards of "
+                             f"different checkpoints?")
     yield cfg
     for key in states[0]:
         if key == "rope.freqs":

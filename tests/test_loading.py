@@ -472,3 +472,12 @@ def test_unsupported_rope_scaling_is_refused(hf_dir):
     (hf_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="llama3"):
         from_pretrained(hf_dir)
+
+
+def test_meta_shards_with_different_tensors_are_named(tmp_path):
+    save_meta(hf_model("gqa"), "gqa", tmp_path)
+    second = torch.load(tmp_path / "consolidated.01.pth", weights_only=True)
+    del second["layers.1.attention.wq.weight"]
+    torch.save(second, tmp_path / "consolidated.01.pth")
+    with pytest.raises(ValueError, match=r"consolidated\.01\.pth.*layers\.1\.attention\.wq\.weight"):
+        from_pretrained(tmp_path)

@@ -200,6 +200,12 @@ def test_apply_lora_rejects_bad_arguments(tiny_model, kwargs, message):
         apply_lora(tiny_model, verbose=False, **kwargs)
 
 
+def test_apply_lora_twice_is_refused(tiny_model):
+    apply_lora(tiny_model, verbose=False)
+    with pytest.raises(ValueError, match="already applied"):
+        apply_lora(tiny_model, verbose=False)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # training: gradient checkpointing and the masked loss
 
