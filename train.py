@@ -632,17 +632,35 @@ AUTO_THREADS = None
 
 def choose_threads(flag, world=1):
     """CPU threads for torch. flag > 0: that many. 0 (auto): torch's current setting (all cores, or what
-    OMP_NUM_THREADS / torch.set_num_threads asked for), lowered to the cores that are idle now (cores minus
-    the 1-minute load average), split between the processes of this machine, at least 1. Why: torch's threads
-    spin while they wait for each other; on 2 cores with another busy process, 2 threads made a training step
-    of the built-in model 10x slower than 1 thread (on an idle machine 2 threads are 1.5x faster)."""
+    OMP_NUM_THREADS / torch.set_num_threads asked for), lowered to the cores other programs leave idle now,
+    split between the processes of this machine, at least 1. Why: torch's threads spin while they wait for each
+    other; on 2 cores with another busy process, 2 threads made a training step of the built-in model 10x slower
+    than 1 thread (on an idle machine 2 threads are 1.5x faster)."""
     global AUTO_THREADS
     if flag > 0:
         return flag
-    if AUTO_THREADS is None:  # decided once per process: later the load average counts our own threads
-        idle = (os.cpu_count() or 1) - round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else os.cpu_count()
-        AUTO_THREADS = max(1, min(torch.get_num_threads(), (idle or 1) // world))
+    if AUTO_THREADS is None:  # decided once per process: later our own threads would count as busy
+        idle = (os.cpu_count() or 1) - busy_cores()
+        AUTO_THREADS = max(1, min(torch.get_num_threads(), idle // world))
     return AUTO_THREADS
+
+
+def busy_cores(interval=0.3):
+    """Cores busy with other programs now: the non-idle share of /proc/stat's CPU time over `interval` seconds
+    (Linux), else the 1-minute load average. Not the load average first: it lags by a minute, so the pip install
+    just before `python train.py` would still count as a busy core."""
+    def cpu_times():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = cpu_times()
+        time.sleep(interval)
+        total1, idle1 = cpu_times()
+        return round((os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(1, total1 - total0)))
+    except (OSError, ValueError, IndexError):
+        return round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
 
 
 def all_reduce_sum(x):

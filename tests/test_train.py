@@ -323,3 +323,14 @@ def test_bad_addon_flags_are_named(tiny_base, tmp_path, capsys, flags, needle):
     with pytest.raises(SystemExit) as e:
         train.main(base_argv(tiny_base, tmp_path / "run") + flags)
     assert needle in (capsys.readouterr().err + str(e.value.code))
+
+
+def test_auto_threads_see_a_busy_core():
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+        time.sleep(0.5)
+        assert train.busy_cores() >= 1  # the spinner (and anything else running) counts now, not a minute later
+    finally:
+        spinner.kill()
+    assert train.choose_threads(3) == 3  # an explicit --threads wins
