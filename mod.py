@@ -129,12 +129,14 @@ class DepthEnsemble(nn.Module):
         if cfg.distill_weight > 0 and self.k > 1:
             real = (y != -100).float()
             logp_final = F.log_softmax(logits[-1] / cfg.distill_temp, dim=-1).detach()
-            if cfg.distill_direction == "forward":  # KL(p_f || p_i) = sum p_f log p_f - sum p_f log p_i
+            if cfg.distill_direction == "forward":
+                # KL(p_f || p_i) = sum p_f log p_f - sum p_f s_i + logsumexp(s_i), s_i = l_i / T (sum p_f = 1):
+                # the teacher's terms once, and no log-softmax of each student over the vocabulary
                 p_final = logp_final.exp()
-                neg_entropy = (p_final * logp_final).sum(-1)  # the teacher's part: once, not once per layer
+                neg_entropy = (p_final * logp_final).sum(-1)
                 for l in logits[:-1]:
-                    logp = F.log_softmax(l / cfg.distill_temp, dim=-1)
-                    distill = distill + ((neg_entropy - (p_final * logp).sum(-1)) * real).sum()
+                    s = l / cfg.distill_temp
+                    distill = distill + ((neg_entropy - (p_final * s).sum(-1) + torch.logsumexp(s, -1)) * real).sum()
             else:  # KL(p_i || p_f)
                 for l in logits[:-1]:
                     logp = F.log_softmax(l / cfg.distill_temp, dim=-1)

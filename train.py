@@ -44,9 +44,10 @@ BUILTIN_BASE = REPO / "checkpoints" / "builtin-base"  # gitignored; built by the
 CHECKPOINT_FORMAT = "llama-layers train.py checkpoint v1"
 
 # The built-in base: 4 layers, dim 128, 8 query heads sharing 4 KV heads, byte tokenizer, context 512, pretrained
-# on data.builtin's corpus for 1,200 steps of 8 x 128 tokens. Calibrated on 2 CPU cores: building it and tuning
-# it take about 6 CPU-minutes (4 minutes wall with 2 idle cores). 6 layers cost 1.5x per step and, at this budget,
-# did not learn to copy the question's numbers reliably; 4 query heads per 2 KV heads learned it less often.
+# on data.builtin's corpus for 1,200 steps of 8 x 128 tokens. Calibrated on 2 CPU cores: building it (101 s) and
+# tuning it (183 s, 1,200 steps) take 4 m 48 s with 2 idle cores (BENCHMARKS.md). 6 layers cost 1.5x per step and,
+# at this budget, did not learn to copy the question's numbers reliably; 4 query heads per 2 KV heads learned it
+# less often. Tuning for 800 steps gave 11-70% over three seeds, 1,200 steps 54-79%; lr 5e-3 or 2e-2 was worse.
 BUILTIN_BASE_ARGV = ["--pretrain", "--dim", "128", "--n-layers", "4", "--n-heads", "8", "--n-kv-heads", "4",
                      "--context", "512", "--tokenizer", "byte", "--data", "corpus", "--corpus-chars", "400000",
                      "--max-len", "128", "--batch-size", "8", "--max-steps", "1200", "--lr", "3e-3",
