@@ -67,23 +67,28 @@ def test_data_order_is_a_seeded_permutation_per_epoch_and_resumes():
 
 # ---------------------------------------------------------------- exact resume
 
+def run_until_crash(monkeypatch, step, argv):
+    """Run train.main(argv), interrupted (KeyboardInterrupt) while it computes step `step` + 1."""
+    real_lr_factor = train.lr_factor
+
+    def crash(s, *a):
+        if s == step:
+            raise KeyboardInterrupt
+        return real_lr_factor(s, *a)
+
+    monkeypatch.setattr(train, "lr_factor", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv)
+    monkeypatch.setattr(train, "lr_factor", real_lr_factor)
+
+
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_base, tmp_path, monkeypatch):
     extra = ["--max-steps", "7", "--save-every", "3", "--grad-accum", "2", "--lora-dropout", "0.2"]
     full = train.main(base_argv(tiny_base, tmp_path / "full", *extra))
     assert len(full["losses"]) == 7
 
     # crash while computing step 5: steps 1-4 are logged, the last checkpoint is step 3
-    real_lr_factor = train.lr_factor
-
-    def crash_at_step_4(step, *a):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real_lr_factor(step, *a)
-
-    monkeypatch.setattr(train, "lr_factor", crash_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(base_argv(tiny_base, tmp_path / "cut", *extra))
-    monkeypatch.setattr(train, "lr_factor", real_lr_factor)
+    run_until_crash(monkeypatch, 4, base_argv(tiny_base, tmp_path / "cut", *extra))
     assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"] == 3
     assert [r["step"] for r in metrics(tmp_path / "cut")] == [1, 2, 3, 4]
 
@@ -284,17 +289,7 @@ def test_mod_and_molex_run_resumes_exactly_and_saves_their_parameters(tiny_base,
     full = train.main(base_argv(tiny_base, tmp_path / "full", *extra))
     out = capsys.readouterr().out
     assert "MoD over the last 2 of 2 layers" in out and "MoLEx on layers all of 2" in out and "trainable" in out
-    real_lr_factor = train.lr_factor
-
-    def crash_at_step_2(step, *a):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real_lr_factor(step, *a)
-
-    monkeypatch.setattr(train, "lr_factor", crash_at_step_2)
-    with pytest.raises(KeyboardInterrupt):  # crash in step 3: the last checkpoint is step 2
-        train.main(base_argv(tiny_base, tmp_path / "cut", *extra))
-    monkeypatch.setattr(train, "lr_factor", real_lr_factor)
+    run_until_crash(monkeypatch, 2, base_argv(tiny_base, tmp_path / "cut", *extra))  # last checkpoint: step 2
     resumed = train.main(["--resume", str(tmp_path / "cut")])
     assert resumed["losses"] == full["losses"][2:]
     a, b = ckpt_params(tmp_path / "full"), ckpt_params(tmp_path / "cut")
