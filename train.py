@@ -3,6 +3,8 @@ Tune a LLaMA model with LoRA, or pretrain the tiny built-in base, in one plain t
 
     python train.py                                    # build the built-in base if missing, then tune it on "arith"
     python train.py --init /path/to/llama-2-7b --data data/gsm8k --lr 3e-4 --batch-size 16 --grad-accum 4
+    python train.py --mod-k 4                          # + MoD: ensemble of the last 4 layers (mod.py)
+    python train.py --molex                            # + MoLEx: every layer mixed with a gated layer expert (molex.py)
     python train.py --resume runs/arith-20250101-120000   # continue a stopped run exactly where it stopped
     torchrun --standalone --nproc_per_node 2 train.py ...  # data parallel: each rank takes its share of each batch
     python train.py --pretrain --out checkpoints/my-base   # full-parameter pretraining of a new tiny model
