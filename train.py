@@ -134,6 +134,8 @@ def get_parser():
                         "learned weights shared by all tokens (all start as the uniform average)")
     g.add_argument("--mod-top-k", type=int, default=None,
                    help="keep only the K largest routing weights per token, renormalized (default: all k)")
+    g.add_argument("--mod-router-lr", type=float, default=None,
+                   help="peak lr of the router alone, in its own AdamW group without weight decay (default: --lr)")
     g.add_argument("--mod-distill-weight", type=float, default=1.0,
                    help="lambda: weight of the final layer's distillation into the other late layers (0: off)")
     g.add_argument("--mod-distill-temp", type=float, default=1.0,
@@ -331,6 +333,8 @@ def check_args(parser, a):
 
 
 def check_addons(parser, a):
+    if a.mod_router_lr is not None and (not a.mod_k or a.mod_router_lr <= 0):
+        parser.error(f"--mod-router-lr needs --mod-k and a value > 0, got {a.mod_router_lr} with --mod-k {a.mod_k}")
     if a.mod_k:
         if a.pretrain:
             parser.error("--mod-k tunes a pretrained model: it cannot be combined with --pretrain")
@@ -406,7 +410,10 @@ def param_groups(model, args):
     by the same factor). Matrices decay, norms and vectors do not; LoRA's B factors get lr * lora_plus (LoRA+).
     An add-on with settings of its own appends a group here."""
     gate = model.molex.gate_parameters() if model.molex is not None else []  # MoLEx's gate: its own group
-    own = {id(p) for p in gate}
+    router = []  # MoD's router: its own group when --mod-router-lr is given
+    if model.mod is not None and getattr(args, "mod_router_lr", None) is not None:
+        router = [p for n, p in model.mod.named_parameters() if n.startswith(("router.", "scores"))]
+    own = {id(p) for p in gate + router}
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in own]
     lora_b = [p for n, p in trainable if n.endswith("lora_B")]
     decay = [p for n, p in trainable if p.dim() >= 2 and not n.endswith("lora_B")]
@@ -415,6 +422,8 @@ def param_groups(model, args):
               {"name": "lora_B", "params": lora_b, "peak_lr": args.lr * args.lora_plus,
                "weight_decay": args.weight_decay},
               {"name": "no_decay", "params": no_decay, "peak_lr": args.lr, "weight_decay": 0.0}]
+    if router:
+        groups.append({"name": "mod_router", "params": router, "peak_lr": args.mod_router_lr, "weight_decay": 0.0})
     if gate:
         cfg = model.molex.cfg
         groups.append({"name": "molex_gate", "params": gate, "peak_lr": cfg.gate_lr or args.lr,

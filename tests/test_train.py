@@ -307,7 +307,23 @@ def test_mod_and_molex_run_resumes_exactly_and_saves_their_parameters(tiny_base,
     assert all(id(p) not in gate_ids for n, g in groups.items() if n != "molex_gate" for p in g["params"])
 
 
+def test_mod_router_lr_gives_the_router_its_own_group(tiny_base, tmp_path):
+    argv = base_argv(tiny_base, tmp_path / "x", "--mod-k", "2", "--mod-router-lr", "1e-4")
+    args = train.get_parser().parse_args(argv)
+    args.lr, args.weight_decay = 1e-2, 0.0
+    model = train.build_model(args, verbose=False)
+    groups = {g["name"]: g for g in train.param_groups(model, args)}
+    router = {id(p) for p in model.mod.router.parameters()}
+    assert groups["mod_router"]["peak_lr"] == 1e-4 and {id(p) for p in groups["mod_router"]["params"]} == router
+    assert all(id(p) not in router for n, g in groups.items() if n != "mod_router" for p in g["params"])
+    norms = {id(p) for p in model.mod.norms.parameters()}
+    assert norms <= {id(p) for p in groups["no_decay"]["params"]}  # the norms keep the main lr
+    args.mod_router_lr = None  # without the flag: no group of its own (older runs resume unchanged)
+    assert "mod_router" not in {g["name"] for g in train.param_groups(model, args)}
+
+
 @pytest.mark.parametrize("flags, needle", [
+    (["--mod-router-lr", "1e-4"], "--mod-router-lr"),
     (["--molex", "--molex-layers", "first:x"], "molex"),
     (["--molex", "--molex-alpha", "1.5"], "--molex-alpha"),
     (["--molex", "--prompt-loss"], "--molex-vote"),
