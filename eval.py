@@ -43,7 +43,7 @@ from mod import routing_stats, routing_weights
 from molex import prompt_end_from_targets, save_stats
 from tokenizer import load_tokenizer
 from train import (BUILTIN_BASE, BUILTIN_DIFFICULTY, REPO, HelpFormatter, build_model, checkpoint_path,
-                   choose_threads, load_checkpoint, load_trainable, resolve_tokenizer)
+                   choose_threads, collate, load_checkpoint, load_trainable, resolve_tokenizer)
 
 GENERATION_METRICS = ("strict", "flexible")
 CHOICE_METRICS = ("acc", "acc_norm", "acc_gen")
@@ -257,10 +257,7 @@ def mod_routing(model, tokenizer, records, batch_size, autocast=nullcontext()):
     examples = [encode_example(tokenizer, r, max_len=model.config.max_seq_len) for r in records]
     weights, masks = [], []
     for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        T = max(len(ids) for ids, _ in batch)
-        idx = torch.tensor([ids + [0] * (T - len(ids)) for ids, _ in batch], device=device)
-        labels = torch.tensor([y + [IGNORE_INDEX] * (T - len(y)) for _, y in batch], device=device)
+        idx, labels = collate(examples[start:start + batch_size], 0, device)
         with autocast:  # right padding: the causal router never sees it at the scored positions
             _, hidden = model(idx, return_hidden=True, prompt_end=prompt_end_from_targets(labels))
         weights.append(routing_weights(model, hidden).flatten(0, 1).float().cpu())
