@@ -1,24 +1,27 @@
 """
 The ablation: LoRA against LoRA + MoD (k = 2 and 4; Top-K = 1, 2 and k) and LoRA + MoLEx (the paper's routing
-rule and per-sequence routing), several seeds each, on a built-in task; one table of mean ± std accuracy.
+rule and per-sequence routing), several seeds each, on a built-in task; one table of mean ± std accuracy and the
+paired difference to LoRA (same seeds) with its 95% interval.
 
     python ablate.py                          # every configuration, seeds 0 1 2, on the built-in arith task
     python ablate.py --configs lora,mod4 --seeds 0 1 2 3 4 --steps 300
     python ablate.py -- --lr 1e-3             # anything after "--" goes to every train.py run
 
-Each run is train.py then eval.py, in this process, into <out>/<config>-seed<s>/; a run whose evaluation is
-already there is not repeated, so an interrupted ablation continues where it stopped. The table is printed and
-written to <out>/ablation.md (and ablation.json with every run's numbers, ablation.png with matplotlib).
+Each run is `python train.py` then `python eval.py` (separate processes) into <out>/<config>-seed<s>/; a run
+whose evaluation is already there is not repeated, so an interrupted ablation continues where it stopped. The
+table is printed and written to <out>/ablation.md (and ablation.json with every run's numbers, ablation.png).
 """
 import argparse
 import json
+import math
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
-import eval as evaluate_run
-import train
+from report import ablation_plot
 
+REPO = Path(__file__).resolve().parent
 CONFIGS = {  # name: (label, train.py flags added to the LoRA baseline)
     "lora": ("LoRA", []),
     "mod2-top1": ("LoRA + MoD k=2, Top-1", ["--mod-k", "2", "--mod-top-k", "1"]),
@@ -29,6 +32,44 @@ CONFIGS = {  # name: (label, train.py flags added to the LoRA baseline)
     "molex": ("LoRA + MoLEx, paper rule (one expert per batch)", ["--molex"]),
     "molex-seq": ("LoRA + MoLEx, per-sequence rule", ["--molex", "--molex-rule", "sequence"]),
 }
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t, 97.5%, df 1..10
+
+
+def mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired_difference(values, reference):
+    """Mean of values[s] - reference[s] over the seeds both have, and the half-width of its 95% t interval
+    (None with fewer than 2 pairs)."""
+    diffs = [values[s] - reference[s] for s in values if s in reference]
+    if not diffs:
+        return None, None, 0
+    mean, std = mean_std(diffs)
+    n = len(diffs)
+    half = T_975[min(n - 1, len(T_975)) - 1] * std / math.sqrt(n) if n > 1 else None
+    return mean, half, n
+
+
+def run_one(name, seed, args, extra, run):
+    """Train and evaluate one configuration and seed; returns eval.py's metrics of the model's output."""
+    report_path = run / "ablation-eval.json"
+    if not report_path.is_file():  # not done yet (or interrupted): train, then evaluate
+        label, flags = CONFIGS[name]
+        print(f"\n=== {label}, seed {seed} -> {run}", flush=True)
+        if (run / "ckpt.pt").is_file() and not (run / "args.json").is_file():
+            raise SystemExit(f"{run}: a checkpoint without args.json: remove the folder and run again")
+        train_argv = (["--resume", str(run)] if (run / "ckpt.pt").is_file() else
+                      ["--data", args.data, "--seed", str(seed), "--out", str(run), *flags, *extra])
+        if args.steps is not None:
+            train_argv += ["--max-steps", str(args.steps)]
+        subprocess.run([sys.executable, str(REPO / "train.py"), *train_argv], check=True)
+        eval_argv = ["--ckpt", str(run), "--n", str(args.eval_n), "--layers", "1"]
+        subprocess.run([sys.executable, str(REPO / "eval.py"), *eval_argv], check=True)
+        data = json.loads((run / "args.json").read_text())["data"]
+        report = json.loads((run / f"eval-{Path(data).stem}-test.json").read_text())
+        report_path.write_text(json.dumps({"metrics": report["metrics"]["output"], "kind": report["kind"]}))
+    return json.loads(report_path.read_text())["metrics"]
 
 
 def main(argv=None):
@@ -49,64 +90,41 @@ def main(argv=None):
         p.error(f"--configs: unknown {unknown or 'empty list'}; choose from {','.join(CONFIGS)}")
     out = Path(args.out)
 
-    results = {}  # config -> {seed: {metric: accuracy}}
-    for name in names:
-        label, flags = CONFIGS[name]
-        for seed in args.seeds:
-            run = out / f"{name}-seed{seed}"
-            report_path = run / "ablation-eval.json"
-            if not report_path.is_file():  # not done yet (or interrupted): train, then evaluate
-                print(f"\n=== {label}, seed {seed} -> {run}")
-                train_argv = ["--data", args.data, "--seed", str(seed), "--out", str(run), *flags, *extra]
-                if args.steps is not None:
-                    train_argv += ["--max-steps", str(args.steps)]
-                train.main(train_argv)
-                report = evaluate_run.main(["--ckpt", str(run), "--n", str(args.eval_n), "--layers", "1"])
-                report_path.write_text(json.dumps({"metrics": report["metrics"]["output"], "kind": report["kind"]}))
-            results.setdefault(name, {})[seed] = json.loads(report_path.read_text())["metrics"]
+    try:
+        results = {name: {seed: run_one(name, seed, args, extra, out / f"{name}-seed{seed}") for seed in args.seeds}
+                   for name in names}  # config -> {seed: {metric: accuracy}}
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"ablate.py: error: a run failed (exit status {e.returncode}): {' '.join(e.cmd)}") from None
 
     metrics = list(next(iter(next(iter(results.values())).values())))  # strict, flexible or acc, acc_norm, acc_gen
     summary = {name: {m: mean_std([r[m] for r in by_seed.values()]) for m in metrics}
                for name, by_seed in results.items()}
     main_metric = metrics[0]
+    steps = f"{args.steps} steps" if args.steps else "train.py's default steps"
     lines = [f"Accuracy (%) on the {args.data} test split ({args.eval_n} problems), mean ± std over seeds "
-             f"{' '.join(map(str, args.seeds))}", "",
-             "| configuration | " + " | ".join(metrics) + f" | runs ({main_metric}) |", "|---|" + "---:|" * len(metrics) + "---|"]
+             f"{' '.join(map(str, args.seeds))}, {steps}; Δ = paired difference to LoRA on the same seeds "
+             f"({main_metric}), ± its 95% t interval", "",
+             "| configuration | " + " | ".join(metrics) + f" | Δ {main_metric} vs LoRA | runs ({main_metric}) |",
+             "|---|" + "---:|" * (len(metrics) + 1) + "---|"]
+    lora = {s: r[main_metric] for s, r in results.get("lora", {}).items()}
+    paired = {}
     for name, by_seed in results.items():
         cells = [f"{summary[name][m][0]:.1f} ± {summary[name][m][1]:.1f}" for m in metrics]
+        d, half, n = paired_difference({s: r[main_metric] for s, r in by_seed.items()}, lora)
+        paired[name] = {"mean": d, "ci95": half, "pairs": n}
+        delta = "" if name == "lora" or d is None else f"{d:+.1f}" + (f" ± {half:.1f}" if half is not None else "")
         runs = ", ".join(f"{r[main_metric]:.1f}" for r in by_seed.values())
-        lines.append(f"| {CONFIGS[name][0]} | " + " | ".join(cells) + f" | {runs} |")
+        lines.append(f"| {CONFIGS[name][0]} | " + " | ".join(cells) + f" | {delta} | {runs} |")
     table = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(table)
-    (out / "ablation.json").write_text(json.dumps({"data": args.data, "seeds": args.seeds, "results": results,
-                                                   "mean_std": summary}, indent=1))
-    plot(summary, main_metric, out / "ablation.png")
+    (out / "ablation.json").write_text(json.dumps({"data": args.data, "seeds": args.seeds, "steps": args.steps,
+                                                   "results": results, "mean_std": summary,
+                                                   "paired_vs_lora": paired}, indent=1))
+    ablation_plot(summary, {n: CONFIGS[n][0] for n in summary}, main_metric, out / "ablation.png",
+                  f"{args.data} test, {args.eval_n} problems; seeds {' '.join(map(str, args.seeds))}; {steps}")
     print("\n" + table)
     return results
-
-
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def plot(summary, metric, path):
-    """Mean accuracy with a ±std bar per configuration, when matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    names = list(summary)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(names), 3.8))
-    ax.bar(range(len(names)), [summary[n][metric][0] for n in names], yerr=[summary[n][metric][1] for n in names],
-           capsize=4)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_ylabel(f"{metric} accuracy (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

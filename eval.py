@@ -6,7 +6,7 @@ alone (logit lens), plus which layers solve which problems.
     python eval.py                                       # the untuned built-in base, on the built-in arith task
     python eval.py --init /path/to/llama-2-7b --data data/gsm8k --n 200 --batch-size 16
 
-Scoring (DESIGN.md section 4):
+Scoring (docs/design.md#evaluation):
 - generation (GSM8K-like): batched greedy generation (left-padded); "strict" reads "#### N" / "The answer is N",
   "flexible" the last number. The output is cut at the first "Question:" or blank line (the model moving on).
 - choice (ARC-like): acc = the option whose text (after the prompt without the option list) has the highest total
@@ -26,9 +26,7 @@ and .png plots when matplotlib is installed.
 """
 import argparse
 import json
-from collections import Counter
 from contextlib import contextmanager, nullcontext
-from itertools import combinations
 from pathlib import Path
 
 import torch
@@ -36,18 +34,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from checkpoint import REPO, build_model, checkpoint_path, load_run
+from cli import HelpFormatter, Threads, UserError, pick_device, run_main, use_bf16
 from data import BUILTIN_TASKS, load_examples, task_kind
-from data.format import (IGNORE_INDEX, choice_continuations, encode_example, encode_prompt, extract_answer,
+from data.batching import collate
+from data.builtin import DEFAULT_DIFFICULTY
+from data.format import (IGNORE_INDEX, bos, choice_continuations, encode_example, encode_prompt, extract_answer,
                          extract_choice, gold_answer, prompt_text, same_number, split_encode, target_text)
 from mod import routing_stats, routing_weights
-from molex import prompt_end_from_targets, save_stats
-from tokenizer import load_tokenizer
-from train import (BUILTIN_BASE, BUILTIN_DIFFICULTY, REPO, HelpFormatter, build_model, checkpoint_path,
-                   choose_threads, collate, load_checkpoint, load_trainable, resolve_tokenizer)
+from molex import prompt_end_from_targets
+from report import markdown_report, overlap, write_plots
 
 GENERATION_METRICS = ("strict", "flexible")
 CHOICE_METRICS = ("acc", "acc_norm", "acc_gen")
-EXACT_OVERLAP_MAX = 5  # count every subset of layers (2^k regions) up to this many layers
 STOPS = {"generation": ("Question:", "\n\n"), "choice": ("\n",)}
 
 
@@ -56,19 +55,22 @@ def get_parser():
                                 formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default=None, help="a run folder of train.py (or its ckpt.pt); default: no tuning")
     p.add_argument("--init", default=None,
-                   help="base checkpoint folder: the model to evaluate without --ckpt (default: the built-in base); "
-                        "with --ckpt, where its base now is (default: the path saved in the run)")
-    p.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.model; default: as train.py finds it")
+                   help="base checkpoint (folder or .gguf): the model to evaluate without --ckpt (default: the "
+                        "built-in base); with --ckpt, where its base now is (default: the path saved in the run)")
+    p.add_argument("--tokenizer", default=None, help="'byte', a tokenizer.model / tokenizer.json / .gguf; default: "
+                                                     "the checkpoint's own, as train.py finds it")
     p.add_argument("--data", default=None,
                    help=f"built-in task ({', '.join(BUILTIN_TASKS)}), prepared folder or .jsonl file; default: the "
                         "run's training data, else arith")
     p.add_argument("--difficulty", type=int, default=None,
-                   help=f"built-in task difficulty; default: the run's, else {BUILTIN_DIFFICULTY}")
+                   help=f"built-in task difficulty; default: the run's, else {DEFAULT_DIFFICULTY}")
     p.add_argument("--split", default="test", help="which split to score")
     p.add_argument("--n", type=int, default=None, help="score this many problems (default: the whole split)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch / rows per scoring batch")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="generation length; default: twice the longest reference answer (+8), 8 for choice labels")
+                   help="generation length; default: twice the longest reference answer (+8, at most 512 and at "
+                        "most what the context leaves after the longest prompt, but never below half the context), "
+                        "8 for choice labels")
     p.add_argument("--layers", default="4",
                    help="per-layer table over the last N layers ('all' for every layer, 0 for none)")
     p.add_argument("--overlap-metric", default=None,
@@ -80,7 +82,7 @@ def get_parser():
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto = bfloat16 on a GPU that supports it, else float32")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = auto (train.choose_threads)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = auto (cli.Threads)")
     return p
 
 
@@ -110,28 +112,6 @@ def score_choice_lls(option_lls, option_texts, gold_index):
     norm = [ll / len(text) for ll, text in zip(option_lls, option_texts)]
     best_norm = max(range(len(norm)), key=lambda i: norm[i])
     return {"acc": best == gold_index, "acc_norm": best_norm == gold_index}
-
-
-def overlap(solved, n_problems, exact_max=EXACT_OVERLAP_MAX):
-    """How the sets of solved problem indices of several sources (e.g. layers) overlap.
-
-    solved: {name: set of indices}. Returns solved counts, "any" / "all" / "none", "only" (solved by this source
-    and no other), the pairwise matrix |A & B| (diagonal = |A|) and, for at most exact_max sources, "exact": the
-    number of problems solved by exactly each subset of sources (every problem lands in one region)."""
-    names = list(solved)
-    sets = [set(solved[k]) for k in names]
-    union = set().union(*sets) if sets else set()
-    inter = set.intersection(*sets) if sets else set()
-    out = {"sources": names, "n": n_problems, "solved": {k: len(s) for k, s in zip(names, sets)},
-           "any": len(union), "all": len(inter), "none": n_problems - len(union),
-           "only": {k: len(s - set().union(*(t for j, t in enumerate(sets) if j != i))) for i, (k, s) in
-                    enumerate(zip(names, sets))},
-           "pairwise": [[len(a & b) for b in sets] for a in sets]}
-    if len(names) <= exact_max:
-        region = Counter(frozenset(k for k, s in zip(names, sets) if i in s) for i in range(n_problems))
-        out["exact"] = [{"sources": [k for k in names if k in subset], "count": region.get(frozenset(subset), 0)}
-                        for r in range(len(names), -1, -1) for subset in combinations(names, r)]
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -224,7 +204,7 @@ def option_logliks(model, tokenizer, records, layers, batch_size, autocast=nullc
         prompt = prompt_text(rec, with_options=False)
         for cont in choice_continuations(rec, by="text"):
             p_ids, c_ids = split_encode(tokenizer, prompt, cont)
-            ids = fit_prompt([tokenizer.bos_id] + p_ids, model.config.max_seq_len - len(c_ids)) + c_ids
+            ids = fit_prompt(bos(tokenizer) + p_ids, model.config.max_seq_len - len(c_ids)) + c_ids
             rows.append((r, ids, len(ids) - len(c_ids)))
     sources = ["output"] + [f"layer_{i + 1}" for i in layers]
     lls = {s: [[] for _ in records] for s in sources}
@@ -234,7 +214,7 @@ def option_logliks(model, tokenizer, records, layers, batch_size, autocast=nullc
         idx = torch.tensor([ids + [0] * (T - len(ids)) for _, ids, _ in batch], device=device)
         prompt_end = torch.tensor([first for _, _, first in batch], device=device)  # MoLEx: route on the prompt
         with autocast:
-            logits, hidden = model(idx, return_hidden=True, prompt_end=prompt_end)
+            logits, hidden = model.forward_hidden(idx, prompt_end=prompt_end)
         for b, (r, ids, first) in enumerate(batch):
             pos = torch.arange(first - 1, len(ids) - 1, device=device)  # positions that predict the option
             tgt = idx[b, first:len(ids)]
@@ -259,7 +239,7 @@ def mod_routing(model, tokenizer, records, batch_size, autocast=nullcontext()):
     for start in range(0, len(examples), batch_size):
         idx, labels = collate(examples[start:start + batch_size], 0, device)
         with autocast:  # right padding: the causal router never sees it at the scored positions
-            _, hidden = model(idx, return_hidden=True, prompt_end=prompt_end_from_targets(labels))
+            _, hidden = model.forward_hidden(idx, prompt_end=prompt_end_from_targets(labels))
         weights.append(routing_weights(model, hidden).flatten(0, 1).float().cpu())
         masks.append((labels != IGNORE_INDEX).flatten().cpu())
     stats = routing_stats(torch.cat(weights), torch.cat(masks))
@@ -282,16 +262,21 @@ def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=No
     outputs = {}
     if kind == "generation":
         prompts = [encode_prompt(tokenizer, r) for r in records]
-        if max_new_tokens is None:
+        if max_new_tokens is None:  # what the answers need, but always leaving room for the prompts
+            context, longest_prompt = model.config.max_seq_len, max(map(len, prompts))
             longest = max(len(tokenizer.encode(target_text(r))) for r in records)
-            max_new_tokens = min(2 * longest + 8, 512)
+            max_new_tokens = max(1, min(2 * longest + 8, 512, max(context - longest_prompt, context // 2)))
     else:
         prompts = [encode_prompt(tokenizer, r, with_options=True) for r in records]
         max_new_tokens = max_new_tokens or 8
     room = model.config.max_seq_len - max_new_tokens
     if room < 2:
-        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context "
-                         f"({model.config.max_seq_len})")
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context "
+                        f"({model.config.max_seq_len})")
+    cut = sum(len(p) > room for p in prompts)
+    if cut:
+        print(f"note: {cut} of {len(prompts)} prompts are longer than the {room} tokens the context leaves beside "
+              f"{max_new_tokens} new tokens: they keep their first token and their last {room - 1}")
     prompts = [fit_prompt(p, room) for p in prompts]
     runs = [(s, model, layer) for s, layer in sources.items()]
     if baseline is not None:
@@ -325,119 +310,8 @@ def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=No
     if model.mod is not None:
         res["mod_routing"] = mod_routing(model, tokenizer, records, batch_size, autocast)
     if model.molex is not None:
-        res["molex"] = {"rows": "layer t (1-based: row 0 = layer 1)", "columns": "expert layer j",
-                        "mixed_layers": [t + 1 for t in model.molex.mixed], "counts": model.molex.stats.tolist(),
-                        "fractions": [[round(v, 4) for v in row] for row in model.molex.stat_fractions().tolist()]}
+        res["molex"] = model.molex.stats_report()
     return res
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Reports
-
-def source_label(s, n_layers, mod_k=0):
-    if s == "output":
-        return "model output" + (f" (MoD ensemble of {mod_k})" if mod_k else "")
-    if s == "base":
-        return "untuned base output"
-    layer = int(s.split("_")[1])
-    how = "MoD norm" if layer > n_layers - mod_k and layer < n_layers else "logit lens"
-    return f"layer {layer}/{n_layers}" + ("" if layer == n_layers else f" ({how})")
-
-
-def markdown_report(res, title, n_layers):
-    metric_names = list(next(iter(res["metrics"].values())))
-    lines = [f"# {title}", "", "| readout | " + " | ".join(metric_names) + " |",
-             "|---|" + "---:|" * len(metric_names)]
-    for s, m in res["metrics"].items():
-        lines.append(f"| {source_label(s, n_layers, res.get('mod_k', 0))} | " + " | ".join(f"{m[k]:.1f}" for k in metric_names) + " |")
-    ov = res.get("overlap")
-    if ov and ov["sources"]:
-        names = [s.replace("layer_", "L") for s in ov["sources"]]
-        lines += ["", f"## Which layers solve which problems ({res['overlap_metric']}, {ov['n']} problems)", "",
-                  f"solved by any layer: {ov['any']}, by all: {ov['all']}, by none: {ov['none']}", "",
-                  "| layer | solved | only this layer |", "|---|---:|---:|"]
-        lines += [f"| {n} | {ov['solved'][s]} | {ov['only'][s]} |" for n, s in zip(names, ov["sources"])]
-        lines += ["", "Pairwise overlap (problems solved by both):", "", "| | " + " | ".join(names) + " |",
-                  "|---|" + "---:|" * len(names)]
-        lines += [f"| {n} | " + " | ".join(map(str, row)) + " |" for n, row in zip(names, ov["pairwise"])]
-        if "exact" in ov:
-            lines += ["", "Solved by exactly these layers (Venn regions):", "", "| layers | problems |", "|---|---:|"]
-            lines += [f"| {', '.join(s.replace('layer_', 'L') for s in e['sources']) or 'none'} | {e['count']} |"
-                      for e in ov["exact"]]
-    rt = res.get("mod_routing")
-    if rt:
-        lines += ["", f"## MoD routing weights ({rt['tokens']} answer tokens of the reference answers)", "",
-                  "| layer | mean weight | sparsity (weight < 0.001) | weighs most |", "|---|---:|---:|---:|"]
-        lines += [f"| {layer} | {w:.3f} | {100 * s:.1f}% | {100 * t:.1f}% |" for layer, w, s, t in
-                  zip(rt["layers"], rt["mean_weight"], rt["sparsity"], rt["top1"])]
-    mx = res.get("molex")
-    if mx:
-        lines += ["", "## MoLEx: the expert each mixed layer picks (fraction of test prompts)", "",
-                  "| layer | most picked expert | its share | experts used |", "|---|---:|---:|---:|"]
-        for t in mx["mixed_layers"]:
-            row = mx["fractions"][t - 1]
-            j = max(range(len(row)), key=row.__getitem__)
-            lines.append(f"| {t} | {j + 1} | {100 * row[j]:.0f}% | {sum(v > 0 for v in row)} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_plots(res, stem, n_layers):
-    """Per-layer accuracy bars and the overlap heat map, when matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed: no plots (pip install matplotlib)")
-        return []
-    files = []
-    sources = list(res["metrics"])
-    metric_names = list(res["metrics"][sources[0]])
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(sources) * len(metric_names) / 2, 3.5))
-    width = 0.8 / len(metric_names)
-    for j, m in enumerate(metric_names):
-        ax.bar([i + j * width for i in range(len(sources))], [res["metrics"][s][m] for s in sources], width, label=m)
-    ax.set_xticks([i + width * (len(metric_names) - 1) / 2 for i in range(len(sources))])
-    ax.set_xticklabels([source_label(s, n_layers, res.get("mod_k", 0)).split(" (")[0] for s in sources], rotation=30,
-                       ha="right")
-    ax.set_ylabel("accuracy (%)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(f"{stem}-layers.png", dpi=120)
-    files.append(f"{stem}-layers.png")
-    plt.close(fig)
-    ov = res.get("overlap")
-    if ov and len(ov["sources"]) > 1:
-        names = [s.replace("layer_", "L") for s in ov["sources"]]
-        fig, ax = plt.subplots(figsize=(1.5 + 0.6 * len(names), 1.2 + 0.6 * len(names)))
-        im = ax.imshow(ov["pairwise"], cmap="viridis")
-        for i, row in enumerate(ov["pairwise"]):
-            for j, v in enumerate(row):
-                ax.text(j, i, str(v), ha="center", va="center", color="w" if v < max(map(max, ov["pairwise"])) / 2
-                        else "k", fontsize=8)
-        ax.set_xticks(range(len(names)), names)
-        ax.set_yticks(range(len(names)), names)
-        ax.set_title(f"problems solved by both ({res['overlap_metric']})")
-        fig.colorbar(im)
-        fig.tight_layout()
-        fig.savefig(f"{stem}-overlap.png", dpi=120)
-        files.append(f"{stem}-overlap.png")
-        plt.close(fig)
-    rt = res.get("mod_routing")
-    if rt:
-        fig, ax = plt.subplots(figsize=(1.5 + 0.8 * len(rt["layers"]), 3.2))
-        x = range(len(rt["layers"]))
-        ax.bar([i - 0.2 for i in x], rt["mean_weight"], 0.4, label="mean weight")
-        ax.bar([i + 0.2 for i in x], rt["sparsity"], 0.4, label="sparsity (share of tokens < 0.001)")
-        ax.set_xticks(list(x), [f"L{layer}" for layer in rt["layers"]])
-        ax.set_ylim(0, 1)
-        ax.set_title("MoD routing weights on the reference answers")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(f"{stem}-routing.png", dpi=120)
-        files.append(f"{stem}-routing.png")
-        plt.close(fig)
-    return files
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -445,72 +319,49 @@ def write_plots(res, stem, n_layers):
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
-    if args.n is not None and args.n < 1:
-        parser.error(f"--n must be >= 1, got {args.n}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.layers != "all" and not args.layers.isdigit():
-        parser.error(f"--layers must be a number of last layers or 'all', got {args.layers!r}")
-    if args.init is not None and not Path(args.init).is_dir():
-        parser.error(f"--init {args.init}: no such checkpoint folder")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available on this machine")
-    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda"
-                                             and torch.cuda.is_bf16_supported())
-    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    for flag, bad, rule in [("n", args.n is not None and args.n < 1, ">= 1"), ("batch_size", args.batch_size < 1, ">= 1"),
+                            ("max_new_tokens", args.max_new_tokens is not None and args.max_new_tokens < 1, ">= 1"),
+                            ("layers", args.layers != "all" and not args.layers.isdigit(), "a number of last layers "
+                                                                                             "or 'all'")]:
+        if bad:
+            parser.error(f"--{flag.replace('_', '-')} must be {rule}, got {getattr(args, flag)!r}")
+    if args.ckpt is not None and not checkpoint_path(args.ckpt).is_file():
+        parser.error(f"--ckpt {args.ckpt}: no checkpoint there (looked for {checkpoint_path(args.ckpt)})")
+    if args.init is not None and not Path(args.init).exists():
+        parser.error(f"--init {args.init}: no such checkpoint folder or .gguf file")
+    device = pick_device(args.device)
+    bf16 = use_bf16(args.dtype, device)
     if device.type == "cpu":
-        torch.set_num_threads(choose_threads(args.threads))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        Threads(args.threads)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     # the model: a run's base + its trained parameters, or a base alone
-    if args.ckpt is not None:
-        path = checkpoint_path(args.ckpt)
-        if not path.is_file():
-            parser.error(f"--ckpt {args.ckpt}: no checkpoint there (looked for {path})")
-        ckpt = load_checkpoint(path)
-        saved = dict(ckpt["args"])
-        if args.init is not None:
-            saved["init"] = args.init
-        title_model = f"{path.parent.name} (step {ckpt['step']})"
-        out_dir = Path(args.out or path.parent)
+    model, tokenizer, saved, ckpt = load_run(args.ckpt, args.init, args.tokenizer, device,
+                                             torch.bfloat16 if bf16 else torch.float32)
+    if ckpt is not None:
+        run_dir = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
+        title_model = f"{run_dir.name} (step {ckpt['step']})"
+        out_dir = Path(args.out or run_dir)
     else:
-        ckpt = None
-        saved = {"init": args.init or "builtin", "pretrain": False, "lora_rank": None, "seed": 0, "data": None,
-                 "difficulty": None, "tokenizer": None}
         title_model = "untuned " + (Path(args.init).name if args.init else "built-in base")
-        out_dir = Path(args.out or REPO / "runs" / f"eval-{Path(args.init).name if args.init else 'builtin-base'}")
-    if not saved["pretrain"] and saved["init"] in (None, "builtin") and not (BUILTIN_BASE / "config.json").is_file():
-        raise SystemExit(f"eval.py: error: the built-in base is not built yet ({BUILTIN_BASE}): run python train.py, "
-                         f"which builds it first")
-    tok_spec = resolve_tokenizer(args.tokenizer or saved.get("tokenizer"), saved["init"], saved["pretrain"])
-    try:
-        tokenizer = load_tokenizer(tok_spec)
-        model = build_model(saved, saved.get("vocab_size") or tokenizer.vocab_size, device, dtype, verbose=False)
-        if ckpt is not None:
-            load_trainable(model, ckpt["model"], path)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"eval.py: error: {e}") from None
-    model.eval()
+        out_dir = Path(args.out or REPO / "runs" / f"eval-{Path(args.init).stem if args.init else 'builtin-base'}")
     baseline = None
     if args.baseline and ckpt is not None and not saved["pretrain"]:
-        baseline = build_model({**{k: saved[k] for k in ("init", "seed")}, "pretrain": False, "lora_rank": None},
-                               None, device, dtype, verbose=False).eval()
+        baseline = build_model(saved, device, torch.bfloat16 if bf16 else torch.float32, verbose=False,
+                               with_addons=False).eval()
 
     # the problems
     data = args.data or (saved.get("data") if saved.get("data") not in (None, "corpus") else "arith")
     difficulty = None
     if data in BUILTIN_TASKS:
         difficulty = args.difficulty or (saved.get("difficulty") if data == saved.get("data") else None) \
-            or BUILTIN_DIFFICULTY
+            or DEFAULT_DIFFICULTY
     elif args.difficulty is not None:
         parser.error(f"--difficulty applies to the built-in tasks only, not to --data {data}")
     try:
         records = load_examples(data, args.split, n=args.n, seed=0, difficulty=difficulty)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"eval.py: error: --data {data} --split {args.split}: {e}") from None
+        raise UserError(f"--data {data} --split {args.split}: {e}") from None
     n_layers = model.config.n_layers
     k = n_layers if args.layers == "all" else min(int(args.layers), n_layers)
     layers = list(range(n_layers - k, n_layers))
@@ -535,13 +386,11 @@ def main(argv=None):
     Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     md = markdown_report(res, title, n_layers)
     Path(f"{stem}.md").write_text(md)
-    plots = write_plots(res, str(stem), n_layers)
-    if model.molex is not None:  # the heat map (its numbers are in the JSON report too)
-        plots += [p for p in save_stats(model.molex, f"{stem}-molex") if p.endswith(".png")]
+    plots = write_plots(res, str(stem), n_layers, f"{title_model} on {name} {args.split}, n = {len(records)}")
     print(md)
     print(f"wrote {stem}.json, {stem}.md" + "".join(f", {p}" for p in plots))
     return report
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "eval.py")

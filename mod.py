@@ -1,5 +1,5 @@
 """
-MoD: Mixture-of-Depths ensemble tuning (Luo & Specia, 2024; DESIGN.md §1.1). Not DeepMind's token skipping.
+MoD: Mixture-of-Depths ensemble tuning (Luo & Specia, 2024; docs/design.md#mod). Not DeepMind's token skipping.
 
 The last k layers each read out logits through their own trainable RMSNorm and the shared, frozen LM head; a
 router mixes them in logit space, z = sum_i w_i * lm_head(N_i(h_i)), and the final layer (with the model's own
@@ -9,12 +9,12 @@ frozen norm) distills into the others. Training loss, averaged over unmasked tok
 
 with p = softmax(logits / T). T^2 keeps the distillation gradients the same size for every T (Hinton et al.).
 
-Usage: apply_lora(model, ...) if wanted, THEN attach_mod(model, MoDConfig(k=4)) (apply_lora freezes the whole
-model, so it must come first); attach_mod freezes every other base weight itself. Then model(idx) returns the
-ensemble logits and model.generate() generates with them.
+Usage: attach_mod(model, MoDConfig(k=4)) registers the ensemble as model.mod, the model's head hook; then
+model(idx) returns the ensemble logits and model.generate() generates with them. It freezes nothing: the base is
+frozen where a run's model is built (checkpoint.build_model, or apply_lora).
 """
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -27,18 +27,29 @@ DIRECTIONS = ("forward", "reverse")
 
 @dataclass
 class MoDConfig:
-    k: int = 4  # the last k layers form the ensemble (k = 1: the plain model)
-    # token: Linear(dim, k) on the final layer's normed hidden state of each token. sequence: the same Linear on
-    # the running mean of that state over the sequence so far, left padding excluded (causal: cached generation
-    # equals the full forward; needs model.forward to pass cache= and n_pad= to model.mod).
-    # vector: k learned scores shared by all tokens. All start at zero, i.e. the uniform average.
-    router: str = "token"
-    top_k: int | None = None  # keep the top_k largest weights per token and renormalize (None: all k)
-    distill_weight: float = 1.0  # lambda
-    distill_temp: float = 1.0  # T
-    distill_direction: str = "forward"  # forward: KL(p_final.detach() || p_i); reverse: KL(p_i || p_final.detach())
-    layer_ce: bool = False  # also a CE loss on each of the k late layers alone (averaged over them)
-    chunk_size: int | None = None  # tokens per chunk for the loss (memory); None: all at once, returns logits
+    """MoD's settings; train.py's --mod-* flags are made from these fields (help text included)."""
+    k: int = field(default=4, metadata={"switch": True, "help": (
+        "MoD: mix the logits of the last k layers, each read out through its own trainable norm and the frozen LM "
+        "head (off unless given; 1: the plain model)")})
+    # sequence: causal, so cached generation equals the full forward (needs model.forward's cache= and n_pad=)
+    router: str = field(default="token", metadata={"choices": ROUTERS, "help": (
+        "routing weights: token = a zero-initialized linear layer on each token's final normed state; sequence = "
+        "the same on its running mean over the sequence so far; vector = k learned weights shared by all tokens "
+        "(all start as the uniform average)")})
+    top_k: int | None = field(default=None, metadata={"help": (
+        "keep only the K largest routing weights per token, renormalized (default: all k)")})
+    router_lr: float | None = field(default=None, metadata={"help": (
+        "peak lr of the router alone, in its own AdamW group without weight decay (default: --lr)")})
+    distill_weight: float = field(default=1.0, metadata={"help": (
+        "lambda: weight of the final layer's distillation into the other late layers (0: off)")})
+    distill_temp: float = field(default=1.0, metadata={"help": "distillation temperature T (the KL is multiplied by T^2)"})
+    distill_direction: str = field(default="forward", metadata={"choices": DIRECTIONS, "help": (
+        "forward: KL(p_final || p_layer); reverse: KL(p_layer || p_final); the final layer is the detached teacher")})
+    layer_ce: bool = field(default=False, metadata={"help": (
+        "also train each late layer alone with its own CE loss (averaged over the k layers)")})
+    chunk_size: int | None = field(default=None, metadata={"help": (
+        "compute the MoD loss this many tokens at a time, recomputed in backward, so the k vocab-size logits "
+        "tensors of the whole batch never exist (e.g. 1024 for LLaMA-2-7B, k=4); default: all at once")})
 
     def __post_init__(self):
         if self.k < 1:
@@ -53,6 +64,8 @@ class MoDConfig:
         if self.distill_temp <= 0 or self.distill_weight < 0:
             raise ValueError(f"MoD needs distill_temp > 0 and distill_weight >= 0 (--mod-distill-temp, "
                              f"--mod-distill-weight), got {self.distill_temp} and {self.distill_weight}")
+        if self.router_lr is not None and self.router_lr <= 0:
+            raise ValueError(f"MoD router_lr (--mod-router-lr) must be > 0, got {self.router_lr}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"MoD chunk_size (--mod-chunk-size) must be >= 1 or None, got {self.chunk_size}")
 
@@ -176,15 +189,10 @@ class DepthEnsemble(nn.Module):
 
 
 def attach_mod(model, cfg: MoDConfig, verbose=True):
-    """Freeze the LLaMA weights (all but LoRA factors and MoLEx parameters), then build the ensemble and
-    register it as model.mod. Apply LoRA before this, never after: apply_lora freezes the whole model, the
-    ensemble included."""
+    """Build the ensemble and register it as model.mod (its own parameters trainable; nothing else changes)."""
     n = model.config.n_layers
     if not 1 <= cfg.k <= n:
         raise ValueError(f"MoD k (--mod-k) = {cfg.k}: the model has {n} layers")
-    for name, p in model.named_parameters():
-        if not name.endswith(("lora_A", "lora_B")) and not name.startswith("molex."):
-            p.requires_grad_(False)
     model.mod = DepthEnsemble(model, cfg)
     if verbose:
         own = sum(p.numel() for p in model.mod.parameters())

@@ -1,19 +1,18 @@
 """
-LLaMA-2 in one file: the model (RMSNorm, RoPE, grouped-query attention, SwiGLU), KV-cache generation,
-LoRA written by hand, and direct loading of Meta and Hugging Face checkpoints (plus export to the latter).
+LLaMA in one file: the model (RMSNorm, RoPE, grouped-query attention, SwiGLU), KV-cache generation and LoRA
+written by hand. Reading and writing checkpoint files (Meta, Hugging Face, GGUF) is in weights.py.
 
 Layout choice: RoPE pairs x[i] with x[i + head_dim/2] (Hugging Face's layout), so HF weights load as they are
-and Meta's q/k rows are permuted once at load time (DESIGN.md §2.2).
+and Meta's and GGUF's q/k rows are permuted once at load time (docs/design.md#rope-layouts).
+
+Two hooks let the add-ons change the forward pass without this file knowing them:
+    model.molex  the layer hook: called instead of each block (molex.py mixes in a second block)
+    model.mod    the head hook: gets every layer's output and returns (logits, loss) (mod.py's depth ensemble;
+                 eval.py's logit lens stands in for it to read out one layer)
 """
-import json
 import math
-import mmap
-import os
-import pickle
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -34,6 +33,7 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
+    tie_embeddings: bool = False  # the LM head is the embedding matrix (one Parameter), as in SmolLM2
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -171,8 +171,10 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.mod = None  # mod.py: the depth ensemble replaces the output head
-        self.molex = None  # molex.py: each layer is mixed with a gated layer expert
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.mod = None  # the head hook (mod.py's depth ensemble replaces the output head)
+        self.molex = None  # the layer hook (molex.py mixes each layer with a gated layer expert)
         self.grad_checkpointing = False
         self.build_rope()
 
@@ -183,20 +185,35 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def init_weights(self, seed=0, std=0.02):
-        g = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            with torch.no_grad():
-                p.copy_(torch.ones_like(p) if p.dim() == 1 else torch.randn(p.shape, generator=g) * std)
+        """N(0, std) matrices and unit norms, drawn in place on the parameters' device and dtype (a model made on
+        the meta device and moved with to_empty gets no float32 copy)."""
+        g = torch.Generator(device=self.embed.weight.device).manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                if p.dim() == 1:
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g, device=p.device) * std)
         return self
 
-    def forward(self, idx, targets=None, *, cache=None, n_pad=None, prompt_end=None, return_hidden=False):
-        """idx (B, T) -> logits (B, T, vocab); with targets also the loss (-100 = ignored); with return_hidden
-        also the hidden state after every layer. n_pad (B,): left-padding length of each row. prompt_end (B,)
-        or int: the columns before it hold each row's prompt; MoLEx routes a sequence on its prompt only."""
-        B, T = idx.shape
-        start = 0
+    def forward(self, idx, targets=None, *, cache=None, n_pad=None, prompt_end=None):
+        """idx (B, T) -> (logits (B, T, vocab), loss or None); the loss needs targets (-100 = ignored).
+        n_pad (B,): left-padding length of each row. prompt_end (B,) or int: the columns before it hold each
+        row's prompt (MoLEx routes a sequence on its prompt only)."""
         if cache is not None:
-            start, n_pad = cache.pos, cache.n_pad
+            n_pad = cache.n_pad  # generation: the cache knows each row's padding
+        hidden = self.trunk(idx, cache, n_pad, prompt_end, keep_all=self.mod is not None)
+        return self.output(hidden, targets, cache, n_pad)
+
+    def forward_hidden(self, idx, *, n_pad=None, prompt_end=None):
+        """(logits, hidden): the model's logits and the hidden state after every layer (for layer readouts)."""
+        hidden = self.trunk(idx, None, n_pad, prompt_end, keep_all=True)
+        return self.output(hidden, None, None, n_pad)[0], hidden
+
+    def trunk(self, idx, cache, n_pad, prompt_end, keep_all):
+        """Embedding and blocks: the list of every layer's output (only the last one unless keep_all)."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
         pos = torch.arange(start, start + T, device=idx.device)
@@ -216,25 +233,24 @@ class Llama(nn.Module):
                 x = checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache.slot(i) if cache is not None else None)
-            if return_hidden or self.mod is not None:
+            if keep_all:
                 hidden.append(x)
         if cache is not None:
             cache.pos += T
+        return hidden if keep_all else [x]
 
+    def output(self, hidden, targets, cache, n_pad):
         if self.mod is not None:
             logits, loss = self.mod(self, hidden, targets, cache=cache, n_pad=n_pad)
         else:
-            logits = self.lm_head(self.norm(x))
+            logits = self.lm_head(self.norm(hidden[-1]))
             loss = None
             if targets is not None:
                 loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                        ignore_index=-100)
         if self.molex is not None and loss is not None:
             loss = loss + self.molex.aux_loss()  # the gate's load-balancing loss of this pass (0 when off)
-        out = (logits,) if targets is None else (logits, loss)
-        if return_hidden:
-            out = out + (hidden,)
-        return out[0] if len(out) == 1 else out
+        return logits, loss
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, use_cache=True,
@@ -261,9 +277,9 @@ class Llama(nn.Module):
         new = []
         for step in range(max_new_tokens):
             if use_cache:
-                logits = self(seq if step == 0 else seq[:, -1:], cache=cache)
+                logits, _ = self(seq if step == 0 else seq[:, -1:], cache=cache)
             else:
-                logits = self(seq, n_pad=n_pad if bool(n_pad.any()) else None, prompt_end=longest)
+                logits, _ = self(seq, n_pad=n_pad if bool(n_pad.any()) else None, prompt_end=longest)
             logits = logits[:, -1].float()
             if temperature == 0:
                 nxt = logits.argmax(-1)
@@ -326,29 +342,71 @@ LORA_TARGETS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o",
                 "gate": "mlp.gate", "up": "mlp.up", "down": "mlp.down"}
 
 
-def apply_lora(model, rank=8, alpha=16, dropout=0.0, targets=("q", "v"), last_layers=None, verbose=True):
-    """Freeze the model, then wrap the `targets` projections of all layers (or of the last `last_layers`)
-    with LoRA. Returns the number of trainable parameters."""
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    unknown = set(targets) - set(LORA_TARGETS)
-    if unknown:
-        raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {list(LORA_TARGETS)}")
-    n = model.config.n_layers
-    if last_layers is not None and not 1 <= last_layers <= n:
-        raise ValueError(f"LoRA on the last {last_layers} layers: the model has {n}")
+@dataclass
+class LoRAConfig:
+    """LoRA's settings; train.py's --lora-* flags are made from these fields (help text included)."""
+    rank: int = field(default=8, metadata={"help": "rank r of the LoRA update B A"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA scale is alpha / r"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    targets: str = field(default="q,k,v,o,gate,up,down",
+                         metadata={"help": f"comma list of projections to adapt, from {','.join(LORA_TARGETS)}"})
+    layers: str = field(default="all", metadata={"help": "'all', or k: adapt only the last k layers"})
+    plus: float = field(default=1.0, metadata={"help": "LoRA+ (Hayou et al., 2024): the B factors learn this many "
+                                                       "times faster than the A factors (1 = plain LoRA)"})
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"--lora-rank must be >= 1, got {self.rank} (the LoRA rank)")
+        if self.alpha <= 0 or self.plus <= 0:
+            raise ValueError(f"LoRA alpha and plus (--lora-alpha, --lora-plus) must be > 0, got {self.alpha}, "
+                             f"{self.plus}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout (--lora-dropout) must be in [0, 1), got {self.dropout}")
+        unknown = [t for t in self.target_list if t not in LORA_TARGETS]
+        if not self.target_list or unknown:
+            raise ValueError(f"--lora-targets {self.targets!r}: unknown LoRA targets {unknown or 'empty list'}; "
+                             f"choose from {','.join(LORA_TARGETS)}")
+        if self.layers != "all" and not (self.layers.isdigit() and int(self.layers) >= 1):
+            raise ValueError(f"--lora-layers: LoRA on the last {self.layers} layers: give 'all' or a number >= 1")
+
+    @property
+    def target_list(self):
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+    @property
+    def last_layers(self):
+        return None if self.layers == "all" else int(self.layers)
+
+
+def freeze_base(model):
+    """Freeze the LLaMA weights; the add-ons' own parameters (model.mod, model.molex) stay as they are."""
+    for part in (model.embed, model.layers, model.norm, model.lm_head):
+        part.requires_grad_(False)
+
+
+def apply_lora(model, rank=8, alpha=16, dropout=0.0, targets=("q", "v"), last_layers=None, verbose=True, cfg=None):
+    """Freeze the LLaMA weights, then wrap the `targets` projections of all layers (or of the last
+    `last_layers`) with LoRA; cfg (a LoRAConfig) replaces the other arguments. Returns the number of
+    trainable parameters."""
+    if cfg is None:
+        cfg = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout,
+                         targets=targets if isinstance(targets, str) else ",".join(targets),
+                         layers="all" if last_layers is None else str(last_layers))
+    n, last = model.config.n_layers, cfg.last_layers
+    if last is not None and last > n:
+        raise ValueError(f"--lora-layers: LoRA on the last {last} layers: the model has {n}")
     if lora_layers(model):
         raise ValueError("LoRA is already applied to this model: merge_lora(model) and rebuild, or build a new one")
-    model.requires_grad_(False)
-    for i in range(n - (last_layers or n), n):
-        for t in targets:
+    freeze_base(model)
+    for i in range(n - (last or n), n):
+        for t in cfg.target_list:
             parent_name, attr = LORA_TARGETS[t].split(".")
             parent = getattr(model.layers[i], parent_name)
-            setattr(parent, attr, LoRALinear(getattr(parent, attr), rank, alpha, dropout))
+            setattr(parent, attr, LoRALinear(getattr(parent, attr), cfg.rank, cfg.alpha, cfg.dropout))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if verbose:
         total = sum(p.numel() for p in model.parameters())
-        print(f"LoRA r={rank} on {','.join(targets)} of {last_layers or n} layers: {trainable:,} trainable "
+        print(f"LoRA r={cfg.rank} on {cfg.targets} of {last or n} layers: {trainable:,} trainable "
               f"parameters of {total:,} ({100 * trainable / total:.3f}%)")
     return trainable
 
@@ -367,251 +425,3 @@ def unmerge_lora(model):
         m.unmerge()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Loading. Both formats map their key names onto ours; tensors are mmapped and assigned (never copied) into a
-# model built on the meta device, so loading holds one copy of the weights.
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-HF_NAMES = [(r"model\.embed_tokens\.", "embed."), (r"model\.norm\.", "norm."), (r"lm_head\.", "lm_head."),
-            (r"model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.", r"layers.\1.attn.\2."),
-            (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.", r"layers.\1.mlp.\2."),
-            (r"model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.attn_norm."),
-            (r"model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.mlp_norm.")]
-
-META_NAMES = [(r"tok_embeddings\.", "embed."), (r"norm\.", "norm."), (r"output\.", "lm_head."),
-              (r"layers\.(\d+)\.attention\.w(q|k|v|o)\.", r"layers.\1.attn.\2."),
-              (r"layers\.(\d+)\.feed_forward\.w1\.", r"layers.\1.mlp.gate."),
-              (r"layers\.(\d+)\.feed_forward\.w3\.", r"layers.\1.mlp.up."),
-              (r"layers\.(\d+)\.feed_forward\.w2\.", r"layers.\1.mlp.down."),
-              (r"layers\.(\d+)\.attention_norm\.", r"layers.\1.attn_norm."),
-              (r"layers\.(\d+)\.ffn_norm\.", r"layers.\1.mlp_norm.")]
-
-
-OURS_TO_HF = [(r"embed\.weight", "model.embed_tokens.weight"), (r"norm\.weight", "model.norm.weight"),
-              (r"lm_head\.weight", "lm_head.weight"),
-              (r"layers\.(\d+)\.attn\.(q|k|v|o)\.weight", r"model.layers.\1.self_attn.\2_proj.weight"),
-              (r"layers\.(\d+)\.mlp\.(gate|up|down)\.weight", r"model.layers.\1.mlp.\2_proj.weight"),
-              (r"layers\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-              (r"layers\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight")]
-
-
-def rename(key, table):
-    """Map a key through the first (pattern, replacement) of `table` that matches its start; None if none."""
-    for pattern, repl in table:
-        if re.match(pattern, key):
-            return re.sub("^" + pattern, repl, key)
-    return None
-
-
-def read_safetensors(path):
-    """{name: tensor} backed by a copy-on-write mmap of the file: nothing is read until it is used."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or 8 + n > size:
-            raise ValueError(f"{path}: corrupt safetensors file (header length {n}, file size {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
-    header.pop("__metadata__", None)
-    tensors = {}
-    for name, info in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape, (begin, end) = info["shape"], info["data_offsets"]
-            if not all(type(v) is int and v >= 0 for v in [*shape, begin, end]):
-                raise ValueError
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: corrupt safetensors entry for {name!r}: {info}") from None
-        count = math.prod(shape)
-        if not 0 <= begin <= end <= size - 8 - n or end - begin != count * dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name!r} ({info['dtype']} {shape}) has data offsets "
-                             f"{[begin, end]} that do not fit its shape or the file ({size} bytes)")
-        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin) if count else torch.empty(0, dtype=dtype)
-        tensors[name] = t.view(shape)
-    return tensors
-
-
-def load_pickled(path):
-    """torch.load that never runs pickle code: weights_only=True, mmapped."""
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused to load: this checkpoint needs weights_only=False, i.e. it would run "
-                         f"arbitrary pickle code. Convert it to safetensors from a source you trust.\n({e})") from None
-    except RuntimeError as e:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
-
-
-def meta_to_hf_rows(w, n_heads):
-    """Meta rotates adjacent pairs (x[2i], x[2i+1]); we rotate halves: permute the rows inside each head."""
-    out_dim, d = w.shape
-    return w.view(n_heads, out_dim // n_heads // 2, 2, d).transpose(1, 2).reshape(out_dim, d)
-
-
-def config_from_meta(params):
-    return LlamaConfig(dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
-                       n_kv_heads=params.get("n_kv_heads"), vocab_size=params.get("vocab_size", -1),
-                       multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
-                       norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
-                       max_seq_len=params.get("max_seq_len", 4096))
-
-
-def config_from_hf(c):
-    rope = c.get("rope_parameters") or {}  # transformers >= 5 writes rope_theta (and any scaling) here
-    if c.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        raise ValueError(f"config.json: rope_scaling={c.get('rope_scaling') or rope} is not supported "
-                         f"(LLaMA-2 has none)")
-    return LlamaConfig(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-                       n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
-                       hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
-                       rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
-                       max_seq_len=c.get("max_position_embeddings", 4096))
-
-
-def iter_meta(folder):
-    """Yield (our key, tensor, where) from params.json + consolidated.NN.pth, merging shards."""
-    params = json.loads((folder / "params.json").read_text())
-    shards = sorted(folder.glob("consolidated.*.pth"))
-    if not shards:
-        raise FileNotFoundError(f"{folder}: params.json but no consolidated.NN.pth shard")
-    states = [load_pickled(p) for p in shards]
-    if params.get("vocab_size", -1) <= 0:  # -1 in Meta's release: the tokenizer's size, i.e. the embedding's
-        params["vocab_size"] = states[0]["tok_embeddings.weight"].shape[0]
-    cfg = config_from_meta(params)
-    for p, state in zip(shards[1:], states[1:]):  # every shard holds a slice of every tensor
-        if state.keys() != states[0].keys():
-            diff = sorted(state.keys() ^ states[0].keys())
-            raise ValueError(f"{p}: its tensors differ from {shards[0].name}'s (e.g. {diff[:3]}): shards of "
-                             f"different checkpoints?")
-    yield cfg
-    for key in states[0]:
-        if key == "rope.freqs":
-            continue
-        name = rename(key, META_NAMES)
-        parts = [s[key] for s in states]
-        if len(parts) == 1 or parts[0].dim() == 1:  # 1-D tensors are replicated in every shard
-            w = parts[0]
-        else:  # embeddings, wo and w2 are split along the input dim, the rest along the output dim
-            split_dim = 1 if re.search(r"tok_embeddings|attention\.wo|feed_forward\.w2", key) else 0
-            w = torch.cat(parts, dim=split_dim)
-        if name and (name.endswith("attn.q.weight") or name.endswith("attn.k.weight")):
-            heads = cfg.n_heads if ".q." in name else cfg.n_kv_heads
-            if w.shape[0] % (2 * heads) == 0:  # else the shape check below names the problem
-                w = meta_to_hf_rows(w, heads)
-        yield name, w, f"{key} in {shards[0].parent}/consolidated.*.pth ({len(shards)} shards)"
-
-
-def iter_hf(folder):
-    """Yield (our key, tensor, where) from config.json + safetensors or pytorch_model*.bin (through the index)."""
-    cfg = config_from_hf(json.loads((folder / "config.json").read_text()))
-    yield cfg
-    for index_name, single, reader in [("model.safetensors.index.json", "model.safetensors", read_safetensors),
-                                       ("pytorch_model.bin.index.json", "pytorch_model.bin", load_pickled)]:
-        if (folder / index_name).exists():
-            weight_map = json.loads((folder / index_name).read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-            break
-        if (folder / single).exists():
-            files = [single]
-            break
-    else:
-        raise FileNotFoundError(f"{folder}: config.json but no model.safetensors, model.safetensors.index.json, "
-                                f"pytorch_model.bin or pytorch_model.bin.index.json")
-    for file in files:
-        if not (folder / file).exists():
-            raise FileNotFoundError(f"{folder / file}: shard named in {folder / index_name} is missing")
-    for file in files:
-        for key, w in reader(folder / file).items():
-            if "rotary_emb.inv_freq" not in key:
-                yield rename(key, HF_NAMES), w, f"{key} in {folder / file}"
-
-
-def from_pretrained(folder, dtype=None, device="cpu"):
-    """Load a LLaMA checkpoint folder in Meta's or Hugging Face's format. dtype None keeps the file's."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such checkpoint folder")
-    if (folder / "params.json").exists():
-        stream = iter_meta(folder)
-    elif (folder / "config.json").exists():
-        stream = iter_hf(folder)
-    else:
-        found = sorted(p.name for p in folder.iterdir())[:10]
-        raise ValueError(f"{folder}: neither Meta's format (params.json + consolidated.NN.pth) nor Hugging Face's "
-                         f"(config.json + *.safetensors or pytorch_model*.bin); it holds {found}")
-    cfg = next(stream)
-    with torch.device("meta"):
-        model = Llama(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = {}
-    for name, w, where in stream:
-        if name is None or name not in expected:
-            raise ValueError(f"unexpected tensor {where}: not a LLaMA weight")
-        if w.shape != expected[name]:
-            raise ValueError(f"shape mismatch for {name} ({where}): checkpoint has {tuple(w.shape)}, the config "
-                             f"implies {tuple(expected[name])}")
-        state[name] = w.to(device=device, dtype=dtype or w.dtype)
-    if "lm_head.weight" not in state and "embed.weight" in state:  # tied embeddings (not LLaMA-2, some others)
-        state["lm_head.weight"] = state["embed.weight"]
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"{folder}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    model.load_state_dict(state, assign=True)
-    model.build_rope(device)
-    return model.eval()
-
-
-def save_safetensors(tensors, path, metadata=None):
-    """Write {name: tensor} as safetensors, atomically (a temporary file renamed at the end)."""
-    inv_dtypes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    header, offset = {}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": inv_dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    if metadata:
-        header["__metadata__"] = metadata
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)  # keep the data 8-byte aligned
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head)
-        for t in tensors.values():
-            f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    os.replace(tmp, path)
-
-
-def save_hf(model, folder, dtype=None, extra_config=None):
-    """Export in Hugging Face's format (config.json + model.safetensors), LoRA merged into the weights.
-    Only the LLaMA weights are written: MoD / MoLEx add-ons have no place in LlamaForCausalLM."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    lora = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-    tensors = {}
-    for name, w in model.state_dict().items():
-        hf = rename(name, OURS_TO_HF)
-        if hf is None:  # LoRA factors (merged below), MoD / MoLEx parameters
-            continue
-        module = name.rsplit(".", 1)[0]
-        if module in lora and not lora[module].merged:
-            w = w + lora[module].delta_weight().to(w.dtype)
-        tensors[hf] = w.to(dtype or w.dtype)
-    save_safetensors(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
-              "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
-              "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-              "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-              "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "tie_word_embeddings": False,
-              "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2,
-              "torch_dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."), **(extra_config or {})}
-    (folder / "config.json").write_text(json.dumps(config, indent=2))

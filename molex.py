@@ -1,5 +1,5 @@
 """
-MoLEx: Mixture of Layer Experts (Teo & Nguyen, ICLR 2025; DESIGN.md §1.2).
+MoLEx: Mixture of Layer Experts (Teo & Nguyen, ICLR 2025; docs/design.md#molex).
 
 At each mixed layer t a gate reads the layer's input z_t and picks a layer j of the same model as an "expert"
 (the very module model.layers[j], its weights and LoRA adapters shared; no new expert parameters):
@@ -26,12 +26,11 @@ What trains the gate (gate_mode):
   aux_free  as task, but balanced without a loss: a per-(layer, expert) bias is added to the scores for the
             selection only and moved after each optimizer step, b_e += u * sign(mean load - load_e).
 
-Usage: apply_lora(model, ...) first (it freezes the whole model), then attach_molex(model, MoLExConfig()).
+Usage: attach_molex(model, MoLExConfig()) registers the gate as model.molex, the model's layer hook. It freezes
+nothing (the base is frozen where a run's model is built).
 """
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -46,23 +45,43 @@ VOTES = ("prompt", "all")
 
 @dataclass
 class MoLExConfig:
-    layers: str = "all"  # mixed layers: "all", "first:n" or "last:n"; each chooses among all L layers
-    share: str = "shared"  # "shared": one gate Linear(dim, L) with bias for all mixed layers; "per_layer": one each
-    cosine: bool = False  # scores_e = cosine_scale * <z/|z|, w_e/|w_e|> + b_e instead of <z, w_e> + b_e
-    cosine_scale: float = 10.0  # cosines lie in [-1, 1]: without a scale the softmax is nearly uniform
-    rule: str = "paper"  # training: "paper" one expert per layer for the batch; "sequence" one per sequence
-    vote: str = "prompt"  # training: which tokens vote, "prompt" (tokens before prompt_end, as at generation) or "all"
-    alpha: float = 0.5  # weight of the layer itself (the paper: 0.5; 0.95 for CoLA and GPT-2)
-    learn_alpha: bool = False  # alpha = softmax(two scalars per mixed layer)[0], starting at `alpha`
-    gate_mode: str = "balance"  # what trains the gate: "balance", "task" or "aux_free" (module docstring)
-    balance_weight: float | None = None  # None: 0.01 for balance and task, 0 for aux_free
-    bias_rate: float = 0.001  # u of aux_free balancing
-    # The gate's own optimizer group. None: the main (LoRA) learning rate. The paper's 0.1 suits RoBERTa, whose
-    # layer inputs are LayerNorm outputs; one AdamW step of 0.1 (6x the init scale of +-1/sqrt(4096)) on LLaMA's
-    # unnormalized residual stream (channels in the hundreds) would saturate the gate at once.
-    gate_lr: float | None = None
-    gate_weight_decay: float = 0.1  # the paper's GLUE scripts
-    seed: int = 0  # the gate's initialization (nn.Linear's default: uniform within +-1/sqrt(dim))
+    """MoLEx's settings; train.py's --molex-* flags are made from these fields (help text included)."""
+    layers: str = field(default="all", metadata={"help": "mixed layers: all, first:n or last:n (each chooses "
+                                                         "among all layers)"})
+    share: str = field(default="shared", metadata={"choices": SHARES, "help": (
+        "one gate Linear(dim, n_layers) with bias for all mixed layers, or one per layer")})
+    cosine: bool = field(default=False, metadata={"help": (
+        "cosine gate: scale * cos(z, w_e) + b_e, blind to the size of the hidden state")})
+    # cosines lie in [-1, 1]: without a scale the softmax is nearly uniform
+    cosine_scale: float = field(default=10.0, metadata={"help": "scale of the cosine gate's scores"})
+    rule: str = field(default="paper", metadata={"choices": RULES, "help": (
+        "training: paper = one expert per layer for the whole batch (the mode of the tokens' top-1 choices); "
+        "sequence = one per sequence. Evaluation always routes per sequence")})
+    vote: str = field(default="prompt", metadata={"choices": VOTES, "help": (
+        "training: which tokens vote for the expert: prompt (as at generation, where only the prompt exists) or "
+        "all (the paper)")})
+    alpha: float = field(default=0.5, metadata={"help": (
+        "weight of the layer itself (the paper: 0.5; 0.95 for CoLA and GPT-2); the start value with "
+        "--molex-learn-alpha")})
+    learn_alpha: bool = field(default=False, metadata={"help": "learn alpha per mixed layer (a softmax of two "
+                                                               "scalars)"})
+    gate_mode: str = field(default="balance", metadata={"choices": GATE_MODES, "help": (
+        "what trains the gate: balance = only the load-balance loss (the paper); task = the task loss too "
+        "(expert output x p_j / p_j.detach()); aux_free = the task loss, balanced by a selection bias instead of "
+        "a loss")})
+    balance_weight: float | None = field(default=None, metadata={"help": (
+        "weight of the load-balance loss L * mean p_j, summed over mixed layers (default 0.01; 0 with aux_free)")})
+    bias_rate: float = field(default=0.001, metadata={"help": "aux_free: step u of the selection bias after each "
+                                                              "optimizer step"})
+    # The paper's gate lr 0.1 suits RoBERTa, whose layer inputs are LayerNorm outputs; one AdamW step of 0.1 (6x
+    # the init scale of +-1/sqrt(4096)) on LLaMA's unnormalized residual stream would saturate the gate at once.
+    gate_lr: float | None = field(default=None, metadata={"help": (
+        "peak lr of the gate and alpha, in their own AdamW group (default: --lr; the paper's 0.1 was for RoBERTa "
+        "and saturates a gate reading LLaMA's hidden states)")})
+    gate_weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of the gate and alpha "
+                                                                    "(the paper's)"})
+    seed: int = field(default=0, metadata={"help": "seed of the gate's initialization (uniform within "
+                                                   "+-1/sqrt(dim), nn.Linear's default)"})
 
     def __post_init__(self):
         if self.balance_weight is None:
@@ -240,9 +259,15 @@ class MoLEx(nn.Module):
         """(L, L): stats[t, j] / sequences counted at layer t (rows of unmixed or unseen layers are 0)."""
         return self.stats.double() / self.stats.sum(1, keepdim=True).clamp(min=1)
 
+    def stats_report(self):
+        """The counted choices for a report: layers numbered from 1, as in every table and plot."""
+        return {"rows": "mixed layer t (row 0 = layer 1)", "columns": "expert layer j (column 0 = layer 1)",
+                "mixed_layers": [t + 1 for t in self.mixed], "counts": self.stats.tolist(),
+                "fractions": [[round(v, 4) for v in row] for row in self.stat_fractions().tolist()]}
+
 
 def attach_molex(model, cfg: MoLExConfig, verbose=True):
-    """Build the gate and register it as model.molex (after apply_lora: that freezes the whole model)."""
+    """Build the gate and register it as model.molex (its own parameters trainable; nothing else changes)."""
     model.molex = MoLEx(model, cfg)
     if verbose:
         own = sum(p.numel() for p in model.molex.parameters())
@@ -256,26 +281,3 @@ def prompt_end_from_targets(targets):
     """(B,) prompt_end for model(idx, targets, prompt_end=...): the column of each row's first answer token, one
     past the first position with a target. Valid only if the prompt's positions are ignored (prompt_loss off)."""
     return (targets != -100).int().argmax(1) + 1
-
-
-def save_stats(molex, stem):
-    """Write the (layer, expert) choice counts and fractions as {stem}.json and, when matplotlib is installed, a
-    heat map as {stem}.png. Returns the paths written."""
-    Path(stem).parent.mkdir(parents=True, exist_ok=True)
-    frac = molex.stat_fractions()
-    Path(f"{stem}.json").write_text(json.dumps({
-        "rows": "layer t", "columns": "expert layer j", "mixed_layers": molex.mixed,
-        "counts": molex.stats.tolist(), "fractions": [[round(v, 6) for v in r] for r in frac.tolist()]}))
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return [f"{stem}.json"]
-    fig, ax = plt.subplots(figsize=(6, 5))
-    im = ax.imshow(frac.numpy(), cmap="viridis", vmin=0, vmax=1)
-    ticks = range(0, molex.L, max(1, molex.L // 16))
-    ax.set_xticks(ticks), ax.set_yticks(ticks)
-    ax.set_xlabel("expert layer j"), ax.set_ylabel("layer t"), ax.set_title("MoLEx: how often layer t uses j")
-    fig.colorbar(im, ax=ax)
-    fig.savefig(f"{stem}.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return [f"{stem}.json", f"{stem}.png"]

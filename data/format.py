@@ -5,7 +5,7 @@ Templates are short on purpose: the tiny built-in model has a context of a few h
     generation   "Question: {question}\\nAnswer:"                 target " {worked solution}"
     choice       "Question: {question}\\nA. ...\\nB. ...\\nAnswer:"   target " B"
 
-Scoring follows DESIGN.md section 4: GSM8K-style answers are compared as numbers (strict: "#### N" or
+Scoring follows docs/design.md#evaluation: GSM8K-style answers are compared as numbers (strict: "#### N" or
 "The answer is N"; flexible: the last number), multiple choice by the gold label.
 """
 import re
@@ -46,9 +46,14 @@ def choice_continuations(record, by="label"):
 
 # ---------------------------------------------------------------- tokenized examples
 
+def bos(tokenizer):
+    """[bos] when the tokenizer's own settings prepend it (LLaMA-2 does, SmolLM2 does not), else []."""
+    return [tokenizer.bos_id] if tokenizer.add_bos else []
+
+
 def encode_prompt(tokenizer, record, with_options=True):
     """[bos] + prompt ids: what generation starts from, tokenized exactly as in encode_example."""
-    return [tokenizer.bos_id] + tokenizer.encode(prompt_text(record, with_options))
+    return bos(tokenizer) + tokenizer.encode(prompt_text(record, with_options))
 
 
 def split_encode(tokenizer, prompt, target):
@@ -68,7 +73,7 @@ def split_encode(tokenizer, prompt, target):
 def encode_example(tokenizer, record, prompt_loss=False, max_len=None):
     """(ids, labels) for one training example, both of length len(ids).
 
-    ids = [bos] + prompt ids + target ids + [eos]; labels[i] = ids[i + 1] (the token position i must
+    ids = [bos] + prompt ids + target ids + [eos] (bos only if the tokenizer adds one); labels[i] = ids[i + 1] (the token position i must
     predict), labels[-1] = -100, and the positions whose next token is still prompt are -100 unless
     prompt_loss=True. So the last prompt position is trained to predict the first target token.
 
@@ -82,7 +87,7 @@ def encode_example(tokenizer, record, prompt_loss=False, max_len=None):
     if max_len is not None:
         if max_len < 2:
             raise ValueError(f"max_len must be at least 2 (bos and one token), got {max_len}")
-        room = max_len - 1  # after bos
+        room = max_len - len(bos(tokenizer))
         if len(prompt_ids) + len(body) > room:
             if len(body) <= room - min(len(prompt_ids), 1):
                 prompt_ids = prompt_ids[len(prompt_ids) - (room - len(body)):]
@@ -90,8 +95,8 @@ def encode_example(tokenizer, record, prompt_loss=False, max_len=None):
                 keep = min(len(prompt_ids), max_len // 2)
                 prompt_ids = prompt_ids[len(prompt_ids) - keep:]
                 body = body[:room - len(prompt_ids)]
-    ids = [tokenizer.bos_id] + prompt_ids + body
-    first_target = 1 + len(prompt_ids)  # index in ids of the first target token
+    ids = bos(tokenizer) + prompt_ids + body
+    first_target = len(ids) - len(body)  # index in ids of the first target token
     labels = ids[1:] + [IGNORE_INDEX]
     if not prompt_loss:
         for i in range(first_target - 1):

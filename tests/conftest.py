@@ -50,3 +50,16 @@ def make_model():
 def tiny_model():
     """3 layers, dim 64, 4 query heads sharing 2 KV heads, vocab 96."""
     return random_llama()
+
+
+TINY_BASE = dict(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=259, hidden_dim=64, max_seq_len=160)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A random tiny LLaMA for the byte tokenizer, saved like the built-in base (Hugging Face format, tokenizer
+    named in config.json): the base of every train / eval / ablate / sample / export test. Read-only."""
+    from weights import save_hf
+    folder = tmp_path_factory.mktemp("tiny-base")
+    save_hf(Llama(LlamaConfig(**TINY_BASE)).init_weights(seed=0, std=0.05), folder, extra_config={"tokenizer": "byte"})
+    return folder

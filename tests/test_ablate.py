@@ -6,21 +6,18 @@ import statistics
 import pytest
 
 import ablate
-import train
-from model import Llama, LlamaConfig, save_hf
 
 
-def test_ablation_table_and_continuation(tmp_path, monkeypatch):
-    base = tmp_path / "base"
-    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=259, hidden_dim=64, max_seq_len=160)
-    save_hf(Llama(cfg).init_weights(seed=0, std=0.05), base, extra_config={"tokenizer": "byte"})
+@pytest.mark.slow
+def test_ablation_table_and_continuation(tmp_path, monkeypatch, tiny_base):
+    base = tiny_base
     argv = ["--configs", "lora,mod2-top1,molex-seq", "--seeds", "0", "1", "--steps", "2", "--eval-n", "3",
             "--out", str(tmp_path / "abl"), "--", "--init", str(base), "--difficulty", "1", "--n-train", "8",
             "--max-len", "96", "--batch-size", "2", "--eval-n", "0", "--lr", "1e-2"]
     results = ablate.main(argv)
     assert set(results) == {"lora", "mod2-top1", "molex-seq"} and all(set(r) == {0, 1} for r in results.values())
     ckpt = json.loads((tmp_path / "abl" / "molex-seq-seed1" / "eval-arith-test.json").read_text())
-    assert ckpt["molex"]["mixed_layers"] == [1, 2]  # the run really had MoLEx on
+    assert ckpt["molex"]["mixed_layers"] == [1, 2, 3]  # the run really had MoLEx on
     summary = json.loads((tmp_path / "abl" / "ablation.json").read_text())["mean_std"]
     table = (tmp_path / "abl" / "ablation.md").read_text()
     for name in results:
@@ -30,8 +27,12 @@ def test_ablation_table_and_continuation(tmp_path, monkeypatch):
             values = [r[metric] for r in runs]
             assert summary[name][metric] == pytest.approx([statistics.mean(values), statistics.stdev(values)])
         assert ablate.CONFIGS[name][0] in table
+    paired = json.loads((tmp_path / "abl" / "ablation.json").read_text())["paired_vs_lora"]
+    for name in results:  # the paired difference is the mean of the per-seed differences to LoRA
+        diffs = [results[name][s]["strict"] - results["lora"][s]["strict"] for s in (0, 1)]
+        assert paired[name]["mean"] == pytest.approx(statistics.mean(diffs)) and paired[name]["pairs"] == 2
     # a second call finds every run done: no training
-    monkeypatch.setattr(train, "main", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(ablate.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
     assert ablate.main(argv) == results
     with pytest.raises(SystemExit):
         ablate.main(["--configs", "lora,nope"])

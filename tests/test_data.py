@@ -25,7 +25,7 @@ needs_shared = pytest.mark.skipif(not DATASETS.is_dir(), reason=f"benchmark file
 
 class ByteTokenizer:
     """bytes + 3, bos = 1, eos = 2: the shape of the project's tokenizers, nothing more."""
-    bos_id, eos_id = 1, 2
+    bos_id, eos_id, add_bos = 1, 2, True
 
     def encode(self, text, bos=False, eos=False):
         ids = [b + 3 for b in text.encode("utf-8")]

@@ -8,7 +8,7 @@ import torch
 
 import eval as ev
 import train
-from model import Llama, LlamaConfig, save_hf
+from report import overlap
 from tokenizer import load_tokenizer
 
 
@@ -38,7 +38,7 @@ def test_generation_scoring_strict_and_flexible():
 
 def test_overlap_counts_on_a_hand_made_example():
     solved = {"L1": {0, 1, 2}, "L2": {1, 2, 3}, "L3": {2, 4}}
-    ov = ev.overlap(solved, n_problems=6)
+    ov = overlap(solved, n_problems=6)
     # problem 0: L1 only; 1: L1+L2; 2: all; 3: L2 only; 4: L3 only; 5: none
     exact = {tuple(e["sources"]): e["count"] for e in ov["exact"]}
     assert exact == {("L1", "L2", "L3"): 1, ("L1", "L2"): 1, ("L1", "L3"): 0, ("L2", "L3"): 0,
@@ -52,7 +52,7 @@ def test_overlap_counts_on_a_hand_made_example():
 
 def test_overlap_many_layers_has_matrix_but_no_exact_regions():
     solved = {f"L{i}": set(range(i)) for i in range(1, 8)}  # nested sets
-    ov = ev.overlap(solved, n_problems=10)
+    ov = overlap(solved, n_problems=10)
     assert "exact" not in ov
     assert ov["pairwise"][2][5] == 3 and ov["any"] == 7 and ov["all"] == 1 and ov["none"] == 3
     assert ov["only"] == {**{f"L{i}": 0 for i in range(1, 7)}, "L7": 1}
@@ -61,19 +61,18 @@ def test_overlap_many_layers_has_matrix_but_no_exact_regions():
 # ---------------------------------------------------------------- the logit-lens readout
 
 @pytest.fixture
-def tiny():
-    cfg = LlamaConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=259, hidden_dim=64, max_seq_len=96)
-    return Llama(cfg).init_weights(seed=1, std=0.2).eval()
+def tiny(make_model):
+    return make_model(seed=1, std=0.2, dim=32, vocab_size=259, hidden_dim=64, max_seq_len=96)
 
 
 def test_readout_gives_each_layers_logit_lens(tiny):
     idx = torch.randint(3, 259, (2, 10), generator=torch.Generator().manual_seed(0))
-    normal, hidden = tiny(idx, return_hidden=True)
+    normal, hidden = tiny.forward_hidden(idx)
     for layer in range(3):
         with ev.readout(tiny, layer):
-            got = tiny(idx)
+            got = tiny(idx)[0]
         assert torch.allclose(got, tiny.lm_head(tiny.norm(hidden[layer])), atol=1e-5)
-    assert tiny.mod is None and torch.equal(tiny(idx), normal)  # restored
+    assert tiny.mod is None and torch.equal(tiny(idx)[0], normal)  # restored
 
 
 def test_readout_generation_matches_a_naive_greedy_loop(tiny):
@@ -84,7 +83,7 @@ def test_readout_generation_matches_a_naive_greedy_loop(tiny):
     for p, g in zip(prompts, got):
         seq = list(p)
         for _ in range(6):  # reference: full forward each step, logits from layer 1 by hand
-            _, hidden = tiny(torch.tensor([seq]), return_hidden=True)
+            _, hidden = tiny.forward_hidden(torch.tensor([seq]))
             seq.append(int(tiny.lm_head(tiny.norm(hidden[layer]))[0, -1].argmax()))
         assert g == seq[len(p):]
 
@@ -101,7 +100,7 @@ def test_option_logliks_match_an_unbatched_reference(tiny):
             prompt = [1] + tok.encode(f"Question: {rec['question']}\nAnswer:")
             cont = tok.encode(" " + choice)
             ids = torch.tensor([prompt + cont])
-            logits, hidden = tiny(ids, return_hidden=True)
+            logits, hidden = tiny.forward_hidden(ids)
             for source, lg in (("output", logits), ("layer_1", tiny.lm_head(tiny.norm(hidden[0]))),
                                ("layer_3", tiny.lm_head(tiny.norm(hidden[2])))):
                 lp = torch.log_softmax(lg[0], -1)
@@ -115,15 +114,15 @@ def test_mod_layers_are_read_through_their_trained_norms(tiny):
     with torch.no_grad():  # trained norms that differ from the final norm
         tiny.mod.norms[0].weight.copy_(torch.linspace(0.5, 2.0, 32))
     idx = torch.randint(3, 259, (2, 10), generator=torch.Generator().manual_seed(0))
-    ensemble, hidden = tiny(idx, return_hidden=True)
+    ensemble, hidden = tiny.forward_hidden(idx)
     by_hand = {0: tiny.lm_head(tiny.norm(hidden[0])),  # before the ensemble: the plain logit lens
                1: tiny.lm_head(tiny.mod.norms[0](hidden[1])),  # MoD's own norm for layer 2 of 3
                2: tiny.lm_head(tiny.norm(hidden[2]))}  # the final layer alone
     for layer, ref in by_hand.items():
         with ev.readout(tiny, layer):
-            assert torch.allclose(tiny(idx), ref, atol=1e-5)
+            assert torch.allclose(tiny(idx)[0], ref, atol=1e-5)
         assert torch.allclose(ev.layer_head(tiny, layer, hidden[layer]), ref, atol=1e-5)
-    assert tiny.mod.only_layer is None and torch.equal(tiny(idx), ensemble)  # restored
+    assert tiny.mod.only_layer is None and torch.equal(tiny(idx)[0], ensemble)  # restored
     assert not torch.allclose(by_hand[1], tiny.lm_head(tiny.norm(hidden[1])), atol=1e-3)  # the test can fail
 
 
@@ -138,10 +137,9 @@ def test_batching_does_not_change_generations(tiny):
 # ---------------------------------------------------------------- the command
 
 @pytest.fixture(scope="module")
-def tuned_run(tmp_path_factory):
+def tuned_run(tmp_path_factory, tiny_base):
     folder = tmp_path_factory.mktemp("eval")
-    cfg = LlamaConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=259, hidden_dim=64, max_seq_len=160)
-    save_hf(Llama(cfg).init_weights(seed=0, std=0.05), folder / "base", extra_config={"tokenizer": "byte"})
+    (folder / "base").symlink_to(tiny_base)
     train.main(["--init", str(folder / "base"), "--data", "choice", "--difficulty", "1", "--n-train", "8",
                 "--max-len", "96", "--batch-size", "4", "--max-steps", "2", "--eval-n", "0",
                 "--out", str(folder / "run")])

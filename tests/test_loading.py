@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import apply_lora, from_pretrained, lora_layers, merge_lora, save_hf
+from model import apply_lora, lora_layers, merge_lora
+from weights import from_pretrained, save_hf
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402  (the reference reader/writer, test-only)
@@ -26,7 +27,7 @@ CASES = {  # LLaMA-style hyper-parameters as Meta's params.json would state them
 
 
 def ffn_width(dim, multiple_of, ffn_dim_multiplier):
-    """DESIGN.md §2.1, written out again here so the test does not trust the code under test."""
+    """Meta's format (docs/design.md#metas-release), written out again here so the test does not trust the code under test."""
     h = int(2 * 4 * dim / 3)
     if ffn_dim_multiplier:
         h = int(ffn_dim_multiplier * h)
@@ -57,7 +58,7 @@ def hf_logits(model, idx=IDX):
 
 def assert_same_logits(ours, expected, idx=IDX):
     with torch.no_grad():
-        got = ours(idx)
+        got = ours(idx)[0]
     assert got.shape == expected.shape
     assert (got - expected).abs().max() <= 1e-4
     # the comparison means something only if positions and rows differ clearly from each other
@@ -185,7 +186,7 @@ def test_meta_two_shards_match_transformers(case, tmp_path):
 
 
 def test_one_token_cannot_tell_the_rope_layouts_apart(tmp_path):
-    """DESIGN.md §2.2's trap: Meta's q/k rows loaded without the permutation give the right logits at
+    """The trap of docs/design.md#rope-layouts: Meta's q/k rows loaded without the permutation give the right logits at
     position 0 and wrong ones after. The parity tests above use 20 positions, so they catch it."""
     ref = hf_model("gqa")
     expected = hf_logits(ref)
@@ -196,7 +197,7 @@ def test_one_token_cannot_tell_the_rope_layouts_apart(tmp_path):
         for i, layer in enumerate(model.layers):
             layer.attn.q.weight.copy_(meta[f"layers.{i}.attention.wq.weight"])
             layer.attn.k.weight.copy_(meta[f"layers.{i}.attention.wk.weight"])
-        wrong = model(IDX)
+        wrong = model(IDX)[0]
     assert (wrong[:, 0] - expected[:, 0]).abs().max() <= 1e-4
     assert (wrong[:, 1:] - expected[:, 1:]).abs().max() > 1e-2
 
@@ -205,13 +206,13 @@ def test_one_token_cannot_tell_the_rope_layouts_apart(tmp_path):
 def test_save_hf_of_lora_model_loads_in_transformers(make_model, tmp_path, merge_first):
     ours = make_model(n_layers=2, n_kv_heads=2, vocab_size=VOCAB, rope_theta=500.0, norm_eps=1e-5)
     with torch.no_grad():
-        base = ours(IDX)
+        base = ours(IDX)[0]
     apply_lora(ours, rank=4, alpha=8, targets=("q", "k", "v", "o", "gate", "up", "down"), verbose=False)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in lora_layers(ours):
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
-        expected = ours(IDX)
+        expected = ours(IDX)[0]
     assert (expected - base).abs().max() > 0.05  # the adapters matter, so forgetting to merge them would show
     if merge_first:
         merge_lora(ours)  # save_hf must not add the adapters a second time
@@ -220,7 +221,7 @@ def test_save_hf_of_lora_model_loads_in_transformers(make_model, tmp_path, merge
     assert ref.dtype == torch.float32
     assert (hf_logits(ref) - expected).abs().max() <= 1e-4
     with torch.no_grad():  # exporting leaves our model as it was
-        assert (ours(IDX) - expected).abs().max() <= 1e-5
+        assert (ours(IDX)[0] - expected).abs().max() <= 1e-5
     assert all(m.merged == merge_first for m in lora_layers(ours))
     assert_same_logits(from_pretrained(tmp_path), expected)
 
@@ -238,12 +239,12 @@ def test_dtype_is_kept_unless_given(make_model, tmp_path):
         model = from_pretrained(tmp_path / folder)
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}, folder
         with torch.no_grad():
-            assert model(IDX).dtype == torch.bfloat16
+            assert model(IDX)[0].dtype == torch.bfloat16
     model = from_pretrained(tmp_path / "hf", dtype=torch.float32)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert torch.equal(model.embed.weight, file_weights["model.embed_tokens.weight"].float())
     with torch.no_grad():  # bf16 weights in an fp32 model: close to the original fp32 model
-        torch.testing.assert_close(model(IDX), ours(IDX), rtol=0, atol=0.1)
+        torch.testing.assert_close(model(IDX)[0], ours(IDX)[0], rtol=0, atol=0.1)
 
 
 def mapped_ranges(paths):

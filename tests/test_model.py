@@ -12,10 +12,10 @@ ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def greedy_by_hand(model, prompt, n):
-    """The reference: the whole unpadded sequence through model(idx) at every step, argmax of the last logits."""
+    """The reference: the whole unpadded sequence through the model at every step, argmax of the last logits."""
     seq = list(prompt)
     for _ in range(n):
-        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        seq.append(int(model(torch.tensor([seq]))[0][0, -1].argmax()))
     return seq[len(prompt):]
 
 
@@ -45,9 +45,9 @@ def test_cached_logits_equal_full_forward_logits(make_model):
     cache = KVCache(model.config, model.config.n_layers, len(PROMPTS), longest + 6, "cpu", torch.float32)
     cache.n_pad = torch.tensor([longest - len(p) for p in PROMPTS])
     with torch.no_grad():
-        steps = [model(padded, cache=cache)[:, -1]] + [model(extra[:, i:i + 1], cache=cache)[:, -1] for i in range(5)]
+        steps = [model(padded, cache=cache)[0][:, -1]] + [model(extra[:, i:i + 1], cache=cache)[0][:, -1] for i in range(5)]
         for row, prompt in enumerate(PROMPTS):
-            full = model(torch.cat([torch.tensor(prompt), extra[row, :5]])[None])[0]
+            full = model(torch.cat([torch.tensor(prompt), extra[row, :5]])[None])[0][0]
             for i, logits in enumerate(steps):
                 torch.testing.assert_close(logits[row], full[len(prompt) - 1 + i], rtol=0, atol=1e-5)
     assert cache.pos == longest + 5
@@ -75,7 +75,7 @@ def test_top_k_draws_only_from_the_k_most_likely(make_model):
     model = make_model()  # std 0.1: flat logits, so a hot sampler would often leave the top k
     prompt = PROMPTS[0]
     with torch.no_grad():
-        top3 = set(model(torch.tensor([prompt]))[0, -1].topk(3).indices.tolist())
+        top3 = set(model(torch.tensor([prompt]))[0][0, -1].topk(3).indices.tolist())
     g = torch.Generator().manual_seed(0)
     drawn = {row[0] for row in model.generate([prompt] * 300, 1, temperature=3.0, top_k=3, generator=g)}
     assert drawn == top3
@@ -88,7 +88,7 @@ def test_temperature_sampling_follows_the_softmax_and_is_reproducible(make_model
     model = make_model()
     prompt, T, n = PROMPTS[0], 0.3, 4000
     with torch.no_grad():
-        logits = model(torch.tensor([prompt]))[0, -1].double()
+        logits = model(torch.tensor([prompt]))[0][0, -1].double()
     p = F.softmax(logits / T, -1)
     rows = model.generate([prompt] * n, 1, temperature=T, generator=torch.Generator().manual_seed(1))
     freq = torch.bincount(torch.tensor([r[0] for r in rows]), minlength=p.numel()).double() / n
@@ -109,7 +109,7 @@ def test_generate_rejects_bad_requests(tiny_model):
     with pytest.raises(ValueError, match="max_seq_len"):
         tiny_model.generate([[1] * 60], 5)  # 60 + 5 > 64
     with pytest.raises(ValueError, match="65 tokens exceeds max_seq_len=64"):
-        tiny_model(torch.zeros(1, 65, dtype=torch.long))
+        tiny_model(torch.zeros(1, 65, dtype=torch.long))[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -137,29 +137,29 @@ def test_lora_linear_matches_hand_formula():
 
 def test_initial_lora_leaves_logits_unchanged(tiny_model):
     idx = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
-    before = tiny_model(idx)
+    before = tiny_model(idx)[0]
     apply_lora(tiny_model, rank=4, alpha=8, targets=ALL_TARGETS, verbose=False)
-    assert torch.equal(tiny_model(idx), before)
+    assert torch.equal(tiny_model(idx)[0], before)
     assert "layers.0.attn.q.weight" in tiny_model.state_dict()  # base keys keep their names
 
 
 def test_merge_equals_unmerged_and_unmerge_restores(tiny_model):
     idx = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
-    base_logits = tiny_model(idx).detach()
+    base_logits = tiny_model(idx)[0].detach()
     base_weights = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     apply_lora(tiny_model, rank=4, alpha=8, targets=ALL_TARGETS, verbose=False)
     randomize_lora_b(tiny_model)
     with torch.no_grad():
-        unmerged = tiny_model(idx)
+        unmerged = tiny_model(idx)[0]
         assert (unmerged - base_logits).abs().max() > 0.05  # the adapters do change the output
         merge_lora(tiny_model)
         merge_lora(tiny_model)  # a second merge is a no-op
-        merged = tiny_model(idx)
+        merged = tiny_model(idx)[0]
         assert (merged - unmerged).abs().max() / unmerged.abs().max() <= 1e-5
         q = tiny_model.layers[0].attn.q
         torch.testing.assert_close(q.weight, base_weights["layers.0.attn.q.weight"] + q.lora_B @ q.lora_A * 2.0)
         unmerge_lora(tiny_model)
-        torch.testing.assert_close(tiny_model(idx), unmerged, rtol=0, atol=1e-5)
+        torch.testing.assert_close(tiny_model(idx)[0], unmerged, rtol=0, atol=1e-5)
     for k, v in tiny_model.state_dict().items():
         if k in base_weights:
             torch.testing.assert_close(v, base_weights[k], rtol=0, atol=1e-6)
@@ -246,7 +246,7 @@ def test_loss_ignores_minus_100_targets(tiny_model):
     targets[0, :5] = -100
     targets[1, 9] = -100
     logits, loss = tiny_model(idx, targets)
-    torch.testing.assert_close(logits, tiny_model(idx))
+    torch.testing.assert_close(logits, tiny_model(idx)[0])
     total, count = 0.0, 0
     for b in range(2):
         for t in range(16):
@@ -260,7 +260,7 @@ def test_loss_ignores_minus_100_targets(tiny_model):
 
 def test_return_hidden_gives_every_layer_and_the_last_makes_the_logits(tiny_model):
     idx = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
-    logits, hidden = tiny_model(idx, return_hidden=True)
+    logits, hidden = tiny_model.forward_hidden(idx)
     assert len(hidden) == 3 and all(h.shape == (2, 16, 64) for h in hidden)
     torch.testing.assert_close(logits, tiny_model.lm_head(tiny_model.norm(hidden[-1])))
     x, rope = tiny_model.embed(idx), (tiny_model.rope_cos[:16], tiny_model.rope_sin[:16])

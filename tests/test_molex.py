@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from model import apply_lora
-from molex import MoLExConfig, attach_molex, prompt_end_from_targets, save_stats
+from molex import MoLExConfig, attach_molex, prompt_end_from_targets
+from report import write_plots
 
 L = 4  # layers of the test models
 PROMPTS = [[1, 5, 9, 33, 2], [1, 40, 2, 7, 7, 8, 90, 3, 11], [1, 17, 60, 61, 62, 20, 4]]
@@ -66,11 +67,11 @@ def test_alpha_one_is_the_plain_model_exactly(make_model):
     model, molex = molex_model(make_model, alpha=1.0, rule="sequence", balance_weight=0.0)
     randomize_gate(molex)
     idx = torch.randint(0, 96, (3, 12), generator=torch.Generator().manual_seed(0))
-    with_molex = model(idx)
+    with_molex = model(idx)[0]
     model.train()
     _, loss = model(idx, idx)
     model.molex = None
-    assert torch.equal(with_molex, model.eval()(idx))
+    assert torch.equal(with_molex, model.eval()(idx)[0])
     assert torch.equal(loss, model.train()(idx, idx)[1])
 
 
@@ -82,9 +83,9 @@ def test_forced_experts_give_the_hand_mix(make_model, layers, forced):
     force_experts(molex, forced)
     idx = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
     expected = hand_forward(model, idx, forced, 0.3)
-    torch.testing.assert_close(model(idx), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(idx)[0], expected, rtol=1e-5, atol=1e-6)
     model.molex = None
-    assert (model(idx) - expected).abs().max() > 1e-3  # the mix changes the output: the test can tell
+    assert (model(idx)[0] - expected).abs().max() > 1e-3  # the mix changes the output: the test can tell
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -99,7 +100,8 @@ def test_routing_and_balance_loss_match_hand_computation(make_model, rule):
     idx = torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(2))
     model.train()
     molex.collect_stats = True
-    _, loss, hidden = model(idx, idx, return_hidden=True)
+    hidden = model.trunk(idx, None, None, None, keep_all=True)  # model(idx, idx), keeping every layer's output
+    _, loss = model.output(hidden, idx, None, None)
     loss.backward()
     inputs = [model.embed(idx).detach()] + [h.detach() for h in hidden[:-1]]  # each layer's input
     balance, used = 0, {}
@@ -231,11 +233,11 @@ def test_eval_routing_does_not_depend_on_the_batch(make_model, rule):
     model, molex = molex_model(make_model, rule=rule)
     randomize_gate(molex)
     molex.collect_stats = True
-    alone = [model(torch.tensor([s]))[0] for s in PROMPTS]
+    alone = [model(torch.tensor([s]))[0][0] for s in PROMPTS]
     assert any(len(e) > 1 for e in chosen(molex).values()), "all sequences chose alike: weak test"
     for order in ([0, 1, 2], [2, 0, 1], [1, 2]):
         idx, n_pad = left_pad([PROMPTS[k] for k in order])
-        logits = model(idx, n_pad=n_pad)
+        logits = model(idx, n_pad=n_pad)[0]
         for row, k in enumerate(order):
             torch.testing.assert_close(logits[row, n_pad[row]:], alone[k], rtol=1e-4, atol=1e-5)
 
@@ -246,11 +248,11 @@ def test_prompt_end_routes_on_the_prompt_only(make_model):
     molex.collect_stats = True
     prompt, answer = PROMPTS[1], [5] * 12
     full = torch.tensor([prompt + answer])
-    on_prompt = model(torch.tensor([prompt]))[0]
+    on_prompt = model(torch.tensor([prompt]))[0][0]
     by_prompt = chosen(molex)
     model(full)
     assert chosen(molex) != by_prompt, "the answer changes no vote: weak test"
-    torch.testing.assert_close(model(full, prompt_end=len(prompt))[0, :len(prompt)], on_prompt)
+    torch.testing.assert_close(model(full, prompt_end=len(prompt))[0][0, :len(prompt)], on_prompt)
     assert chosen(molex) == by_prompt
     # training: prompt_end from the targets; vote="all" ignores it (the paper)
     targets = torch.tensor([[-100] * (len(prompt) - 1) + answer + [-100]])
@@ -281,10 +283,11 @@ def test_stats_and_save(make_model, tmp_path):
     molex.collect_stats = True
     model.generate(PROMPTS, 2)
     assert molex.stats[2:].tolist() == [[3, 0, 0, 0]] * 2 and molex.stats[:2].sum() == 0
-    assert save_stats(molex, tmp_path / "molex_stats")[0] == f"{tmp_path}/molex_stats.json"
-    saved = json.loads((tmp_path / "molex_stats.json").read_text())
+    saved = json.loads(json.dumps(molex.stats_report()))  # what eval.py's JSON report holds
     assert saved["fractions"][3] == [1.0, 0.0, 0.0, 0.0] and saved["counts"][0] == [0] * 4
-    assert saved["mixed_layers"] == [2, 3] and (tmp_path / "molex_stats.png").stat().st_size > 1000
+    assert saved["mixed_layers"] == [3, 4]  # numbered from 1, as in every table and plot
+    files = write_plots({"metrics": {"output": {"strict": 0.0}}, "molex": saved}, str(tmp_path / "eval"), L, "test")
+    assert files[-1] == f"{tmp_path}/eval-molex.png" and (tmp_path / "eval-molex.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("kwargs, message", [

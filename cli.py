@@ -1,0 +1,184 @@
+"""
+What the commands share: flags made from config dataclasses, user errors, device / dtype / thread choice, and
+torchrun's process group.
+
+A config dataclass (model.LoRAConfig, mod.MoDConfig, molex.MoLExConfig) is the one place a setting is written:
+its field gives the flag's type, default and help (`metadata={"help": ..., "choices": ...}`), its __post_init__
+checks the value. add_config_flags makes the flags; config_from reads them back, from parsed flags or from a
+run's saved settings (a field an older run did not save takes its default).
+"""
+import argparse
+import dataclasses
+import os
+import time
+import types
+import typing
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(SystemExit):
+    """Bad input from the user (a flag, a file, data). A SystemExit: uncaught, it ends the command with its message
+    and exit status 1, never a traceback; run_main puts the command's name in front."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where it is None (the help text then says what happens)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def field_type(f):
+    """The flag type of a dataclass field: int, float, str or bool (`int | None` is int)."""
+    t = f.type if not isinstance(f.type, str) else eval(f.type, {})  # noqa: S307 - our own annotations
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    return t
+
+
+def key(prefix, name):
+    """The settings key (argparse dest) of a config field: {prefix}_{name}, or the name alone without prefix."""
+    return f"{prefix}_{name}" if prefix else name
+
+
+def add_config_flags(parser, cls, prefix, title):
+    """One flag --{prefix}-{field} per field of `cls` (--{field} for prefix ""). The parsed value is None when
+    the flag is not given (so a command can tell given flags from defaults); config_from fills in the defaults."""
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        flag, t = "--" + key(prefix, f.name).replace("_", "-"), field_type(f)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = "" if default is None or t is bool or f.metadata.get("switch") else f" (default {default})"
+        help_text = f.metadata.get("help", "") + shown
+        if t is bool:
+            group.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            group.add_argument(flag, type=t, default=None, choices=f.metadata.get("choices"), help=help_text,
+                               metavar=None if f.metadata.get("choices") else t.__name__.upper())
+    return group
+
+
+def given_fields(settings, cls, prefix):
+    """The fields of `cls` whose flags have a value in `settings` (a dict of dest -> value)."""
+    return [f.name for f in dataclasses.fields(cls) if settings.get(key(prefix, f.name)) is not None]
+
+
+def config_from(cls, settings, prefix, **fixed):
+    """cls built from `settings` (parsed flags or a run's saved dict); fields missing or None get their defaults.
+    A bad value raises UserError with __post_init__'s message (which names the flag)."""
+    values = {f.name: settings[key(prefix, f.name)] for f in dataclasses.fields(cls)
+              if settings.get(key(prefix, f.name)) is not None}
+    try:
+        return cls(**{**values, **fixed})
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
+def store_config(settings, cfg, prefix):
+    """Write every field of cfg back into settings (so a run folder saves the values it really used)."""
+    for f in dataclasses.fields(cfg):
+        settings[key(prefix, f.name)] = getattr(cfg, f.name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device, dtype, threads
+
+def pick_device(flag):
+    """--device: auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if flag != "cpu" and not flag.startswith("cuda"):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {flag!r}")
+    if flag.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {flag}: CUDA is not available on this machine")
+    return torch.device(flag)
+
+
+def use_bf16(flag, device):
+    """--dtype: auto = bfloat16 on a GPU that supports it, else float32."""
+    if flag == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return flag == "bfloat16"
+
+
+class Threads:
+    """CPU threads for torch, re-decided while a command runs. --threads N > 0: always N. 0 (auto): the cores
+    that other programs leave idle, split between this machine's processes of the run, at least 1 and at most
+    torch's own setting. Why re-decide: torch's threads spin while they wait for each other, so 2 threads with
+    another busy process on 2 cores made a training step of the built-in model 10x slower than 1 thread, and a
+    load that starts after we did would otherwise stay oversubscribed. Other programs' load is the machine's
+    busy CPU time (/proc/stat) minus this process's own (/proc/self/stat) since the last check."""
+
+    def __init__(self, flag, world=1, every_s=5.0):
+        self.flag, self.world, self.every_s = flag, world, every_s
+        self.max = torch.get_num_threads()
+        self.last = self.sample()
+        if flag > 0:
+            torch.set_num_threads(flag)
+        else:
+            time.sleep(0.3)  # a first reading of the load before we add to it
+            self.update(force=True)
+
+    @staticmethod
+    def sample():
+        try:
+            with open("/proc/stat") as f:
+                values = [int(v) for v in f.readline().split()[1:]]
+            with open("/proc/self/stat") as f:
+                ours = sum(int(v) for v in f.read().rsplit(")", 1)[1].split()[11:13])  # utime + stime
+            return time.monotonic(), sum(values), values[3] + values[4], ours
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def update(self, force=False):
+        """Re-check the load (at most every every_s seconds); returns the thread count now in use."""
+        if self.flag > 0 or self.last is None:
+            return torch.get_num_threads()
+        now = self.sample()
+        if now is None or (not force and now[0] - self.last[0] < self.every_s):
+            return torch.get_num_threads()
+        (_, total0, idle0, ours0), (_, total1, idle1, ours1) = self.last, now
+        self.last = now
+        cores = os.cpu_count() or 1
+        ticks = max(1, total1 - total0)
+        busy = cores * ((ticks - (idle1 - idle0)) - (ours1 - ours0)) / ticks  # others' busy cores
+        threads = max(1, min(self.max, int((cores - round(max(0.0, busy))) // self.world)))
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        return threads
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)
+
+def setup_distributed(device_flag):
+    """(rank, world size, device, whether we started the process group)."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_flag), False
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    use_cuda = device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return rank, world, device, started
+
+
+def all_reduce_sum(x):
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def run_main(main, name):
+    """Run a command's main(); a UserError prints `name: error: message` and exits 1, with no traceback."""
+    try:
+        return main()
+    except UserError as e:
+        raise SystemExit(f"{name}: error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"{name}: interrupted") from None

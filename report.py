@@ -1,0 +1,176 @@
+"""
+Reports of an evaluation and of an ablation: which layers solve which problems, markdown tables and plots.
+Layers are numbered from 1 (the first block) to n_layers (the last) in every table and plot.
+"""
+from collections import Counter
+from itertools import combinations
+
+EXACT_OVERLAP_MAX = 5  # count every subset of layers (2^k regions) up to this many layers
+
+
+def overlap(solved, n_problems, exact_max=EXACT_OVERLAP_MAX):
+    """How the sets of solved problem indices of several sources (e.g. layers) overlap.
+
+    solved: {name: set of indices}. Returns solved counts, "any" / "all" / "none", "only" (solved by this source
+    and no other), the pairwise matrix |A & B| (diagonal = |A|) and, for at most exact_max sources, "exact": the
+    number of problems solved by exactly each subset of sources (every problem lands in one region)."""
+    names = list(solved)
+    sets = [set(solved[k]) for k in names]
+    union = set().union(*sets) if sets else set()
+    inter = set.intersection(*sets) if sets else set()
+    out = {"sources": names, "n": n_problems, "solved": {k: len(s) for k, s in zip(names, sets)},
+           "any": len(union), "all": len(inter), "none": n_problems - len(union),
+           "only": {k: len(s - set().union(*(t for j, t in enumerate(sets) if j != i))) for i, (k, s) in
+                    enumerate(zip(names, sets))},
+           "pairwise": [[len(a & b) for b in sets] for a in sets]}
+    if len(names) <= exact_max:
+        region = Counter(frozenset(k for k, s in zip(names, sets) if i in s) for i in range(n_problems))
+        out["exact"] = [{"sources": [k for k in names if k in subset], "count": region.get(frozenset(subset), 0)}
+                        for r in range(len(names), -1, -1) for subset in combinations(names, r)]
+    return out
+
+
+def source_label(s, n_layers, mod_k=0):
+    if s == "output":
+        return "model output" + (f" (MoD ensemble of {mod_k})" if mod_k else "")
+    if s == "base":
+        return "untuned base output"
+    layer = int(s.split("_")[1])
+    how = "MoD norm" if layer > n_layers - mod_k and layer < n_layers else "logit lens"
+    return f"layer {layer}/{n_layers}" + ("" if layer == n_layers else f" ({how})")
+
+
+def markdown_report(res, title, n_layers):
+    metric_names = list(next(iter(res["metrics"].values())))
+    lines = [f"# {title}", "", "| readout | " + " | ".join(metric_names) + " |",
+             "|---|" + "---:|" * len(metric_names)]
+    for s, m in res["metrics"].items():
+        lines.append(f"| {source_label(s, n_layers, res.get('mod_k', 0))} | "
+                     + " | ".join(f"{m[k]:.1f}" for k in metric_names) + " |")
+    ov = res.get("overlap")
+    if ov and ov["sources"]:
+        names = [s.replace("layer_", "L") for s in ov["sources"]]
+        lines += ["", f"## Which layers solve which problems ({res['overlap_metric']}, {ov['n']} problems)", "",
+                  f"solved by any layer: {ov['any']}, by all: {ov['all']}, by none: {ov['none']}", "",
+                  "| layer | solved | only this layer |", "|---|---:|---:|"]
+        lines += [f"| {n} | {ov['solved'][s]} | {ov['only'][s]} |" for n, s in zip(names, ov["sources"])]
+        lines += ["", "Pairwise overlap (problems solved by both):", "", "| | " + " | ".join(names) + " |",
+                  "|---|" + "---:|" * len(names)]
+        lines += [f"| {n} | " + " | ".join(map(str, row)) + " |" for n, row in zip(names, ov["pairwise"])]
+        if "exact" in ov:
+            lines += ["", "Solved by exactly these layers (Venn regions):", "", "| layers | problems |", "|---|---:|"]
+            lines += [f"| {', '.join(s.replace('layer_', 'L') for s in e['sources']) or 'none'} | {e['count']} |"
+                      for e in ov["exact"]]
+    rt = res.get("mod_routing")
+    if rt:
+        lines += ["", f"## MoD routing weights ({rt['tokens']} answer tokens of the reference answers)", "",
+                  "| layer | mean weight | sparsity (weight < 0.001) | weighs most |", "|---|---:|---:|---:|"]
+        lines += [f"| {layer} | {w:.3f} | {100 * s:.1f}% | {100 * t:.1f}% |" for layer, w, s, t in
+                  zip(rt["layers"], rt["mean_weight"], rt["sparsity"], rt["top1"])]
+    mx = res.get("molex")
+    if mx:
+        lines += ["", "## MoLEx: the expert each mixed layer picks (fraction of test prompts)", "",
+                  "| layer | most picked expert | its share | experts used |", "|---|---:|---:|---:|"]
+        for t in mx["mixed_layers"]:
+            row = mx["fractions"][t - 1]
+            j = max(range(len(row)), key=row.__getitem__)
+            lines.append(f"| {t} | {j + 1} | {100 * row[j]:.0f}% | {sum(v > 0 for v in row)} |")
+    return "\n".join(lines) + "\n"
+
+
+def pyplot():
+    """matplotlib's pyplot without a display, or None (with a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed: no plots (pip install matplotlib)")
+        return None
+    return plt
+
+
+def save(fig, path, files):
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # bbox: long titles and labels are never cut off
+    fig.clf()
+    files.append(str(path))
+
+
+def write_plots(res, stem, n_layers, subtitle):
+    """Per-layer accuracy bars, the overlap heat map, MoD's routing weights and MoLEx's expert choices, each
+    titled with `subtitle` (run, data, n). Returns the files written."""
+    plt = pyplot()
+    if plt is None:
+        return []
+    files = []
+    sources = list(res["metrics"])
+    metric_names = list(res["metrics"][sources[0]])
+    fig, ax = plt.subplots(figsize=(2.5 + 0.45 * len(sources) * len(metric_names), 4))
+    width = 0.8 / len(metric_names)
+    for j, m in enumerate(metric_names):
+        ax.bar([i + j * width for i in range(len(sources))], [res["metrics"][s][m] for s in sources], width, label=m)
+    ax.set_xticks([i + width * (len(metric_names) - 1) / 2 for i in range(len(sources))])
+    ax.set_xticklabels([source_label(s, n_layers, res.get("mod_k", 0)).split(" (")[0] for s in sources], rotation=30,
+                       ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"accuracy of the output and of each layer read out alone\n{subtitle}", fontsize=9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the axes: covers no bar
+    save(fig, f"{stem}-layers.png", files)
+    ov = res.get("overlap")
+    if ov and len(ov["sources"]) > 1:
+        names = [s.replace("layer_", "L") for s in ov["sources"]]
+        fig, ax = plt.subplots(figsize=(2.5 + 0.6 * len(names), 2 + 0.6 * len(names)))
+        im = ax.imshow(ov["pairwise"], cmap="viridis")
+        top = max(map(max, ov["pairwise"]))
+        for i, row in enumerate(ov["pairwise"]):
+            for j, v in enumerate(row):
+                ax.text(j, i, str(v), ha="center", va="center", color="w" if v < top / 2 else "k", fontsize=8)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_title(f"problems solved by both layers ({res['overlap_metric']})\n{subtitle}", fontsize=9)
+        fig.colorbar(im)
+        save(fig, f"{stem}-overlap.png", files)
+    rt = res.get("mod_routing")
+    if rt:
+        fig, ax = plt.subplots(figsize=(3.5 + 0.8 * len(rt["layers"]), 3.6))
+        x = range(len(rt["layers"]))
+        ax.bar([i - 0.2 for i in x], rt["mean_weight"], 0.4, label="mean weight")
+        ax.bar([i + 0.2 for i in x], rt["sparsity"], 0.4, label="share of tokens with weight < 0.001")
+        ax.set_xticks(list(x), [f"L{layer}" for layer in rt["layers"]])
+        ax.set_ylim(0, 1)
+        ax.set_title(f"MoD routing weights on the reference answers ({rt['tokens']} tokens)\n{subtitle}", fontsize=9)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+        save(fig, f"{stem}-routing.png", files)
+    mx = res.get("molex")
+    if mx:
+        frac = mx["fractions"]
+        L = len(frac)
+        fig, ax = plt.subplots(figsize=(6, 5))
+        im = ax.imshow(frac, cmap="viridis", vmin=0, vmax=1)
+        ticks = list(range(0, L, max(1, L // 16)))
+        ax.set_xticks(ticks, [t + 1 for t in ticks])  # layers from 1, as in the tables
+        ax.set_yticks(ticks, [t + 1 for t in ticks])
+        ax.set_xlabel("expert layer j"), ax.set_ylabel("mixed layer t")
+        ax.set_title(f"MoLEx: share of test prompts for which layer t uses expert j\n{subtitle}", fontsize=9)
+        fig.colorbar(im, ax=ax)
+        save(fig, f"{stem}-molex.png", files)
+    plt.close("all")
+    return files
+
+
+def ablation_plot(summary, labels, metric, path, title):
+    """Mean accuracy with a ±std bar per configuration, named as in the table. False without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(3 + 0.9 * len(names), 4.5))
+    ax.bar(range(len(names)), [summary[n][metric][0] for n in names],
+           yerr=[summary[n][metric][1] for n in names], capsize=4, color="tab:blue")
+    ax.set_xticks(range(len(names)), [labels[n] for n in names], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"{metric} accuracy (%), mean ± std")
+    ax.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True

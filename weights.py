@@ -1,0 +1,345 @@
+"""
+Checkpoint files: read Meta's, Hugging Face's and GGUF's LLaMA formats into model.Llama, and write Hugging Face's.
+
+    model = from_pretrained("path/to/llama-2-7b")       # Meta or HF folder, or a .gguf file (or a folder with one)
+    save_hf(model, "out/folder", bos_id=1, eos_id=2)   # config.json + model.safetensors, LoRA merged in
+
+Tensors are memory-mapped and assigned (never copied) into a model built on the meta device, so loading holds
+one copy of the weights; what must be transformed (Meta's shards concatenated, q/k rows permuted, GGUF blocks
+dequantized) is transformed one tensor at a time. Nothing is ever unpickled with code. The formats and the RoPE
+row permutations are described in docs/design.md#checkpoint-formats.
+"""
+import json
+import math
+import mmap
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from model import Llama, LlamaConfig
+
+# One row per weight: our name, Hugging Face's, Meta's, GGUF's ({i}: the layer). Every rename is derived from it.
+WEIGHT_NAMES = [
+    ("embed.weight", "model.embed_tokens.weight", "tok_embeddings.weight", "token_embd.weight"),
+    ("norm.weight", "model.norm.weight", "norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "lm_head.weight", "output.weight", "output.weight"),
+    *[(f"layers.{{i}}.attn.{p}.weight", f"model.layers.{{i}}.self_attn.{p}_proj.weight",
+       f"layers.{{i}}.attention.w{p}.weight", f"blk.{{i}}.attn_{g}.weight")
+      for p, g in [("q", "q"), ("k", "k"), ("v", "v"), ("o", "output")]],
+    *[(f"layers.{{i}}.mlp.{p}.weight", f"model.layers.{{i}}.mlp.{p}_proj.weight",
+       f"layers.{{i}}.feed_forward.w{w}.weight", f"blk.{{i}}.ffn_{p}.weight")
+      for p, w in [("gate", 1), ("up", 3), ("down", 2)]],
+    ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight", "layers.{i}.attention_norm.weight",
+     "blk.{i}.attn_norm.weight"),
+    ("layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm.weight",
+     "blk.{i}.ffn_norm.weight"),
+]
+FORMATS = ("ours", "hf", "meta", "gguf")
+META_SPLIT_DIM1 = ("embed.weight", ".attn.o.", ".mlp.down.")  # Meta shards split these along the input dim
+
+
+def rename(key, src, dst):
+    """`key` in format `src` as it is called in format `dst` (both from FORMATS); None if it is no LLaMA weight."""
+    i, j = FORMATS.index(src), FORMATS.index(dst)
+    for row in WEIGHT_NAMES:
+        m = re.fullmatch(re.escape(row[i]).replace(r"\{i\}", r"(\d+)"), key)
+        if m:
+            return row[j].replace("{i}", m.group(1)) if m.groups() else row[j]
+    return None
+
+
+def interleaved_to_half_rows(w, n_heads):
+    """Meta's and GGUF's q/k rows rotate adjacent pairs (x[2i], x[2i+1]); ours rotate halves: permute each head."""
+    out_dim, d = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, d).transpose(1, 2).reshape(out_dim, d)
+
+
+def read_json(path):
+    """A JSON file's contents, or an error that names the file and where it is broken."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# File readers
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """{name: tensor} backed by a copy-on-write mmap of the file: nothing is read until it is used."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ValueError(f"{path}: corrupt safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
+    header.pop("__metadata__", None)
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape, (begin, end) = info["shape"], info["data_offsets"]
+            if not all(type(v) is int and v >= 0 for v in [*shape, begin, end]):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: corrupt safetensors entry for {name!r}: {info}") from None
+        count = math.prod(shape)
+        if not 0 <= begin <= end <= size - 8 - n or end - begin != count * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name!r} ({info['dtype']} {shape}) has data offsets "
+                             f"{[begin, end]} that do not fit its shape or the file ({size} bytes)")
+        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin) if count else torch.empty(0, dtype=dtype)
+        tensors[name] = t.view(shape)
+    return tensors
+
+
+def plain_error(e):
+    """An exception's first line without terminal colour codes (torch colours parts of its messages)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def load_pickled(path):
+    """torch.load that never runs pickle code: weights_only=True, mmapped."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused to load: this file holds pickled code or objects that are not tensors "
+                         f"({plain_error(e)}). Do not load it with weights_only=False unless you trust its source; "
+                         f"convert it to safetensors instead.") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({plain_error(e)})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The three formats: each yields its LlamaConfig, then (our name, tensor, where) for every weight
+
+def config_from_meta(params):
+    return LlamaConfig(dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
+                       n_kv_heads=params.get("n_kv_heads"), vocab_size=params.get("vocab_size", -1),
+                       multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+                       norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
+                       max_seq_len=params.get("max_seq_len", 4096))
+
+
+def config_from_hf(c, path):
+    rope = c.get("rope_parameters") or {}  # transformers >= 5 writes rope_theta (and any scaling) here
+    if c.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{path}: rope_scaling={c.get('rope_scaling') or rope} is not supported (LLaMA-2 has none)")
+    try:
+        return LlamaConfig(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+                           n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
+                           hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
+                           rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
+                           max_seq_len=c.get("max_position_embeddings", 4096),
+                           tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+    except KeyError as e:
+        raise ValueError(f"{path}: lacks the key {e.args[0]!r}") from None
+
+
+def iter_meta(folder):
+    """params.json + consolidated.NN.pth, merging shards."""
+    params = read_json(folder / "params.json")
+    shards = sorted(folder.glob("consolidated.*.pth"))
+    if not shards:
+        raise FileNotFoundError(f"{folder}: params.json but no consolidated.NN.pth shard")
+    states = [load_pickled(p) for p in shards]
+    if params.get("vocab_size", -1) <= 0:  # -1 in Meta's release: the tokenizer's size, i.e. the embedding's
+        params["vocab_size"] = states[0]["tok_embeddings.weight"].shape[0]
+    cfg = config_from_meta(params)
+    for p, state in zip(shards[1:], states[1:]):  # every shard holds a slice of every tensor
+        if state.keys() != states[0].keys():
+            diff = sorted(state.keys() ^ states[0].keys())
+            raise ValueError(f"{p}: its tensors differ from {shards[0].name}'s (e.g. {diff[:3]}): shards of "
+                             f"different checkpoints?")
+    yield cfg
+    for key in states[0]:
+        if key == "rope.freqs":
+            continue
+        name = rename(key, "meta", "ours")
+        parts = [s[key] for s in states]
+        if len(parts) == 1 or parts[0].dim() == 1:  # 1-D tensors are replicated in every shard
+            w = parts[0]
+        else:
+            w = torch.cat(parts, dim=1 if name and any(s in name for s in META_SPLIT_DIM1) else 0)
+        yield name, permute_qk(name, w, cfg), f"{key} in {shards[0].parent}/consolidated.*.pth ({len(shards)} shards)"
+
+
+def permute_qk(name, w, cfg):
+    """q/k weights from interleaved RoPE rows to ours; anything else as it is."""
+    if name and name.endswith(("attn.q.weight", "attn.k.weight")):
+        heads = cfg.n_heads if ".q." in name else cfg.n_kv_heads
+        if w.dim() == 2 and w.shape[0] % (2 * heads) == 0:  # else the shape check names the problem
+            return interleaved_to_half_rows(w, heads)
+    return w
+
+
+def iter_hf(folder):
+    """config.json + safetensors or pytorch_model*.bin (through the index when there is one)."""
+    yield config_from_hf(read_json(folder / "config.json"), folder / "config.json")
+    for index_name, single, reader in [("model.safetensors.index.json", "model.safetensors", read_safetensors),
+                                       ("pytorch_model.bin.index.json", "pytorch_model.bin", load_pickled)]:
+        if (folder / index_name).exists():
+            files = sorted(set(read_json(folder / index_name)["weight_map"].values()))
+            break
+        if (folder / single).exists():
+            files = [single]
+            break
+    else:
+        raise FileNotFoundError(f"{folder}: config.json but no model.safetensors, model.safetensors.index.json, "
+                                f"pytorch_model.bin or pytorch_model.bin.index.json")
+    for file in files:
+        if not (folder / file).exists():
+            raise FileNotFoundError(f"{folder / file}: shard named in {folder / index_name} is missing")
+    for file in files:
+        for key, w in reader(folder / file).items():
+            if "rotary_emb.inv_freq" not in key:
+                yield rename(key, "hf", "ours"), w, f"{key} in {folder / file}"
+
+
+def iter_gguf(path, dtype):
+    """A llama.cpp GGUF file: the config from its llama.* metadata, each tensor dequantized when it is used."""
+    from gguf_file import GGUFFile, llama_config_from_gguf
+    f = GGUFFile(path)
+    cfg = LlamaConfig(**llama_config_from_gguf(f.metadata, path), tie_embeddings="output.weight" not in f.tensors)
+    yield cfg
+    for key in f.tensors:
+        name = rename(key, "gguf", "ours")
+        yield name, permute_qk(name, f.tensor(key, dtype or torch.float32), cfg), f"{key} in {path}"
+
+
+def find_format(path):
+    """(kind, path) of a checkpoint: 'meta' or 'hf' for folders, 'gguf' for a .gguf file or a folder holding one."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint folder or .gguf file")
+    if (path / "params.json").exists():
+        return "meta", path
+    if (path / "config.json").exists():
+        return "hf", path
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf", ggufs[0]
+    found = sorted(p.name for p in path.iterdir())[:10]
+    raise ValueError(f"{path}: neither Meta's format (params.json + consolidated.NN.pth), Hugging Face's "
+                     f"(config.json + *.safetensors or pytorch_model*.bin) nor one .gguf file; it holds {found}")
+
+
+def from_pretrained(path, dtype=None, device="cpu"):
+    """Load a LLaMA checkpoint: Meta's or Hugging Face's folder, or a GGUF file. dtype None keeps the file's
+    (float32 for quantized GGUF tensors)."""
+    kind, path = find_format(path)
+    stream = {"meta": iter_meta, "hf": iter_hf, "gguf": lambda p: iter_gguf(p, dtype)}[kind](path)
+    cfg = next(stream)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state = {}
+    for name, w, where in stream:
+        if name is None or name not in expected:
+            raise ValueError(f"unexpected tensor {where}: not a LLaMA weight")
+        if w.shape != expected[name]:
+            raise ValueError(f"shape mismatch for {name} ({where}): checkpoint has {tuple(w.shape)}, the config "
+                             f"implies {tuple(expected[name])}")
+        state[name] = w.to(device=device, dtype=dtype or w.dtype)
+    if "lm_head.weight" not in state and "embed.weight" in state:  # tied: the head is the embedding
+        if not cfg.tie_embeddings:
+            cfg.tie_embeddings = True
+            with torch.device("meta"):
+                model = Llama(cfg)
+        state["lm_head.weight"] = state["embed.weight"]
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    model.load_state_dict(state, assign=True)
+    if cfg.tie_embeddings:  # assign=True set both names: make them one Parameter again
+        model.lm_head.weight = model.embed.weight
+    model.build_rope(device)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+
+def atomic_write(path, write):
+    """write(f) into a temporary file in the same folder, fsync, then rename over `path`: a crash at any moment
+    leaves the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # not every platform can fsync a directory
+        pass
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """Write {name: tensor} as safetensors, atomically."""
+    inv_dtypes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": inv_dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # keep the data 8-byte aligned
+
+    def write(f):
+        f.write(len(head).to_bytes(8, "little") + head)
+        for t in tensors.values():
+            f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    atomic_write(path, write)
+
+
+def save_hf(model, folder, dtype=None, extra_config=None, bos_id=1, eos_id=2):
+    """Export in Hugging Face's format (config.json + model.safetensors), LoRA merged into the weights.
+    Only the LLaMA weights are written: MoD / MoLEx add-ons have no place in LlamaForCausalLM."""
+    from model import LoRALinear
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    lora = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    tensors = {}
+    for name, w in model.state_dict().items():
+        hf = rename(name, "ours", "hf")
+        if hf is None or (cfg.tie_embeddings and name == "lm_head.weight"):  # LoRA factors, add-ons; tied head
+            continue
+        module = name.rsplit(".", 1)[0]
+        if module in lora and not lora[module].merged:
+            w = w + lora[module].delta_weight().to(w.dtype)
+        tensors[hf] = w.to(dtype or w.dtype)
+    save_safetensors(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+              "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+              "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+              "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+              "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu",
+              "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+              "bos_token_id": bos_id, "eos_token_id": eos_id,
+              "torch_dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."), **(extra_config or {})}
+    atomic_write(folder / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
