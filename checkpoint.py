@@ -81,7 +81,10 @@ def resolve_tokenizer(spec, init, pretrain=False):
     for name in ("tokenizer.model", "tokenizer.json"):
         if (path / name).is_file():
             return str(path / name)
-    named = read_json(path / "config.json").get("tokenizer") if (path / "config.json").is_file() else None
+    try:
+        named = read_json(path / "config.json").get("tokenizer") if (path / "config.json").is_file() else None
+    except ValueError as e:
+        raise UserError(f"--init {init}: {e}") from None
     if named:
         return named
     raise UserError(f"no tokenizer for {path}: it has no tokenizer.model or tokenizer.json and its config.json "

@@ -254,10 +254,11 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, use_cache=True,
-                 generator=None):
+                 generator=None, on_token=None):
         """prompts: list of token-id lists (any lengths; left-padded here). Returns the new tokens of each
         row, stopping at (and leaving out) eos_id. temperature 0 is greedy. use_cache=False recomputes the
-        whole sequence at every step (slow; the reference the cache is tested against)."""
+        whole sequence at every step (slow; the reference the cache is tested against). on_token(list of B
+        ids) is called after every step (streaming)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate() needs at least one prompt and no empty prompt (start with BOS)")
         device = self.embed.weight.device
@@ -291,6 +292,8 @@ class Llama(nn.Module):
                 nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(1)
             new.append(nxt)
             seq = torch.cat([seq, nxt[:, None]], dim=1)
+            if on_token is not None:
+                on_token(nxt.tolist())
             if eos_id is not None:
                 done |= nxt == eos_id
                 if bool(done.all()):

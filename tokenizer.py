@@ -5,7 +5,7 @@ tiny byte-level one for the built-in model. No sentencepiece or protobuf at run 
     ids = tok.encode("Hello world", bos=True)         # [1, 15043, 3186]
     tok.decode(ids)                                   # "Hello world"
 
-What SentencePiece BPE does (DESIGN.md §3): every " " becomes "▁" (U+2581) and one "▁" is prepended; starting
+What SentencePiece BPE does (docs/design.md#llama-2s-sentencepiece-model): every " " becomes "▁" (U+2581) and one "▁" is prepended; starting
 from Unicode characters it repeatedly merges the adjacent pair whose concatenation is a piece with the highest
 score (ties: leftmost); a character that is no piece becomes its UTF-8 bytes as byte pieces.
 
@@ -47,8 +47,9 @@ class Tokenizer:
     """SentencePiece-compatible BPE. `pieces` is the vocabulary, a list of (piece, score, type) indexed by id."""
 
     def __init__(self, pieces, *, unk_id, bos_id, eos_id, pad_id=None, add_dummy_prefix=True,
-                 remove_extra_whitespaces=False, escape_whitespaces=True, unk_surface=" \u2047 "):
+                 remove_extra_whitespaces=False, escape_whitespaces=True, unk_surface=" \u2047 ", add_bos=True):
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
+        self.add_bos = add_bos  # whether texts for the model start with BOS (data.format.bos reads it)
         self.vocab_size = len(pieces)
         self.add_dummy_prefix, self.remove_extra_ws = add_dummy_prefix, remove_extra_whitespaces
         self.escape_ws, self.unk_surface = escape_whitespaces, unk_surface
@@ -142,6 +143,16 @@ def byte_tokenizer():
     return Tokenizer(pieces, unk_id=0, bos_id=1, eos_id=2, add_dummy_prefix=False, escape_whitespaces=False)
 
 
+def check_tokenizer_fits(tokenizer, model_vocab, name):
+    """Refuse a tokenizer that cannot belong to a model with `model_vocab` embeddings: more ids than the model
+    has, or far fewer (below 90%: checkpoints pad their embedding a little, never by a tenth). The message names
+    both sizes. Raises SystemExit (a user's mistake, no traceback)."""
+    n = tokenizer.vocab_size
+    if n > model_vocab or n < 0.9 * model_vocab:
+        raise SystemExit(f"{name} has {n:,} tokens but the model's vocabulary is {model_vocab:,}: it is not this "
+                         f"model's tokenizer (pass the right --tokenizer, or none to use the checkpoint's own)")
+
+
 def _varint(buf, pos):
     value = shift = 0
     while True:
@@ -210,12 +221,28 @@ def _read_model(data, path):
 
 
 def load_tokenizer(path):
-    """"byte" -> the built-in byte tokenizer; a tokenizer.model file, or a folder holding one -> LLaMA's."""
+    """"byte" -> the built-in byte tokenizer; a tokenizer.model (SentencePiece), a tokenizer.json (byte-level
+    BPE, bpe.py) or a .gguf file (the tokenizer it carries); or a folder holding tokenizer.model, tokenizer.json
+    or a single .gguf, preferred in that order."""
     if str(path) == "byte":
         return byte_tokenizer()
     path = Path(path)
-    file = path / "tokenizer.model" if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"no tokenizer at {path}: looked for {file} (give 'byte', a tokenizer.model "
-                                f"file, or a folder containing tokenizer.model)")
+    file = path
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        named = [f for f in (path / "tokenizer.model", path / "tokenizer.json") if f.is_file()]
+        file = named[0] if named else ggufs[0] if len(ggufs) == 1 else None
+        if file is None:
+            found = f" (it has {len(ggufs)} .gguf files: give one of them)" if ggufs else ""
+            raise FileNotFoundError(f"no tokenizer in the folder {path}: looked for tokenizer.model, tokenizer.json "
+                                    f"or a single .gguf file{found}")
+    elif not path.is_file():
+        raise FileNotFoundError(f"no tokenizer at {path}: no such file or folder (give 'byte', a tokenizer.model, "
+                                f"tokenizer.json or .gguf file, or a folder containing one)")
+    if file.suffix.lower() == ".gguf":
+        from bpe import tokenizer_from_gguf  # bpe.py imports this module: import it only when needed
+        return tokenizer_from_gguf(file)
+    if file.suffix.lower() == ".json":
+        from bpe import ByteLevelBPE
+        return ByteLevelBPE.from_tokenizer_json(file)
     return _read_model(file.read_bytes(), file)

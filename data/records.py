@@ -72,7 +72,9 @@ def read_jsonl(path):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg}, column {e.colno})") from None
+            near = line[max(0, e.pos - 20):e.pos + 20].strip()
+            raise ValueError(f"{path}:{line_no}:{e.pos + 1}: not valid JSON ({e.msg} at character {e.pos + 1} of "
+                             f"the line, near {near!r})") from None
         try:
             check_record(record)
         except ValueError as e:

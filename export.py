@@ -1,0 +1,70 @@
+"""
+Export a tuned run (or a base) to Hugging Face's format: config.json + model.safetensors with LoRA merged into
+the weights, and the tokenizer file beside them, so transformers' LlamaForCausalLM (or this project's
+from_pretrained) loads it as a plain model.
+
+    python export.py --ckpt runs/gsm8k-20250101-120000 --out exported/gsm8k-lora
+    python export.py --ckpt runs/x --out exported/x --dtype bfloat16
+    python export.py --init model.gguf --out exported/smollm2       # a GGUF file as a Hugging Face folder
+
+MoD and MoLEx change the forward pass in ways LlamaForCausalLM cannot express (MoD mixes the logits of several
+layers, MoLEx runs a second block per layer). Such a run is refused unless --drop-addons asks for what can be
+exported: the base with LoRA merged, without the add-on, which is NOT the tuned run's output.
+"""
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+from checkpoint import load_run
+from cli import HelpFormatter, UserError, run_main
+from weights import save_hf
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Export a tuned run (LoRA merged) or a base to Hugging Face's format.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--ckpt", default=None, help="a run folder of train.py (or its ckpt.pt); default: a base alone")
+    p.add_argument("--init", default=None, help="base checkpoint (folder or .gguf): what to export without --ckpt "
+                                                "(default: the built-in base); with --ckpt, where its base now is")
+    p.add_argument("--out", required=True, help="folder to write (created; refused if it holds a model already)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights; default: the base checkpoint's")
+    p.add_argument("--drop-addons", action="store_true",
+                   help="export a MoD or MoLEx run without its add-on (base + merged LoRA only)")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    out = Path(args.out)
+    if (out / "model.safetensors").exists() or (out / "config.json").exists():
+        raise UserError(f"--out {out} already holds a model: pick another folder or remove it")
+    model, tokenizer, settings, ckpt = load_run(args.ckpt, args.init, None, "cpu", dtype=None)
+    addons = [name for name, on in (("MoD", model.mod is not None), ("MoLEx", model.molex is not None)) if on]
+    if addons and not args.drop_addons:
+        raise UserError(f"this run uses {' and '.join(addons)}, which a plain LlamaForCausalLM cannot express "
+                        f"(MoD mixes the logits of several layers; MoLEx runs a second block in each layer). Add "
+                        f"--drop-addons to export the base with LoRA merged and without the add-on: that model "
+                        f"is not the tuned run's output")
+    spec = str(settings.get("tokenizer") or "")
+    extra = {}
+    out.mkdir(parents=True, exist_ok=True)
+    if spec.endswith(("tokenizer.model", "tokenizer.json")) and Path(spec).is_file():
+        shutil.copy(spec, out / Path(spec).name)  # the tokenizer travels with the weights
+    elif spec == "byte" or not spec.endswith(".gguf"):
+        extra["tokenizer"] = spec or "byte"  # the name this project's loaders read
+    else:
+        extra["tokenizer"] = spec  # a GGUF file's tokenizer: there is no tokenizer.json to copy
+    save_hf(model, out, dtype=getattr(torch, args.dtype) if args.dtype else None, extra_config=extra,
+            bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    what = f"run {args.ckpt} (step {ckpt['step']}, LoRA merged)" if ckpt else f"base {settings['init']}"
+    dropped = f", without its {' and '.join(addons)}" if addons else ""
+    print(f"exported {what}{dropped} to {out}: config.json, model.safetensors"
+          + "".join(f", {p.name}" for p in out.iterdir() if p.name.startswith("tokenizer")))
+    return out
+
+
+if __name__ == "__main__":
+    run_main(main, "export.py")

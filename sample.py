@@ -1,0 +1,90 @@
+"""
+Generate text from a base model or a tuned run, streamed to the terminal as it is produced.
+
+    python sample.py "Once upon a time"                                   # the built-in base
+    python sample.py --ckpt runs/arith-20250101-120000 "Tom has 3 apples and buys 4 more. How many?"
+    python sample.py --init model.gguf --temperature 0.8 --top-k 40 --max-new-tokens 200 "The capital of France"
+    echo "a prompt" | python sample.py --ckpt runs/x -                     # the prompt from standard input
+
+Greedy by default (--temperature 0), so the same prompt always gives the same text: exactly what
+model.generate returns. A tuned run (--ckpt) is given its prompt in the template it was tuned with
+("Question: ...\\nAnswer:"); --raw sends the text as it is. MoD and MoLEx runs generate through their add-ons.
+"""
+import argparse
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from checkpoint import load_run
+from cli import HelpFormatter, Threads, UserError, pick_device, run_main, use_bf16
+from data.format import bos, prompt_text
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Generate text from a base model or a tuned run (streamed).",
+                                formatter_class=HelpFormatter)
+    p.add_argument("prompt", help="the text to continue ('-': read it from standard input)")
+    p.add_argument("--ckpt", default=None, help="a run folder of train.py (or its ckpt.pt); default: no tuning")
+    p.add_argument("--init", default=None, help="base checkpoint (folder or .gguf): the model without --ckpt "
+                                                "(default: the built-in base); with --ckpt, where its base now is")
+    p.add_argument("--tokenizer", default=None, help="default: the checkpoint's own, as train.py finds it")
+    p.add_argument("--raw", action="store_true", help="with --ckpt: send the prompt as it is, not in the "
+                                                      "'Question: ...\\nAnswer:' template the run was tuned with")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens (or at EOS)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples from softmax(logits / T)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (with --temperature > 0)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto = bfloat16 on a GPU that supports it, else float32")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = auto (cli.Threads)")
+    return p
+
+
+def main(argv=None, out=sys.stdout):
+    """Print the continuation as it is generated; returns the new token ids."""
+    args = get_parser().parse_args(argv)
+    if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
+        raise UserError(f"--max-new-tokens must be >= 1, --temperature >= 0 and --top-k >= 1; got "
+                        f"{args.max_new_tokens}, {args.temperature}, {args.top_k}")
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not text.strip():
+        raise UserError("the prompt is empty")
+    device = pick_device(args.device)
+    bf16 = use_bf16(args.dtype, device)
+    if device.type == "cpu":
+        Threads(args.threads)
+    model, tokenizer, _, ckpt = load_run(args.ckpt, args.init, args.tokenizer, device,
+                                         torch.bfloat16 if bf16 else torch.float32)
+    if ckpt is not None and not args.raw:
+        text = prompt_text({"question": text.strip(), "answer": ""})
+    ids = bos(tokenizer) + tokenizer.encode(text)
+    room = model.config.max_seq_len - len(ids)
+    if room < 1:
+        raise UserError(f"the prompt has {len(ids)} tokens: the model's context ({model.config.max_seq_len}) "
+                        f"leaves no room for a new one")
+    new, shown = [], ""
+
+    def stream(step):  # decode everything so far and print what is new (a character may span several tokens)
+        nonlocal shown
+        if step[0] == tokenizer.eos_id:
+            return
+        new.append(step[0])
+        now = tokenizer.decode(new)
+        if not now.endswith("\ufffd"):  # an unfinished multi-byte character: wait for its next token
+            out.write(now[len(shown):])
+            out.flush()
+            shown = now
+
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    with autocast:
+        result = model.generate([ids], min(args.max_new_tokens, room), temperature=args.temperature,
+                                top_k=args.top_k, eos_id=tokenizer.eos_id, generator=generator, on_token=stream)[0]
+    out.write(tokenizer.decode(new)[len(shown):] + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main, "sample.py")
