@@ -1,4 +1,4 @@
-"""Benchmarks, one subcommand each.
+"""Benchmarks, one subcommand each (the measurement helpers are in benchkit.py).
 
     python bench.py tokenizer [--text-mb 4]   # encode throughput: tokenizer.py vs sentencepiece
     python bench.py load                      # peak RSS while loading a 1.1B-shaped bf16 checkpoint, both formats
@@ -9,7 +9,6 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -20,65 +19,24 @@ from pathlib import Path
 
 import torch
 
+from benchkit import (StepTimer, gsm8k_documents, matmul_rate, random_model, reset_peak_rss, rss_mib, timed,
+                      train_flops, varied_documents)
+
 SHARED = Path(__file__).resolve().parent.parent / "shared"  # read-only data beside the repo, when present
-
-WORDS = ("the of and to a in is was for that with as on by he she it at from his her they we you this be or an "
-         "are were which have has had not but all one two three can will would there their what so if about when "
-         "time people year way day man woman child world life hand part place case week company system program "
-         "question work government number night point home water room mother area money story fact month lot "
-         "right study book eye job word business issue side kind head house service friend father power hour game "
-         "line end member law car city community name president team minute idea kid body information back "
-         "parent face others level office door health person art war history party result change morning reason "
-         "research girl guy moment air teacher force education model layer training tokenizer gradient").split()
-SCRIPTS = ["中文文本的一个例子，我们在这里测试分词器的速度。", "日本語の文章です。これはテストです。", "한국어 문장입니다. 테스트입니다.",
-           "Это пример текста на русском языке.", "هذا مثال على نص باللغة العربية.", "Ένα παράδειγμα κειμένου.",
-           "यह हिंदी में एक उदाहरण है।", "Ça coûte 12,50 € à São Paulo, naïve façade."]
-EMOJI = ["😀", "👍🏽", "👨‍👩‍👧‍👦", "🇫🇷", "❤️", "🚀", "✅", "…", "—", "“quoted”"]
+RESULT_TAG = "BENCH_RESULT "  # the line a child process prints its JSON result on
 
 
-def varied_documents(megabytes, seed=0):
-    """Deterministic mixed documents, about `megabytes` MB of UTF-8 in all: mostly English-like prose, then code,
-    numbers, other scripts, emoji and whitespace runs."""
-    r, docs, size = random.Random(seed), [], 0
-
-    def prose():
-        words = [r.choice(WORDS) if r.random() < 0.9 else str(r.randrange(10 ** r.randrange(1, 6)))
-                 for _ in range(r.randrange(5, 25))]
-        return " ".join(words).capitalize() + r.choice([".", ".", ",", "?", "!", ":"])
-
-    def code():
-        indent = " " * r.choice([0, 4, 8, 12]) + "\t" * (r.random() < 0.1)
-        return indent + r.choice(["def forward(self, x):", "return torch.cat([a, b], dim=-1)", "if x is None:",
-                                  "for i, batch in enumerate(loader):", "loss = F.cross_entropy(logits, y)",
-                                  "# TODO: handle the  edge case", "}", "print(f\"{step:>6d} {loss:.4f}\")"])
-
-    kinds = [prose] * 12 + [code] * 3 + [
-        lambda: " | ".join(f"{r.uniform(-1e4, 1e4):.3f}" for _ in range(8)),
-        lambda: r.choice(SCRIPTS) + r.choice(["", " ", "\n"]) + r.choice(SCRIPTS),
-        lambda: "".join(r.choice(EMOJI + [" ", "  ", "\n", "\t", " " * 20]) for _ in range(r.randrange(3, 15))),
-    ]
-    while size < megabytes * 1e6:
-        lines = [r.choice(kinds)() for _ in range(r.randrange(5, 60))]
-        docs.append("\n".join(lines))
-        size += len(docs[-1].encode())
-    return docs
-
-
-def gsm8k_documents(path):
-    with open(path, encoding="utf-8") as f:
-        return [(row["question"] + "\n" + row["answer"]) for row in map(json.loads, f)]
-
-
-def timed(fn, repeat):
-    """Median wall and CPU seconds (this process, all threads) of `repeat` runs after a warm-up run, and the
-    warm-up's result. On a shared machine, CPU time shows a single-threaded cost that wall time overstates."""
-    result, wall, cpu = fn(), [], []
-    for _ in range(repeat):
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - w)
-        cpu.append(time.process_time() - c)
-    return statistics.median(wall), statistics.median(cpu), result
+def run_child(cmd, env=None):
+    """Run `python bench.py cmd...` in a fresh process (so peaks never mix), pass its other output through, and
+    return its JSON result, or {"error": ...}."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *cmd], stdout=subprocess.PIPE, text=True,
+                          cwd=Path(__file__).parent, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+        print(line)
+    why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
+    return {"error": f"failed: {why}, see its output above"}
 
 
 def bench_tokenizer(args):
@@ -125,74 +83,62 @@ def bench_tokenizer(args):
 # ---- loading: peak RSS against the file size --------------------------------------------------------------
 
 TINYLLAMA_SHAPE = dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, vocab_size=32000)
+SHAPES = {  # FFN width by LLaMA's rule where not given: 1536 for dim 512, 11008 for dim 4096
+    "small": dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000),
+    "tinyllama": TINYLLAMA_SHAPE,
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
+}
+SHAPE_NAMES = {"small": "small", "tinyllama": "TinyLlama-1.1B-shaped", "7b": "LLaMA-2-7B-shaped"}
 
 
-def write_random_checkpoint(folder, fmt, cfg, shards=1):
-    """A random bf16 checkpoint in `fmt` ("hf" or "meta"), written one tensor at a time to keep memory low."""
-    from model import Llama, save_safetensors, OURS_TO_HF, rename
+def write_random_checkpoint(folder, fmt, cfg):
+    """A random bf16 checkpoint of `cfg` in `fmt` ("hf" or "meta"); the bytes written on disk. The model is drawn
+    in bf16 in place (no float32 copy); Meta's q/k row layout is not applied (it does not matter for memory)."""
+    from weights import rename, save_hf
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Llama(cfg).state_dict().items()}
-    g = torch.Generator().manual_seed(0)
-    rand = lambda shape: (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    model = random_model(cfg, "cpu", torch.bfloat16)
     if fmt == "hf":
-        save_safetensors({rename(k, OURS_TO_HF): rand(s) for k, s in shapes.items()}, folder / "model.safetensors")
-        (folder / "config.json").write_text(json.dumps({
-            "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-            "vocab_size": cfg.vocab_size, "rms_norm_eps": 1e-5}))
-    else:  # Meta's names; q/k layout does not matter for a memory test
-        meta = {"embed.weight": "tok_embeddings.weight", "norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
-        sub = [("attn.q", "attention.wq"), ("attn.k", "attention.wk"), ("attn.v", "attention.wv"), ("attn.o", "attention.wo"),
-               ("mlp.gate", "feed_forward.w1"), ("mlp.up", "feed_forward.w3"), ("mlp.down", "feed_forward.w2"),
-               ("attn_norm", "attention_norm"), ("mlp_norm", "ffn_norm")]
-        state = {}
-        for k, s in shapes.items():
-            name = meta.get(k, k)
-            for ours, theirs in sub:
-                name = name.replace(f".{ours}.", f".{theirs}.")
-            state[name] = rand(s)
+        save_hf(model, folder)
+    else:
+        state = {rename(k, "ours", "meta"): v for k, v in model.state_dict().items()}
         torch.save(state, folder / "consolidated.00.pth")
-        del state
-        (folder / "params.json").write_text(json.dumps({
+        (folder / "params.json").write_text(json.dumps({  # Meta's release: the vocabulary is the tokenizer's (-1)
             "dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
-            "multiple_of": 256, "norm_eps": 1e-5, "vocab_size": -1}))
+            "multiple_of": cfg.multiple_of, "ffn_dim_multiplier": cfg.ffn_dim_multiplier, "norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta, "vocab_size": -1}))
     return sum(f.stat().st_size for f in folder.iterdir())
 
 
-LOAD_CHILD = r"""
-import sys, time, torch
-from model import from_pretrained
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-base = rss("VmRSS:")
-t = time.perf_counter()
-model = from_pretrained(sys.argv[1])
-load_s = time.perf_counter() - t
-after_load = rss("VmHWM:") - base
-with torch.no_grad():  # touch every weight: the mapped pages become resident
-    total = sum(p.sum().item() for p in model.parameters())  # no fp32 copy
-after_touch = rss("VmHWM:") - base
-print(load_s, after_load, after_touch)
-"""
+def bench_load_child(args):
+    """`bench.py load-child PATH` (internal), in a fresh process: load PATH, then touch every weight; print the
+    load seconds and the peak RSS (MiB) above the RSS after the imports, after each."""
+    from weights import from_pretrained
+    base = rss_mib()
+    t = time.perf_counter()
+    model = from_pretrained(args.path)
+    load_s = time.perf_counter() - t
+    after_load = rss_mib("VmHWM:") - base
+    with torch.no_grad():  # touch every weight: the mapped pages become resident
+        sum(p.sum().item() for p in model.parameters())  # no fp32 copy
+    after_touch = rss_mib("VmHWM:") - base
+    print(RESULT_TAG + json.dumps({"load_s": load_s, "after_load": after_load, "after_touch": after_touch}))
 
 
 def bench_load(args):
     from model import LlamaConfig
-    cfg = LlamaConfig(**TINYLLAMA_SHAPE)
+    cfg = LlamaConfig(**SHAPES[args.shape])
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for fmt in ["hf", "meta"]:
             folder = Path(tmp) / fmt
             size = write_random_checkpoint(folder, fmt, cfg)
-            out = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(folder)], capture_output=True, text=True,
-                                 cwd=Path(__file__).parent, check=True).stdout.split()
-            load_s, after_load, after_touch = float(out[0]), int(out[1]), int(out[2])
-            rows.append((fmt, size, load_s, after_load, after_touch))
+            r = run_child(["load-child", str(folder)])
+            if "error" in r:
+                sys.exit(f"load-child {fmt}: {r['error']}")
+            rows.append((fmt, size, r["load_s"], r["after_load"] * 2 ** 20, r["after_touch"] * 2 ** 20))
             shutil.rmtree(folder)
-    print(f"\nLoading a {cfg.n_layers}-layer dim-{cfg.dim} (TinyLlama-1.1B-shaped) random bf16 checkpoint\n")
+    print(f"\nLoading a {cfg.n_layers}-layer dim-{cfg.dim} ({SHAPE_NAMES[args.shape]}) random bf16 checkpoint\n")
     print("| format | file size | load time | peak RSS during load | ratio | peak RSS after touching every weight | ratio |")
     print("|---|---|---|---|---|---|---|")
     gib = 2 ** 30
@@ -204,64 +150,25 @@ def bench_load(args):
 
 # ---- training step: ours (LoRA, MoD, MoLEx) against transformers + PEFT ------------------------------------
 
-TRAIN_SHAPES = {  # FFN width by LLaMA's rule where not given: 1536 for dim 512, 11008 for dim 4096
-    "small": dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000),
-    "tinyllama": TINYLLAMA_SHAPE,
-    "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
-}
 TRAIN_ROWS = {"hf": "transformers + PEFT, LoRA", "lora": "ours, LoRA", "mod": "ours, LoRA + MoD k={k}, naive loss",
               "mod-chunked": "ours, LoRA + MoD k={k}, chunked loss ({chunk} tokens)",
               "molex": "ours, LoRA + MoLEx, all layers"}
 LORA_RANK, LORA_ALPHA, LORA_TARGETS = 8, 16, ("q", "k", "v", "o")
-RESULT_TAG = "BENCH_RESULT "  # the line a row's subprocess prints its JSON result on
-
-
-def rss_mib(field="VmRSS:"):
-    """This process's resident memory (VmRSS) or its peak (VmHWM) in MiB, from /proc (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def reset_peak_rss():
-    """Reset VmHWM to the current RSS (Linux: writing 5 to /proc/self/clear_refs). False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def random_llama(cfg, device, dtype, seed=0, std=0.02):
-    """Our Llama with N(0, std) weights and unit norms, built on the meta device and filled in place on `device`
-    (no fp32 copy of a bf16 model). On the CPU the weights equal Llama(cfg).init_weights(seed, std)."""
-    from model import Llama
-    with torch.device("meta"):
-        model = Llama(cfg)
-    model = model.to(dtype).to_empty(device=device)
-    model.build_rope(device)  # fp32 tables, rebuilt (to_empty left them uninitialized)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.ones_like(p) if p.dim() == 1 else torch.randn(p.shape, generator=g, device=device) * std)
-    return model
 
 
 def hf_from_ours(ours):
     """transformers' LlamaForCausalLM holding our weights (the same tensors, assigned: no copy), with SDPA."""
     import transformers
-    from model import OURS_TO_HF, rename
+    from weights import rename
     c = ours.config
     hf_cfg = transformers.LlamaConfig(
         hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
         num_key_value_heads=c.n_kv_heads, vocab_size=c.vocab_size, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-        max_position_embeddings=c.max_seq_len, tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False)
+        max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings, attn_implementation="sdpa",
+        use_cache=False)
     with torch.device("meta"):
         hf = transformers.LlamaForCausalLM(hf_cfg)
-    hf.load_state_dict({rename(k, OURS_TO_HF): v for k, v in ours.state_dict().items()}, strict=True, assign=True)
+    hf.load_state_dict({rename(k, "ours", "hf"): v for k, v in ours.state_dict().items()}, strict=True, assign=True)
     device = ours.embed.weight.device
     hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg).to(device)  # its inv_freq is not in the state dict
     meta = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
@@ -273,7 +180,7 @@ def hf_from_ours(ours):
 def build_row(row, args, cfg, device, dtype):
     """(module, loss_fn(module, idx, targets)) for one row; the module is in training mode with LoRA applied."""
     from model import apply_lora
-    model = random_llama(cfg, device, dtype)
+    model = random_model(cfg, device, dtype)
     if row == "hf":
         import peft
         hf = hf_from_ours(model)
@@ -300,59 +207,12 @@ def build_row(row, args, cfg, device, dtype):
     return model.train(), lambda m, idx, targets: m(idx, targets)[1]
 
 
-def train_flops(cfg, B, T, lm_heads=1, expert_blocks=0.0):
-    """Model FLOPs of one LoRA training step (forward + backward; the optimizer's are negligible).
-
-    N = B*T tokens; P = matmul parameters of one block (q, k, v, o, gate, up, down) + its LoRA factors P_lora;
-    blocks = n_layers + the MoLEx expert blocks that ran; heads = LM-head projections (k for MoD, else 1).
-      forward    F = 2*N*(blocks*P + heads*dim*vocab) + A,   A = blocks * 2*B*T^2*dim  (attention: QK^T and PV,
-                 each 2*B*T^2*dim in full, halved because causal attention computes only the lower triangle)
-      backward   frozen weights need only their input gradients: one matmul each, i.e. 1x the forward's matmul
-                 FLOPs (a full backward is 2x); the LoRA factors add their weight gradients, 2*N*blocks*P_lora;
-                 attention's backward is 2*A (gradients of Q, K and V)
-      step       2*F - A + 2*N*blocks*P_lora + 2*A  =  2*(F - A) + 3*A + 2*N*blocks*P_lora
-    Not counted: recomputation (gradient checkpointing, MoD's chunked loss), norms, softmax, the optimizer, and
-    the input gradients layer 0's q/k/v do not need (nothing before them trains: < 1% of the step)."""
-    d, kv = cfg.dim, cfg.n_kv_heads * cfg.head_dim
-    p_lora = LORA_RANK * ((d + d) + 2 * (d + kv) + (d + d))  # q, k, v, o: r * (in + out) each
-    p_block = 2 * d * d + 2 * d * kv + 3 * d * cfg.hidden_dim + p_lora
-    N, blocks = B * T, cfg.n_layers + expert_blocks
-    attn = blocks * 2 * B * T * T * d
-    matmul = 2 * N * (blocks * p_block + lm_heads * d * cfg.vocab_size)
-    return 2 * matmul + 3 * attn + 2 * N * blocks * p_lora
-
-
-def matmul_rate(device, dtype, n=None, repeat=10):
-    """Measured matmul FLOP/s: the median over `repeat` n x n x n products (after 2 warm-ups)."""
-    n = n or (8192 if device.type == "cuda" else 2048)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for i in range(repeat + 2):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            a @ b
-            end.record()
-            end.synchronize()
-            dt = start.elapsed_time(end) / 1e3
-        else:
-            t = time.perf_counter()
-            a @ b
-            dt = time.perf_counter() - t
-        if i >= 2:
-            times.append(dt)
-    return 2 * n ** 3 / statistics.median(times)
-
-
 def run_row(args):
     """One row in this (sub)process: build, warm up, time `steps` training steps; print the JSON result."""
     import importlib
     import importlib.util
     from model import Llama, LlamaConfig
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    row = args.row
+    device, dtype, row = torch.device(args.device), getattr(torch, args.dtype), args.row
     # Everything a row's process loads once, whatever the row, happens before the memory baseline: the imports
     # (transformers and peft in every row: importing them alone adds about 25 MiB) and the first use of the meta
     # device (it loads torch's Python meta kernels: about 70 MiB of RSS measured here, not model memory).
@@ -361,7 +221,7 @@ def run_row(args):
             importlib.import_module(name)
     with torch.device("meta"):
         Llama(LlamaConfig(dim=64, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=64))
-    cfg = LlamaConfig(**TRAIN_SHAPES[args.shape], max_seq_len=max(args.seq, 4096))
+    cfg = LlamaConfig(**SHAPES[args.shape], max_seq_len=max(args.seq, 4096))
     cuda = device.type == "cuda"
     base_rss = rss_mib()
     torch.manual_seed(0)  # LoRA's A factors (ours and PEFT's) draw from the global RNG: the same run every time
@@ -397,7 +257,7 @@ def run_row(args):
         return loss.detach()
 
     from tqdm import tqdm
-    losses, wall, cpu, events = [], [], [], []
+    losses, timer = [], StepTimer(device)
     load_before = os.getloadavg()[0]
     bar = tqdm(total=args.warmup + args.steps, desc=f"{row} ({args.shape}, {device.type})", file=sys.stderr,
                dynamic_ncols=True)
@@ -412,22 +272,10 @@ def run_row(args):
     peak_reset = reset_peak_rss()
     if row == "molex":
         model.molex.stats.zero_()
-    for _ in range(args.steps):
-        if cuda:  # events: no host-device sync inside the timed loop (the CPU queues steps ahead)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            losses.append(step())
-            end.record()
-            events.append((start, end))
-        else:
-            w, c = time.perf_counter(), time.process_time()
-            losses.append(step())
-            wall.append(time.perf_counter() - w)
-            cpu.append(time.process_time() - c)
+    for _ in range(args.steps):  # CUDA: events, no host-device sync inside the timed loop (see StepTimer)
+        losses.append(timer(step))
         bar.update(1)
-    if cuda:
-        torch.cuda.synchronize()
-        wall = [s.elapsed_time(e) / 1e3 for s, e in events]
+    wall, cpu = timer.times()
     bar.close()
     losses = [float(l) for l in losses]
     result = {"row": row, "wall": wall, "cpu": cpu, "warmup_s": warmup_s,
@@ -449,28 +297,17 @@ def run_row(args):
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
-def child_command(args, row):
-    cmd = [sys.executable, str(Path(__file__).resolve()), "train", "--row", row, "--shape", args.shape,
-           "--device", args.device, "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--batch", str(args.batch), "--seq", str(args.seq), "--mod-k", str(args.mod_k),
-           "--mod-chunk", str(args.mod_chunk), "--threads", str(args.threads)]
-    return cmd + ["--compile"] * args.compile + ["--grad-checkpointing"] * args.grad_checkpointing + \
-        ["--explain"] * args.explain
-
-
-def run_child(args, row):
-    """Run one row in a fresh process (so peak RSS and CUDA peaks never mix); its result, or {"error": ...}."""
+def run_train_child(args, row):
+    """One row in a fresh process (so peak RSS and CUDA peaks never mix): its result, or {"row", "error"}."""
+    cmd = ["train", "--row", row, "--shape", args.shape, "--device", args.device, "--dtype", args.dtype,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
+           "--mod-k", str(args.mod_k), "--mod-chunk", str(args.mod_chunk), "--threads", str(args.threads)]
+    cmd += ["--compile"] * args.compile + ["--grad-checkpointing"] * args.grad_checkpointing
+    cmd += ["--explain"] * args.explain
     env = dict(os.environ)
     if args.malloc_mmap_threshold:  # glibc: fixed threshold, so every freed tensor above it goes back to the OS
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
-    proc = subprocess.run(child_command(args, row), stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent,
-                          env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-        print(line)
-    why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
-    return {"row": row, "error": f"failed: {why}, see its output above"}
+    return {"row": row, **run_child(cmd, env)}
 
 
 def pool_rounds(rounds):
@@ -519,7 +356,7 @@ def bench_train(args):
     if args.row:  # a child: one configuration
         return run_row(args)
     from model import LlamaConfig
-    cfg = LlamaConfig(**TRAIN_SHAPES[args.shape])
+    cfg = LlamaConfig(**SHAPES[args.shape])
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     B, T = args.batch, args.seq
     have_hf = all(importlib.util.find_spec(m) for m in ("transformers", "peft"))
@@ -541,7 +378,7 @@ def bench_train(args):
                 continue
             if args.rounds > 1:
                 print(f"round {i + 1}/{args.rounds}: {row}", file=sys.stderr, flush=True)
-            runs[row].append(run_child(args, row))
+            runs[row].append(run_train_child(args, row))
     results = {row: pool_rounds(r) for row, r in runs.items()}
 
     if args.explain:
@@ -571,7 +408,7 @@ def bench_train(args):
         if "error" in r:
             print(f"| {names[row]} | {r['error']} |" + " |" * (10 if cpu else 9))
             continue
-        flops = train_flops(cfg, B, T, r["lm_heads"], r["expert_blocks"])
+        flops = train_flops(cfg, B, T, r["lm_heads"], r["expert_blocks"], lora_rank=LORA_RANK)
         print(f"| {names[row]} | {r['ms']:.0f} | {r['ms_min']:.0f}-{r['ms_max']:.0f} | "
               + (f"{r['cpu_ms']:.0f} | " if cpu else "")
               + f"{B * T / r['ms'] * 1e3:,.0f} | {ratio(ref.get('ms'), r['ms'])} | {ratio(r['ms'], ours.get('ms'))} | "
@@ -595,21 +432,28 @@ def bench_train(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{tokenizer,load,train}")
+    shapes = "small: 8 layers, dim 512; tinyllama: TinyLlama-1.1B; 7b: LLaMA-2-7B (random weights)"
     p = sub.add_parser("tokenizer", help="encode throughput of tokenizer.py vs sentencepiece")
-    p.add_argument("--text-mb", type=float, default=4.0, help="size of the generated varied text")
-    p.add_argument("--model", default=str(SHARED / "llama2" / "tokenizer.model"))
+    p.add_argument("--text-mb", type=float, default=4.0, help="size of the generated varied text (MB)")
+    p.add_argument("--model", default=str(SHARED / "llama2" / "tokenizer.model"),
+                   help="the LLaMA-2 SentencePiece tokenizer.model both tokenizers load (default: %(default)s)")
     p.add_argument("--gsm8k", default=str(SHARED / "datasets" / "gsm8k" / "train.jsonl"),
                    help="also time this JSONL file when it exists (read in place, never copied)")
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=5, help="timed runs of each mode after one warm-up (the median is "
+                                                         "reported)")
     p.add_argument("--threads", type=int, default=0, help="threads for batch encoding (0: all CPUs)")
     p.set_defaults(func=bench_tokenizer)
     p = sub.add_parser("load", help="peak RSS while loading a TinyLlama-shaped random bf16 checkpoint")
-    p.add_argument("--tmp", default=None, help="folder for the temporary checkpoints (about 2.1 GB each)")
+    p.add_argument("--tmp", default=None, help="folder for the temporary checkpoints (about 2.1 GB each for "
+                                               "tinyllama; default: the system's temporary folder)")
+    p.add_argument("--shape", choices=list(SHAPES), default="tinyllama", help=f"the checkpoint's shape: {shapes}")
     p.set_defaults(func=bench_load)
+    p = sub.add_parser("load-child")  # internal (no help: not listed): one load, in the process bench_load starts
+    p.add_argument("path", help="the checkpoint folder to load")
+    p.set_defaults(func=bench_load_child)
     p = sub.add_parser("train", help="training step speed and memory: ours (LoRA, MoD, MoLEx) vs transformers+PEFT")
-    p.add_argument("--shape", choices=list(TRAIN_SHAPES), default="small",
-                   help="small: 8 layers, dim 512 (CPU); tinyllama: TinyLlama-1.1B; 7b: LLaMA-2-7B (random weights)")
+    p.add_argument("--shape", choices=list(SHAPES), default="small", help=f"{shapes}; small runs on the CPU")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cpu for small, else cuda")
     p.add_argument("--dtype", default=None, help="weights' dtype (LoRA and add-ons stay float32); default: "
                                                  "float32 on cpu, bfloat16 on cuda")
