@@ -73,8 +73,8 @@ def read_jsonl(path):
             record = json.loads(line)
         except json.JSONDecodeError as e:
             near = line[max(0, e.pos - 20):e.pos + 20].strip()
-            raise ValueError(f"{path}:{line_no}:{e.pos + 1}: not valid JSON ({e.msg} at character {e.pos + 1} of "
-                             f"the line, near {near!r})") from None
+            raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg} at character {e.pos + 1} of the line, "
+                             f"near {near!r})") from None
         try:
             check_record(record)
         except ValueError as e:
