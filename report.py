@@ -108,7 +108,9 @@ def write_plots(res, stem, n_layers, subtitle):
     fig, ax = plt.subplots(figsize=(2.5 + 0.45 * len(sources) * len(metric_names), 4))
     width = 0.8 / len(metric_names)
     for j, m in enumerate(metric_names):
-        ax.bar([i + j * width for i in range(len(sources))], [res["metrics"][s][m] for s in sources], width, label=m)
+        bars = ax.bar([i + j * width for i in range(len(sources))], [res["metrics"][s][m] for s in sources], width,
+                      label=m)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks([i + width * (len(metric_names) - 1) / 2 for i in range(len(sources))])
     ax.set_xticklabels([source_label(s, n_layers, res.get("mod_k", 0)).split(" (")[0] for s in sources], rotation=30,
                        ha="right")
@@ -166,8 +168,9 @@ def ablation_plot(summary, labels, metric, path, title):
         return False
     names = list(summary)
     fig, ax = plt.subplots(figsize=(3 + 0.9 * len(names), 4.5))
-    ax.bar(range(len(names)), [summary[n][metric][0] for n in names],
-           yerr=[summary[n][metric][1] for n in names], capsize=4, color="tab:blue")
+    bars = ax.bar(range(len(names)), [summary[n][metric][0] for n in names],
+                  yerr=[summary[n][metric][1] for n in names], capsize=4, color="tab:blue")
+    ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     ax.set_xticks(range(len(names)), [labels[n] for n in names], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"{metric} accuracy (%), mean ± std")
     ax.set_title(title, fontsize=9)

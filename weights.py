@@ -108,8 +108,12 @@ def read_safetensors(path):
 
 
 def plain_error(e):
-    """An exception's first line without terminal colour codes (torch colours parts of its messages)."""
-    return re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    """What went wrong, in one line without terminal colour codes (torch colours parts of its messages) and without
+    torch's advice to retry with weights_only=False (the opposite of what to do with an untrusted file)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    if "WeightsUnpickler error:" in text:  # keep only the reason: which global or object was refused
+        text = text.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_pickled(path):

@@ -116,16 +116,23 @@ def split_of(skeleton):
 
 # ---------------------------------------------------------------- arith
 
-def make_arith(rng, level):
-    """One GSM8K-like record and its arithmetic skeleton."""
+def chain_story(rng, level, steps):
+    """A person's amount through `steps` operations: (person, things, start, ops, values, the story's sentences
+    ending in the question)."""
     person, *others = pick_people(rng, 4)
     pronoun, things = PRONOUNS[person], rng.choice(OBJECTS)
     start = rng.randint(2, level.max_operand)
-    ops = random_ops(rng, level, start, level.arith_steps)
+    ops = random_ops(rng, level, start, steps)
     values = run_ops(start, ops)
     sentences = [f"{person} has {start} {things}."]
     sentences += [f"{pronoun} {phrase(rng, op, k, others)}." for op, k in ops]
     sentences.append(f"How many {things} does {person} have?")
+    return person, things, start, ops, values, sentences
+
+
+def make_arith(rng, level):
+    """One GSM8K-like record and its arithmetic skeleton."""
+    person, things, start, ops, values, sentences = chain_story(rng, level, level.arith_steps)
     lines = [f"{person} starts with {start} {things}."]
     lines += [f"{before} {op} {k} = {after}" for (op, k), before, after in zip(ops, values, values[1:])]
     lines.append(f"#### {values[-1]}")
@@ -159,18 +166,11 @@ def slips(rng, answer, candidates):
 
 def make_chain_question(rng, level):
     """"Ann has 5 pens. She buys 3 more. She gives 2 to Ben. How many pens does Ann have now?" """
-    person, *others = pick_people(rng, 4)
-    pronoun, things = PRONOUNS[person], rng.choice(OBJECTS)
-    start = rng.randint(2, level.max_operand)
-    ops = random_ops(rng, level, start, level.chain_steps)
-    values = run_ops(start, ops)
+    person, things, start, ops, values, sentences = chain_story(rng, level, level.chain_steps)
     answer, before = values[-1], values[-2]
     last_op, last_k = ops[-1]
     reversed_op = {"+": "-", "-": "+", "*": "+"}[last_op]
     candidates = [before, apply_op(before, reversed_op, last_k)]  # last step left out, or done the wrong way
-    sentences = [f"{person} has {start} {things}."]
-    sentences += [f"{pronoun} {phrase(rng, op, k, others)}." for op, k in ops]
-    sentences.append(f"How many {things} does {person} have?")
     return " ".join(sentences), answer, candidates, ("chain", start, ops)
 
 

@@ -207,3 +207,24 @@ def test_eval_bad_input(tuned_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ev.main(["--init", str(tuned_run / "base"), "--data", "no-such-data"])
     assert "no-such-data" in str(e.value.code)
+
+
+@pytest.mark.parametrize("context", [160, 512, 4096])
+def test_default_generation_length_leaves_room_for_the_prompts(context, shared_dir, tmp_path):
+    """Every built-in task and every prepared data set, with a tiny context, the built-in base's (512) and
+    LLaMA-2's: the default length leaves the longest prompt its room, or at least half the context."""
+    from data import BUILTIN_TASKS, load_examples, task_kind
+    from data.format import encode_prompt, target_text
+    from data.prepare import DATASETS, prepare
+    tok = load_tokenizer("byte")
+    sets = {name: load_examples(name, "test", difficulty=3) for name in BUILTIN_TASKS}
+    for name in DATASETS:
+        prepare(name, shared_dir / "datasets" / name, tmp_path / name)
+        sets[name] = load_examples(str(tmp_path / name), "test")
+    for name, records in sets.items():
+        if task_kind(records[0]) != "generation":
+            continue  # multiple choice generates one label (8 tokens)
+        prompts = [encode_prompt(tok, r) for r in records]
+        longest = max(len(tok.encode(target_text(r))) for r in records)
+        n = ev.generation_length(longest, max(map(len, prompts)), context)
+        assert n >= 1 and context - n >= min(max(map(len, prompts)), context // 2), (name, n)

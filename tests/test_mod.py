@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import KVCache, Llama, LlamaConfig, apply_lora, freeze_base
+from conftest import random_llama
+from model import KVCache, LlamaConfig, apply_lora, freeze_base
 from mod import MoDConfig, attach_mod, layer_logits, routing_stats, routing_weights
 
 CFG = LlamaConfig(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=64, max_seq_len=64)
@@ -12,11 +13,9 @@ V = CFG.vocab_size
 
 
 def tiny(seed=0):
-    model = Llama(CFG).init_weights(seed, std=0.15)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # a final norm that is not all ones, so copying it is visible
-        model.norm.weight.copy_(1 + 0.5 * torch.randn(CFG.dim, generator=g))
-    return model
+    # conftest's builder: norms that are not all ones, so copying the final norm is visible
+    return random_llama(seed, std=0.15, **{k: getattr(CFG, k) for k in (
+        "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len")})
 
 
 def randomize_mod(model, seed=0, scale=1.0):

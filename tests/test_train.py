@@ -346,3 +346,20 @@ def test_auto_threads_make_room_for_a_load_that_starts_later():
         spinner.kill()
     assert cli.Threads(3).update(force=True) == 3  # an explicit --threads wins
     torch.set_num_threads(1)  # as conftest set it
+
+
+def test_a_run_folder_without_newer_settings_takes_their_defaults(tiny_base, tmp_path):
+    """Settings added after a run was made are missing from its args: they take their dataclass defaults, both
+    when the run's model is rebuilt and when it resumes."""
+    run = tmp_path / "run"
+    train.main(base_argv(tiny_base, run, "--max-steps", "2", "--mod-k", "2", "--mod-router", "vector", "--molex"))
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    for key in ("mod_top_k", "mod_router_lr", "mod_layer_ce", "molex_vote", "molex_seed", "lora_plus", "beta2"):
+        del ckpt["args"][key]
+    torch.save(ckpt, run / "ckpt.pt")
+    model = checkpoint.build_model(ckpt["args"], verbose=False)
+    assert model.mod.cfg == checkpoint.config_from(checkpoint.MoDConfig, {"mod_k": 2, "mod_router": "vector"}, "mod")
+    assert model.molex.cfg.vote == "prompt" and model.molex.cfg.seed == 0
+    resumed = train.main(["--resume", str(run), "--max-steps", "3"])
+    assert resumed["step"] == 3 and resumed["losses"]
+    assert json.loads((run / "args.json").read_text())["beta2"] == 0.99  # saved complete again
