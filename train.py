@@ -41,11 +41,13 @@ from tokenizer import check_tokenizer_fits, load_tokenizer
 from weights import save_hf
 
 # The built-in base: 4 layers, dim 128, 8 query heads sharing 4 KV heads, byte tokenizer, context 512, pretrained
-# on data.builtin's corpus for 700 steps of 8 x 128 tokens; optim.CASE_DEFAULTS tunes it for 500 steps. Sized so
-# that `python train.py` needs about 3 CPU-minutes in all (BENCHMARKS.md): 1,200 + 1,200 steps took 6 (tuned
-# strict accuracy, seeds 0/1/2: 54 / 12.5 / 79%); 700 + 500 gave 27 / 10 / 7.5%, the untuned base 0%. 6 layers cost
-# 1.5x per step and did not learn to copy the question's numbers reliably; 4 query heads per 2 KV heads learned it
-# less often. Pretraining text with worked one-step equations in it made tuning worse (7% at seed 0).
+# on data.builtin's corpus for 700 steps of 8 x 128 tokens; optim.CASE_DEFAULTS tunes it for 500 steps, on the
+# built-in tasks' default difficulty 1. Sized so that `python train.py` needs about 3.5 CPU-minutes in all
+# (BENCHMARKS.md). Measured (strict accuracy, 200 test problems; the untuned base: 0%): 1,200 + 1,200 steps at
+# difficulty 2 took 6 CPU-minutes for 54 / 12.5 / 79% (seeds 0 1 2); 700 + 500 at difficulty 2 gave 27 / 10 / 7.5%
+# (8% with 2 threads); at difficulty 1, 20.5 / 36%. 6 layers cost 1.5x per step and did not learn to copy the
+# question's numbers reliably; 4 query heads per 2 KV heads learned it less often; pretraining text with worked
+# one-step equations in it made tuning worse (7%).
 BUILTIN_BASE_ARGV = ["--pretrain", "--dim", "128", "--n-layers", "4", "--n-heads", "8", "--n-kv-heads", "4",
                      "--context", "512", "--tokenizer", "byte", "--data", "corpus", "--corpus-chars", "400000",
                      "--max-len", "128", "--batch-size", "8", "--max-steps", "700", "--lr", "3e-3",
