@@ -132,6 +132,12 @@ class Threads:
         except (OSError, ValueError, IndexError):
             return None
 
+    def limit(self, n):
+        """At most n threads from now on (auto only: an explicit --threads N stays N)."""
+        self.max = max(1, min(self.max, n))
+        if self.flag <= 0 and torch.get_num_threads() > self.max:
+            torch.set_num_threads(self.max)
+
     def update(self, force=False):
         """Re-check the load (at most every every_s seconds); returns the thread count now in use."""
         if self.flag > 0 or self.last is None:

@@ -41,18 +41,19 @@ from tokenizer import check_tokenizer_fits, load_tokenizer
 from weights import save_hf
 
 # The built-in base: 4 layers, dim 128, 8 query heads sharing 4 KV heads, byte tokenizer, context 512, pretrained
-# on data.builtin's corpus for 700 steps of 8 x 128 tokens; optim.CASE_DEFAULTS tunes it for 500 steps, on the
-# built-in tasks' default difficulty 1. Sized so that `python train.py` needs about 3.5 CPU-minutes in all
-# (BENCHMARKS.md). Measured (strict accuracy, 200 test problems; the untuned base: 0%): 1,200 + 1,200 steps at
-# difficulty 2 took 6 CPU-minutes for 54 / 12.5 / 79% (seeds 0 1 2); 700 + 500 at difficulty 2 gave 27 / 10 / 7.5%
-# (8% with 2 threads); at difficulty 1, 20.5 / 36%. 6 layers cost 1.5x per step and did not learn to copy the
-# question's numbers reliably; 4 query heads per 2 KV heads learned it less often; pretraining text with worked
-# one-step equations in it made tuning worse (7%).
+# on data.builtin's corpus for 700 steps of 8 x 128 tokens, then tuned for 500 (optim.CASE_DEFAULTS) on the built-in
+# tasks' default difficulty 1: about 3 CPU-minutes in all (BENCHMARKS.md has the measured calibration: 1,200 +
+# 1,200 steps at difficulty 2 took twice as long). 6 layers cost 1.5x per step and did not learn to copy the
+# question's numbers reliably; 4 query heads per 2 KV heads learned it less often.
 BUILTIN_BASE_ARGV = ["--pretrain", "--dim", "128", "--n-layers", "4", "--n-heads", "8", "--n-kv-heads", "4",
                      "--context", "512", "--tokenizer", "byte", "--data", "corpus", "--corpus-chars", "400000",
                      "--max-len", "128", "--batch-size", "8", "--max-steps", "700", "--lr", "3e-3",
                      "--warmup-steps", "30", "--weight-decay", "0.1", "--eval-every", "0", "--save-every", "350",
                      "--seed", "0"]
+
+# Models below this many parameters train with one CPU thread under --threads 0 (auto). Measured on the built-in
+# base: 2 threads made a step 1.5x faster for 2x the CPU time, and 10x slower when another program held a core.
+SMALL_MODEL = 10_000_000
 
 # Settings that --resume may change; any other flag given with --resume must equal the saved value.
 RESUME_OVERRIDABLE = {"resume", "max_steps", "epochs", "eval_every", "save_every", "device", "compile",
@@ -286,6 +287,8 @@ def main(argv=None):
     model = build_model(vars(args), device, torch.bfloat16 if bf16 and not args.pretrain else torch.float32,
                         verbose=master)
     check_tokenizer_fits(tokenizer, model.config.vocab_size, f"--tokenizer {args.tokenizer}")
+    if threads and sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
+        threads.limit(1)  # a tiny model gains little from a second thread and pays double in CPU time
     max_len = args.max_len or (128 if args.pretrain else model.config.max_seq_len)
     if max_len > model.config.max_seq_len:
         raise UserError(f"--max-len {max_len} exceeds the model's context ({model.config.max_seq_len})")
