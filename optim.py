@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 # base (calibrated so that `python train.py` fits in a few CPU minutes and clearly beats the untuned base);
 # "init": LoRA on a LLaMA checkpoint (--init; LLM-Adapters' GSM8K settings, 1 epoch); "pretrain": --pretrain.
 CASE_DEFAULTS = {
-    "builtin": dict(lr=1e-2, batch_size=8, warmup_steps=30, weight_decay=0.0, max_steps=500),
+    "builtin": dict(lr=1e-2, batch_size=8, warmup_steps=30, weight_decay=0.0, max_steps=700),
     "init": dict(lr=3e-4, batch_size=16, warmup_steps=100, weight_decay=0.0, epochs=1.0),
     "pretrain": dict(lr=3e-3, batch_size=8, warmup_steps=30, weight_decay=0.1, max_steps=1200),
 }
