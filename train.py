@@ -41,7 +41,7 @@ from tokenizer import check_tokenizer_fits, load_tokenizer
 from weights import save_hf
 
 # The built-in base: 4 layers, dim 128, 8 query heads sharing 4 KV heads, byte tokenizer, context 512, pretrained
-# on data.builtin's corpus for 700 steps of 8 x 128 tokens, then tuned for 500 (optim.CASE_DEFAULTS) on the built-in
+# on data.builtin's corpus for 700 steps of 8 x 128 tokens, then tuned for 700 (optim.CASE_DEFAULTS) on the built-in
 # tasks' default difficulty 1: about 3 CPU-minutes in all (BENCHMARKS.md has the measured calibration: 1,200 +
 # 1,200 steps at difficulty 2 took twice as long). 6 layers cost 1.5x per step and did not learn to copy the
 # question's numbers reliably; 4 query heads per 2 KV heads learned it less often.
