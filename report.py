@@ -110,7 +110,7 @@ def write_plots(res, stem, n_layers, subtitle):
     for j, m in enumerate(metric_names):
         bars = ax.bar([i + j * width for i in range(len(sources))], [res["metrics"][s][m] for s in sources], width,
                       label=m)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.bar_label(bars, fmt="%.1f", fontsize=6)
     ax.set_xticks([i + width * (len(metric_names) - 1) / 2 for i in range(len(sources))])
     ax.set_xticklabels([source_label(s, n_layers, res.get("mod_k", 0)).split(" (")[0] for s in sources], rotation=30,
                        ha="right")
@@ -122,7 +122,7 @@ def write_plots(res, stem, n_layers, subtitle):
     ov = res.get("overlap")
     if ov and len(ov["sources"]) > 1:
         names = [s.replace("layer_", "L") for s in ov["sources"]]
-        fig, ax = plt.subplots(figsize=(2.5 + 0.6 * len(names), 2 + 0.6 * len(names)))
+        fig, ax = plt.subplots(figsize=(max(5.5, 2.5 + 0.6 * len(names)), 2 + 0.6 * len(names)))
         im = ax.imshow(ov["pairwise"], cmap="viridis")
         top = max(map(max, ov["pairwise"]))
         for i, row in enumerate(ov["pairwise"]):
@@ -131,7 +131,7 @@ def write_plots(res, stem, n_layers, subtitle):
         ax.set_xticks(range(len(names)), names)
         ax.set_yticks(range(len(names)), names)
         ax.set_title(f"problems solved by both layers ({res['overlap_metric']})\n{subtitle}", fontsize=9)
-        fig.colorbar(im)
+        fig.colorbar(im, ax=ax, pad=0.08)
         save(fig, f"{stem}-overlap.png", files)
     rt = res.get("mod_routing")
     if rt:
