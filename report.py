@@ -170,7 +170,7 @@ def ablation_plot(summary, labels, metric, path, title):
     fig, ax = plt.subplots(figsize=(3 + 0.9 * len(names), 4.5))
     bars = ax.bar(range(len(names)), [summary[n][metric][0] for n in names],
                   yerr=[summary[n][metric][1] for n in names], capsize=4, color="tab:blue")
-    ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    ax.bar_label(bars, fmt="%.1f", fontsize=7, label_type="center", color="white")  # clear of the error bars
     ax.set_xticks(range(len(names)), [labels[n] for n in names], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"{metric} accuracy (%), mean ± std")
     ax.set_title(title, fontsize=9)
