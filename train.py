@@ -431,7 +431,8 @@ def main(argv=None):
 
     if master:
         ran = step - first_step
-        print(f"done: {ran} steps in this run" + (f" (steps {first_step + 1}-{step}; {step} in all)" if first_step else "")
+        print(f"done: {ran} step{'s' * (ran != 1)} in this run" + (f" (steps {first_step + 1}-{step}; {step} in all)"
+                                                                 if first_step else "")
               + f" in {time.time() - t_start:.0f} s, final loss {losses[-1] if losses else float('nan'):.4f}"
               + (f", val loss {val_loss:.4f}" if val_loss is not None else "") + f"; checkpoint {ckpt_file}")
         if args.pretrain:  # a base model others can load: Hugging Face format, tokenizer named in config.json

@@ -348,7 +348,7 @@ def test_auto_threads_make_room_for_a_load_that_starts_later():
     torch.set_num_threads(1)  # as conftest set it
 
 
-def test_a_run_folder_without_newer_settings_takes_their_defaults(tiny_base, tmp_path):
+def test_a_run_folder_without_newer_settings_takes_their_defaults(tiny_base, tmp_path, capsys):
     """Settings added after a run was made are missing from its args: they take their dataclass defaults, both
     when the run's model is rebuilt and when it resumes."""
     run = tmp_path / "run"
@@ -360,6 +360,9 @@ def test_a_run_folder_without_newer_settings_takes_their_defaults(tiny_base, tmp
     model = checkpoint.build_model(ckpt["args"], verbose=False)
     assert model.mod.cfg == checkpoint.config_from(checkpoint.MoDConfig, {"mod_k": 2, "mod_router": "vector"}, "mod")
     assert model.molex.cfg.vote == "prompt" and model.molex.cfg.seed == 0
+    capsys.readouterr()
     resumed = train.main(["--resume", str(run), "--max-steps", "3"])
     assert resumed["step"] == 3 and resumed["losses"]
+    out = capsys.readouterr().out  # what it resumes, and the steps of this process and in all
+    assert f"resuming {run} at step 2 of 3" in out and "done: 1 step in this run (steps 3-3; 3 in all)" in out
     assert json.loads((run / "args.json").read_text())["beta2"] == 0.99  # saved complete again
