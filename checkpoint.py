@@ -20,6 +20,7 @@ from cli import UserError, config_from
 from mod import MoDConfig, attach_mod
 from model import Llama, LlamaConfig, LoRAConfig, apply_lora, freeze_base
 from molex import MoLExConfig, attach_molex
+from tokenizer import check_tokenizer_fits, load_tokenizer
 from weights import atomic_write, find_format, from_pretrained, plain_error, read_json
 
 REPO = Path(__file__).resolve().parent
@@ -175,7 +176,6 @@ def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.flo
         raise UserError(f"the built-in base is not built yet ({BUILTIN_BASE}): run python train.py, which builds it "
                         f"first")
     spec = resolve_tokenizer(tokenizer or settings.get("tokenizer"), settings["init"], settings["pretrain"])
-    from tokenizer import check_tokenizer_fits, load_tokenizer
     try:
         tok = load_tokenizer(spec)
     except (FileNotFoundError, ValueError) as e:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from model import Llama, LlamaConfig
+from model import Llama, LlamaConfig, LoRALinear
 
 # One row per weight: our name, Hugging Face's, Meta's, GGUF's ({i}: the layer). Every rename is derived from it.
 WEIGHT_NAMES = [
@@ -323,7 +323,6 @@ def save_safetensors(tensors, path, metadata=None):
 def save_hf(model, folder, dtype=None, extra_config=None, bos_id=1, eos_id=2):
     """Export in Hugging Face's format (config.json + model.safetensors), LoRA merged into the weights.
     Only the LLaMA weights are written: MoD / MoLEx add-ons have no place in LlamaForCausalLM."""
-    from model import LoRALinear
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.config
