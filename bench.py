@@ -222,8 +222,8 @@ def bench_load(args):
 
 # ---- training step: ours (LoRA, MoD, MoLEx) against transformers + PEFT ------------------------------------
 
-TRAIN_ROWS = {"hf": "transformers + PEFT, LoRA", "lora": "ours, LoRA", "mod": "ours, LoRA + MoD k={k}, naive loss",
-              "mod-chunked": "ours, LoRA + MoD k={k}, chunked loss ({chunk} tokens)",
+TRAIN_ROWS = {"hf": "transformers + PEFT, LoRA", "lora": "ours, LoRA", "mod": "ours, LoRA + MoD k={k}, fused loss (all tokens at once)",
+              "mod-chunked": "ours, LoRA + MoD k={k}, fused loss in chunks of {chunk} tokens",
               "molex": "ours, LoRA + MoLEx, all layers"}
 LORA_RANK, LORA_ALPHA, LORA_TARGETS = 8, 16, ("q", "k", "v", "o")
 

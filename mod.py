@@ -1,13 +1,25 @@
 """
 MoD: Mixture-of-Depths ensemble tuning (Luo & Specia, 2024; docs/design.md#mod). Not DeepMind's token skipping.
 
-The last k layers each read out logits through their own trainable RMSNorm and the shared, frozen LM head; a
-router mixes them in logit space, z = sum_i w_i * lm_head(N_i(h_i)), and the final layer (with the model's own
-frozen norm) distills into the others. Training loss, averaged over unmasked tokens (targets != -100):
+The last k layers each read out logits l_i = lm_head(N_i(h_i)) through their own trainable RMSNorm N_i and the
+shared, frozen LM head (the final layer keeps the model's own norm). A router gives each token weights w over
+the k layers, and the ensemble logits are
 
-    CE(z, y) + distill_weight * mean_{i < k} T^2 * KL(p_final.detach() || p_i)  [+ mean_{all k} CE(logits_i, y)]
+    start "final" (default):  z = l_final + g * (sum_i w_i l_i - l_final),  g a learned scalar that starts at 0
+    start "uniform" (paper):  z = sum_i w_i l_i                              (g = 1: the router's uniform start)
 
-with p = softmax(logits / T). T^2 keeps the distillation gradients the same size for every T (Hinton et al.).
+so by default a tuned model starts exactly at its base, as LoRA's zero B does, and g has a gradient at 0 (the
+ensemble grows in; a saturated softmax on the final layer would give the other layers none). Training loss,
+averaged over the target tokens (targets != -100):
+
+    CE(z, y) + distill_weight * mean_{i < k} T^2 * KL(p_final.detach() || p_i)  + mean_{all k} CE(l_i, y)
+
+with p = softmax(l / T); the last term (layer_ce, the paper's per-layer loss) keeps every late layer learning
+the task. T^2 keeps the distillation gradients the same size for every T (Hinton et al.).
+
+The loss is computed only at the target positions, by one fused function (mod_loss) that also works out the
+gradient of every readout in its forward pass, chunk by chunk, so no vocab-size tensor is kept for backward.
+tests/test_mod.py checks it against the plain autograd computation.
 
 Usage: attach_mod(model, MoDConfig(k=4)) registers the ensemble as model.mod, the model's head hook; then
 model(idx) returns the ensemble logits and model.generate() generates with them. It freezes nothing: the base is
@@ -19,9 +31,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 ROUTERS = ("token", "sequence", "vector")
+STARTS = ("final", "uniform")
+ROUTER_INPUTS = ("scaled", "normed")
+TOP_K_WEIGHTS = ("kept", "renormalized")
 DIRECTIONS = ("forward", "reverse")
 
 
@@ -31,13 +45,23 @@ class MoDConfig:
     k: int = field(default=4, metadata={"switch": True, "help": (
         "MoD: mix the logits of the last k layers, each read out through its own trainable norm and the frozen LM "
         "head (off unless given; 1: the plain model)")})
+    start: str = field(default="final", metadata={"choices": STARTS, "help": (
+        "final: z = l_final + g * (router mix - l_final) with a learned g from 0, so step 0 is the base model; "
+        "uniform: z = the router mix, which starts as the average of the k layers (the paper)")})
     # sequence: causal, so cached generation equals the full forward (needs model.forward's cache= and n_pad=)
     router: str = field(default="token", metadata={"choices": ROUTERS, "help": (
-        "routing weights: token = a zero-initialized linear layer on each token's final normed state; sequence = "
-        "the same on its running mean over the sequence so far; vector = k learned weights shared by all tokens "
-        "(all start as the uniform average)")})
+        "routing weights: token = a zero-initialized linear layer on each token's final hidden state; sequence = "
+        "the same on its running mean over the sequence so far; vector = k learned weights shared by all tokens")})
+    # A router reading the normed state (L1 norm ~ dim) moves each score ~dim times faster under AdamW than a
+    # learned vector of k scores: at dim 128 and lr 1e-2 one step moved a score by ~1.4 and the softmax saturated.
+    router_input: str = field(default="scaled", metadata={"choices": ROUTER_INPUTS, "help": (
+        "what the token / sequence router reads: scaled = the final hidden state divided by its RMS and by dim, "
+        "so one AdamW step moves a score by about lr whatever the model's width; normed = the final norm's output")})
     top_k: int | None = field(default=None, metadata={"help": (
-        "keep only the K largest routing weights per token, renormalized (default: all k)")})
+        "keep only the K largest routing weights per token (default: all k)")})
+    top_k_weights: str = field(default="kept", metadata={"choices": TOP_K_WEIGHTS, "help": (
+        "with --mod-top-k: kept = the kept softmax weights as they are (Switch-style, so the router gets a "
+        "gradient); renormalized = divided by their sum (the paper; Top-1 then gives the router no gradient)")})
     router_lr: float | None = field(default=None, metadata={"help": (
         "peak lr of the router alone, in its own AdamW group without weight decay (default: --lr)")})
     distill_weight: float = field(default=1.0, metadata={"help": (
@@ -45,22 +69,23 @@ class MoDConfig:
     distill_temp: float = field(default=1.0, metadata={"help": "distillation temperature T (the KL is multiplied by T^2)"})
     distill_direction: str = field(default="forward", metadata={"choices": DIRECTIONS, "help": (
         "forward: KL(p_final || p_layer); reverse: KL(p_layer || p_final); the final layer is the detached teacher")})
-    layer_ce: bool = field(default=False, metadata={"help": (
-        "also train each late layer alone with its own CE loss (averaged over the k layers)")})
+    layer_ce: bool = field(default=True, metadata={"help": (
+        "also train each late layer alone with its own CE loss, averaged over the k layers (the paper's per-layer "
+        "loss; without it the router collapsed onto the earliest layer)")})
     chunk_size: int | None = field(default=None, metadata={"help": (
-        "compute the MoD loss this many tokens at a time, recomputed in backward, so the k vocab-size logits "
-        "tensors of the whole batch never exist (e.g. 1024 for LLaMA-2-7B, k=4); default: all at once")})
+        "compute the loss this many target tokens at a time, so at most k vocab-size logits tensors of one chunk "
+        "exist at once (e.g. 1024 for LLaMA-2-7B); default: all at once")})
 
     def __post_init__(self):
         if self.k < 1:
             raise ValueError(f"MoD k (--mod-k) must be >= 1, got {self.k}")
-        if self.router not in ROUTERS:
-            raise ValueError(f"unknown MoD router (--mod-router) {self.router!r}; choose from {ROUTERS}")
+        for name, allowed in [("start", STARTS), ("router", ROUTERS), ("router_input", ROUTER_INPUTS),
+                              ("top_k_weights", TOP_K_WEIGHTS), ("distill_direction", DIRECTIONS)]:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown MoD {name} (--mod-{name.replace('_', '-')}) {getattr(self, name)!r}; "
+                                 f"choose from {allowed}")
         if self.top_k is not None and not 1 <= self.top_k <= self.k:
             raise ValueError(f"MoD top_k (--mod-top-k) must be between 1 and k={self.k}, got {self.top_k}")
-        if self.distill_direction not in DIRECTIONS:
-            raise ValueError(f"unknown MoD distill_direction (--mod-distill-direction) {self.distill_direction!r};"
-                             f" choose from {DIRECTIONS}")
         if self.distill_temp <= 0 or self.distill_weight < 0:
             raise ValueError(f"MoD needs distill_temp > 0 and distill_weight >= 0 (--mod-distill-temp, "
                              f"--mod-distill-weight), got {self.distill_temp} and {self.distill_weight}")
@@ -84,15 +109,20 @@ class DepthEnsemble(nn.Module):
             self.scores = nn.Parameter(torch.zeros(cfg.k, device=device, dtype=torch.float32))
         else:
             self.router = nn.Linear(model.config.dim, cfg.k, device=device, dtype=torch.float32)
-            nn.init.zeros_(self.router.weight)  # zero scores: the uniform average at step 0
+            nn.init.zeros_(self.router.weight)  # zero scores: uniform weights at step 0
             nn.init.zeros_(self.router.bias)
+        # g, the ensemble's share: 0 = the final layer alone (start "final"); None = fixed at 1 (start "uniform")
+        self.share = nn.Parameter(torch.zeros((), device=device)) if cfg.start == "final" else None
         self.only_layer = None  # evaluation: an index 0..k-1 uses that late layer alone (k-1 = the final layer)
         self.last_losses = {}  # the loss terms of the last call with targets, detached tensors (for logging)
 
     def head(self, model, i, h):
         """Late layer i's logits (fp32): its own norm (the model's final norm for i = k-1), then the LM head."""
-        x = (self.norms[i] if i < self.k - 1 else model.norm)(h)
-        return model.lm_head(x.to(model.lm_head.weight.dtype)).float()
+        return model.lm_head(self.normed(model, i, h)).float()
+
+    def normed(self, model, i, h):
+        """Late layer i's hidden state through its norm, in the LM head's dtype: what the head multiplies."""
+        return (self.norms[i] if i < self.k - 1 else model.norm)(h).to(model.lm_head.weight.dtype)
 
     def running_mean(self, x, cache, n_pad):
         """Mean of x over each row's real (non-padding) tokens up to and including each position. With a KV
@@ -110,82 +140,166 @@ class DepthEnsemble(nn.Module):
         return sums / counts.clamp(min=1)
 
     def routing_weights(self, model, hidden, cache=None, n_pad=None):
-        """(B, T, k) mixing weights of the last k layers, after Top-K (each row sums to 1)."""
+        """(B, T, k) router weights w of the last k layers, after Top-K (rows sum to 1 unless Top-K keeps them)."""
         B, T, _ = hidden[-1].shape
-        if self.only_layer is not None:
-            if not 0 <= self.only_layer < self.k:
-                raise ValueError(f"MoD only_layer={self.only_layer}: must be 0..{self.k - 1} (k-1 = the final layer)")
-            return F.one_hot(torch.tensor(self.only_layer, device=hidden[-1].device), self.k).float().expand(B, T, -1)
         if self.cfg.router == "vector":
             scores = self.scores.expand(B, T, -1)
         else:
-            x = model.norm(hidden[-1]).float()
+            h = hidden[-1].float()
+            if self.cfg.router_input == "scaled":
+                x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) / h.size(-1)
+            else:
+                x = model.norm(hidden[-1]).float()
             if self.cfg.router == "sequence":
                 x = self.running_mean(x, cache, n_pad)
             scores = self.router(x)
         top_k = self.cfg.top_k or self.k
-        if top_k < self.k:
-            # ties (e.g. the zero-initialized router) go to the later layers: a stable sort of the reversed scores
-            order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices[..., :top_k]
-            keep = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, self.k - 1 - order, True)
-            scores = scores.masked_fill(~keep, float("-inf"))
-        return F.softmax(scores, dim=-1)
+        if top_k == self.k:
+            return F.softmax(scores, dim=-1)
+        # ties (e.g. the zero-initialized router) go to the later layers: a stable sort of the reversed scores
+        order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices[..., :top_k]
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, self.k - 1 - order, True)
+        if self.cfg.top_k_weights == "renormalized":  # a softmax over the kept scores
+            return F.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+        return F.softmax(scores, dim=-1) * keep
 
-    def loss_sums(self, model, hs, w, y, return_logits=False):
-        """Sums over the unmasked tokens of one chunk (hs: k tensors (n, dim), w: (n, k), y: (n,)) of the
-        ensemble CE, the distillation KL (mean over the non-final layers, times T^2) and the per-layer CE."""
-        cfg = self.cfg
-        logits = [self.head(model, i, h) for i, h in enumerate(hs)]
-        z = sum(w[:, i:i + 1] * l for i, l in enumerate(logits))
-        ce = F.cross_entropy(z, y, ignore_index=-100, reduction="sum")
-        distill = layer_ce = z.new_zeros(())
-        if cfg.distill_weight > 0 and self.k > 1:
-            real = (y != -100).float()
-            logp_final = F.log_softmax(logits[-1] / cfg.distill_temp, dim=-1).detach()
-            if cfg.distill_direction == "forward":
-                # KL(p_f || p_i) = sum p_f log p_f - sum p_f s_i + logsumexp(s_i), s_i = l_i / T (sum p_f = 1):
-                # the teacher's terms once, and no log-softmax of each student over the vocabulary
-                p_final = logp_final.exp()
-                neg_entropy = (p_final * logp_final).sum(-1)
-                for l in logits[:-1]:
-                    s = l / cfg.distill_temp
-                    distill = distill + ((neg_entropy - (p_final * s).sum(-1) + torch.logsumexp(s, -1)) * real).sum()
-            else:  # KL(p_i || p_f)
-                for l in logits[:-1]:
-                    logp = F.log_softmax(l / cfg.distill_temp, dim=-1)
-                    distill = distill + ((logp.exp() * (logp - logp_final)).sum(-1) * real).sum()
-            distill = distill * cfg.distill_temp ** 2 / (self.k - 1)
-        if cfg.layer_ce:
-            layer_ce = sum(F.cross_entropy(l, y, ignore_index=-100, reduction="sum") for l in logits) / self.k
-        sums = torch.stack([ce, distill, layer_ce])
-        return (sums, z) if return_logits else sums
+    def coefficients(self, model, hidden, cache=None, n_pad=None):
+        """(B, T, k) coefficients c of the readouts in the ensemble, z = sum_i c_i l_i: g * w + (1 - g) on the
+        final layer (start "final"), w itself (start "uniform"), one-hot with only_layer."""
+        if self.only_layer is not None:
+            if not 0 <= self.only_layer < self.k:
+                raise ValueError(f"MoD only_layer={self.only_layer}: must be 0..{self.k - 1} (k-1 = the final layer)")
+            B, T, _ = hidden[-1].shape
+            return F.one_hot(torch.tensor(self.only_layer, device=hidden[-1].device), self.k).float().expand(B, T, -1)
+        w = self.routing_weights(model, hidden, cache, n_pad)
+        if self.share is None:
+            return w
+        final = F.one_hot(torch.tensor(self.k - 1, device=w.device), self.k).float()
+        return self.share * w + (1 - self.share) * final
 
     def forward(self, model, hidden, targets=None, cache=None, n_pad=None):
-        """Without targets: the ensemble logits (B, T, V), fp32. With targets: (logits, loss); with chunk_size
-        set the loss is computed chunk by chunk (recomputed in backward) and logits is None. last_losses gets
-        the per-token means of the terms: ce, distill (before distill_weight, T^2 included), layer_ce."""
+        """Without targets: (the ensemble logits (B, T, V) fp32, None). With targets: (None, loss), the readouts
+        computed at the target positions only. last_losses gets the per-token means of the terms: ce, distill
+        (before distill_weight, T^2 included), layer_ce."""
         hs = hidden[-self.k:]
         B, T, dim = hs[-1].shape
-        w = self.routing_weights(model, hidden, cache, n_pad)
+        c = self.coefficients(model, hidden, cache, n_pad)
         if targets is None:  # summed layer by layer: one layer's logits besides z at a time
-            return sum(w[..., i:i + 1] * self.head(model, i, h) for i, h in enumerate(hs)), None
+            return sum(c[..., i:i + 1] * self.head(model, i, h) for i, h in enumerate(hs)), None
         if targets.shape != (B, T):
             raise ValueError(f"MoD: targets of shape {tuple(targets.shape)} for hidden states of shape {(B, T)}")
-        hs, w, y = [h.reshape(B * T, dim) for h in hs], w.reshape(B * T, self.k), targets.reshape(B * T)
-        logits = None
-        if self.cfg.chunk_size is None:
-            sums, logits = self.loss_sums(model, hs, w, y, return_logits=True)
-            logits = logits.view(B, T, -1)
+        y = targets.reshape(B * T)
+        rows = (y != -100).nonzero().squeeze(1)
+        xs = [self.normed(model, i, h.reshape(B * T, dim)[rows]) for i, h in enumerate(hs)]
+        cfg = self.cfg
+        loss, parts = mod_loss(xs, model.lm_head.weight, c.reshape(B * T, self.k)[rows], y[rows],
+                               cfg.distill_weight if self.k > 1 else 0.0, cfg.distill_temp,
+                               cfg.distill_direction == "forward", cfg.layer_ce, cfg.chunk_size)
+        self.last_losses = dict(zip(("ce", "distill", "layer_ce"), parts))
+        return None, loss
+
+
+def mod_loss(xs, weight, c, y, distill_weight, temp, forward_kl, layer_ce, chunk_size=None):
+    """(loss, (ce, distill, layer_ce)) over n target tokens: xs = k (n, dim) normed states, weight = the frozen
+    LM head (V, dim), c (n, k) the ensemble coefficients, y (n,). The loss is
+    [CE(z) + distill_weight * distill + layer_ce] / n; the parts are per-token means (detached)."""
+    need_grad = torch.is_grad_enabled() and (c.requires_grad or any(x.requires_grad for x in xs))
+    if need_grad and weight.requires_grad:
+        raise ValueError("MoD's loss does not train the LM head: freeze the base first (model.freeze_base)")
+    return _ModLoss.apply(c, y, weight, (distill_weight, temp, forward_kl, layer_ce, chunk_size, need_grad), *xs)
+
+
+class _ModLoss(torch.autograd.Function):
+    """The gradients are worked out in forward, chunk by chunk (the loss is a scalar, so backward only scales
+    them): the k (chunk, V) logits tensors are freed after each chunk, and no softmax is saved for backward."""
+
+    @staticmethod
+    def forward(ctx, c, y, weight, opts, *xs):
+        distill_weight, temp, forward_kl, layer_ce, chunk_size, need_grad = opts
+        n, k = c.shape
+        step = chunk_size or max(n, 1)
+        sums = torch.zeros(3, dtype=torch.float32, device=c.device)
+        grad_c, grad_xs = torch.zeros_like(c), [torch.zeros_like(x) for x in xs]
+        for s in range(0, n, step):
+            rows = slice(s, s + step)
+            part = _chunk(c[rows], y[rows], weight, [x[rows] for x in xs], distill_weight, temp, forward_kl,
+                          layer_ce, need_grad, scale=1.0 / n)
+            sums += part[0]
+            if need_grad:
+                grad_c[rows] = part[1]
+                for g, gx in zip(grad_xs, part[2]):
+                    g[rows] = gx
+        means = sums / max(n, 1)  # no target at all: 0, not NaN
+        ctx.save_for_backward(grad_c, *grad_xs)
+        ctx.mark_non_differentiable(means)
+        return means[0] + distill_weight * means[1] + means[2], means
+
+    @staticmethod
+    def backward(ctx, grad_loss, _):
+        grad_c, *grad_xs = ctx.saved_tensors
+        return (grad_c * grad_loss, None, None, None, *(g * grad_loss.to(g.dtype) for g in grad_xs))
+
+
+def rowdot(a, b):
+    """(n,) row-wise dot products of two (n, V) tensors, without an (n, V) temporary."""
+    return torch.bmm(a[:, None, :], b[:, :, None]).view(-1)
+
+
+def _chunk(c, y, weight, xs, distill_weight, temp, forward_kl, layer_ce, need_grad, scale):
+    """One chunk of mod_loss: the summed terms (ce, distill, layer_ce), and with need_grad the gradients of
+    scale * (ce + distill_weight * distill + layer_ce) with respect to c and each x. Each (n, V) pass costs about
+    as much as a tenth of a readout's matmul on a CPU, so the tensors are reused in place where possible."""
+    k, T, distilled = len(xs), temp, distill_weight > 0
+    rows = torch.arange(len(y), device=y.device)
+    logits = [(x @ weight.T).float() for x in xs]
+    z = logits[0] * c[:, :1]
+    for i in range(1, k):
+        z.addcmul_(logits[i], c[:, i:i + 1])
+    lse_z = torch.logsumexp(z, -1)
+    ce = (lse_z - z[rows, y]).sum()
+    lse = [torch.logsumexp(l, -1) for l in logits]
+    layer = sum((lse[i] - l[rows, y]).sum() for i, l in enumerate(logits)) / k if layer_ce else ce.new_zeros(())
+    kls = []
+    if distilled:
+        logp_final = logits[-1] - lse[-1][:, None] if T == 1 else F.log_softmax(logits[-1] / T, -1)
+        p_final = logp_final.exp()
+        for i, l in enumerate(logits[:-1]):
+            if forward_kl:  # KL(p_f || p_i) = sum p_f log p_f - sum p_f l_i / T + logsumexp(l_i / T): no log-softmax
+                lse_t = lse[i] if T == 1 else torch.logsumexp(l / T, -1)
+                kls.append(rowdot(p_final, logp_final) - rowdot(p_final, l) / T + lse_t)
+            else:  # KL(p_i || p_f)
+                logp = F.log_softmax(l / T, -1)
+                kls.append(rowdot(logp.exp(), logp - logp_final))
+    distill = torch.stack(kls).sum() * T * T / (k - 1) if kls else ce.new_zeros(())
+    sums = torch.stack([ce, distill, layer])
+    if not need_grad:
+        return sums, None, None
+    g_z = z.sub_(lse_z[:, None]).exp_()  # d CE(z) / d z = softmax(z) - onehot(y), and z = sum_i c_i l_i
+    g_z[rows, y] -= 1
+    grad_c = torch.stack([rowdot(g_z, l) for l in logits], 1) * scale
+    w_layer, w_distill = (scale / k if layer_ce else 0.0), distill_weight * scale * T / max(k - 1, 1)
+    grad_xs = []
+    for i, l in enumerate(logits):  # each l becomes its own gradient, in place
+        student = distilled and i < k - 1
+        fast = student and forward_kl and T == 1  # d KL / d l_i = softmax(l_i) - p_f: shares softmax(l_i)
+        d = None
+        if student and not fast:  # d (T^2 KL) / d l_i = T * d KL / d (l_i / T)
+            logp_t = F.log_softmax(l / T, -1)
+            p_t = logp_t.exp()
+            d = p_t - p_final if forward_kl else p_t * (logp_t - logp_final - kls[i][:, None])
+        if layer_ce or fast:
+            l.sub_(lse[i][:, None]).exp_().mul_(w_layer + (w_distill if fast else 0.0))  # softmax(l_i), weighted
+            if fast:
+                l.sub_(p_final, alpha=w_distill)
+            if layer_ce:  # d CE(l_i) / d l_i = softmax(l_i) - onehot(y), mean over the k layers
+                l[rows, y] -= w_layer
         else:
-            sums, c = 0, self.cfg.chunk_size
-            for s in range(0, B * T, c):
-                args = (model, [h[s:s + c] for h in hs], w[s:s + c], y[s:s + c])
-                # checkpoint: keep only the inputs, recompute the chunk's k logits tensors in backward
-                sums = sums + (checkpoint(self.loss_sums, *args, use_reentrant=False) if torch.is_grad_enabled()
-                               else self.loss_sums(*args))
-        ce, distill, layer_ce = sums / (y != -100).sum().clamp(min=1)  # an all-masked batch gives 0, not NaN
-        self.last_losses = {"ce": ce.detach(), "distill": distill.detach(), "layer_ce": layer_ce.detach()}
-        return logits, ce + self.cfg.distill_weight * distill + layer_ce
+            l.zero_()
+        if d is not None:
+            l.add_(d, alpha=w_distill)
+        l.addcmul_(g_z, c[:, i:i + 1] * scale)
+        grad_xs.append((l.to(weight.dtype) @ weight).to(xs[i].dtype))
+    return sums, grad_c, grad_xs
 
 
 def attach_mod(model, cfg: MoDConfig, verbose=True):
@@ -197,8 +311,8 @@ def attach_mod(model, cfg: MoDConfig, verbose=True):
     if verbose:
         own = sum(p.numel() for p in model.mod.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"MoD over the last {cfg.k} of {n} layers ({cfg.router} router, top_k={cfg.top_k or cfg.k}): "
-              f"{own:,} new parameters, {trainable:,} trainable in all")
+        print(f"MoD over the last {cfg.k} of {n} layers ({cfg.router} router, start {cfg.start}, top_k="
+              f"{cfg.top_k or cfg.k}): {own:,} new parameters, {trainable:,} trainable in all")
     return model.mod
 
 
@@ -208,8 +322,9 @@ def layer_logits(model, hidden):
 
 
 def routing_weights(model, hidden, n_pad=None):
-    """(B, T, k) routing weights after Top-K, as the ensemble uses them."""
-    return model.mod.routing_weights(model, hidden, n_pad=n_pad)
+    """(B, T, k) routing weights of the ensemble: the coefficients c of z = sum_i c_i l_i (start "final": the
+    share g of the router's weights plus 1 - g on the final layer)."""
+    return model.mod.coefficients(model, hidden, n_pad=n_pad)
 
 
 def routing_stats(weights, mask=None, eps=1e-3):

@@ -37,26 +37,41 @@ def batch(B=2, T=13, seed=0, n_masked=5):
 
 def hand_weights(model, hidden, cfg):
     """Routing weights computed plainly: scores, optional running mean (a loop), top-k by torch.topk."""
-    x = model.norm(hidden[-1]).float()
+    h = hidden[-1].float()
+    x = h / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() / h.size(-1) if cfg.router_input == "scaled" \
+        else model.norm(hidden[-1]).float()
     if cfg.router == "vector":
         scores = model.mod.scores.expand(*x.shape[:2], -1)
     else:
         if cfg.router == "sequence":
             x = torch.stack([x[:, :t + 1].mean(1) for t in range(x.size(1))], 1)
         scores = x @ model.mod.router.weight.T + model.mod.router.bias
+    w = scores.softmax(-1)
     if cfg.top_k is not None and cfg.top_k < cfg.k:
         idx = scores.topk(cfg.top_k, -1).indices
-        scores = torch.full_like(scores, float("-inf")).scatter(-1, idx, scores.gather(-1, idx))
-    return scores.softmax(-1)
+        w = torch.zeros_like(w).scatter(-1, idx, w.gather(-1, idx))
+        if cfg.top_k_weights == "renormalized":
+            w = w / w.sum(-1, keepdim=True)
+    return w
+
+
+def hand_coefficients(model, hidden, cfg):
+    """z = sum_i c_i l_i: c = w (start uniform), or g * w + (1 - g) on the final layer (start final)."""
+    w = hand_weights(model, hidden, cfg)
+    if cfg.start == "uniform":
+        return w
+    g = model.mod.share
+    return torch.cat([g * w[..., :-1], g * w[..., -1:] + 1 - g], -1)
 
 
 def reference_loss(model, hidden, y, cfg):
-    """The MoD loss written plainly (whole batch, F.kl_div): returns (total, ce, distill, layer_ce)."""
+    """The MoD loss written plainly (whole batch, every position, F.kl_div): returns (total, ce, distill,
+    layer_ce)."""
     k, T = cfg.k, cfg.distill_temp
     norms = list(model.mod.norms) + [model.norm]
     logits = [model.lm_head(n(h)).float() for n, h in zip(norms, hidden[-k:])]
-    w = hand_weights(model, hidden, cfg)
-    z = sum(w[..., i, None] * logits[i] for i in range(k))
+    c = hand_coefficients(model, hidden, cfg)
+    z = sum(c[..., i, None] * logits[i] for i in range(k))
     real = y != -100
     ce = F.cross_entropy(z.view(-1, V), y.view(-1), ignore_index=-100)
     teacher = F.log_softmax(logits[-1] / T, -1).detach()
@@ -75,49 +90,72 @@ def reference_loss(model, hidden, y, cfg):
     return ce + cfg.distill_weight * distill + layer_ce, ce, distill, layer_ce
 
 
-def test_step0_is_the_logit_lens_average():
+START_CASES = [MoDConfig(k=3), MoDConfig(k=4, router="sequence"), MoDConfig(k=2, router="vector"),
+               MoDConfig(k=3, top_k=1), MoDConfig(k=4, top_k=2, top_k_weights="renormalized"),
+               MoDConfig(k=3, router_input="normed", layer_ce=False)]
+
+
+@pytest.mark.parametrize("cfg", START_CASES, ids=str)
+def test_step0_is_exactly_the_base_model(cfg):
+    # the default start: the ensemble's share g is 0, so z is the final layer's logits, bit for bit
+    model = tiny()
+    freeze_base(model)
+    apply_lora(model, rank=2, alpha=4, verbose=False)  # B = 0: LoRA starts at the base too
+    idx, y = batch()
+    logits, loss = model(idx, y)
+    attach_mod(model, cfg, verbose=False)
+    assert torch.equal(model(idx)[0], logits)
+    prompts = [[1, 5, 9], [1, 2, 3, 4, 5, 6]]
+    plain_gen = model.generate(prompts, max_new_tokens=6)
+    model.mod, saved = None, model.mod
+    assert model.generate(prompts, max_new_tokens=6) == plain_gen
+    model.mod = saved
+    model(idx, y)  # the ensemble CE of the step-0 loss is the base's CE
+    torch.testing.assert_close(model.mod.last_losses["ce"], loss.detach(), rtol=1e-6, atol=0)
+
+
+def test_uniform_start_is_the_logit_lens_average():
     model = tiny()
     idx, _ = batch()
     _, hidden = model.forward_hidden(idx)
     k = 3
     by_hand = torch.stack([model.lm_head(model.norm(h)) for h in hidden[-k:]]).mean(0)
-    attach_mod(model, MoDConfig(k=k), verbose=False)
+    attach_mod(model, MoDConfig(k=k, start="uniform"), verbose=False)
     torch.testing.assert_close(model(idx)[0], by_hand, rtol=1e-6, atol=1e-6)
     for i, l in enumerate(layer_logits(model, hidden)):  # each late layer alone: its plain logit lens
         torch.testing.assert_close(l, model.lm_head(model.norm(hidden[-k + i])))
     keys = {"mod.norms.0.weight", "mod.norms.1.weight", "mod.router.weight", "mod.router.bias"}
-    assert keys <= set(model.state_dict())
+    assert keys <= set(model.state_dict()) and "mod.share" not in model.state_dict()
 
 
-@pytest.mark.parametrize("cfg", [MoDConfig(k=1), MoDConfig(k=1, router="sequence", chunk_size=5),
-                                 MoDConfig(k=3, top_k=1)])
-def test_plain_model_when_k1_or_top1_at_step0(cfg):
-    # k = 1, or Top-1 of a zero router (ties go to the final layer): exactly the plain model
+@pytest.mark.parametrize("cfg", [MoDConfig(k=1), MoDConfig(k=1, router="sequence", chunk_size=5, start="uniform")])
+def test_plain_model_when_k1(cfg):
     model = tiny()
+    freeze_base(model)
     idx, y = batch()
     logits, loss = model(idx, y)
     attach_mod(model, cfg, verbose=False)
     assert torch.equal(model(idx)[0], logits)
     mod_logits, mod_loss = model(idx, y)
-    # chunked: summed chunk by chunk, the same up to the order of the float additions
-    same = torch.equal if cfg.chunk_size is None else lambda a, b: torch.allclose(a, b, rtol=1e-6, atol=0)
-    assert same(model.mod.last_losses["ce"], loss.detach())
-    if cfg.k == 1:  # (Top-1 adds the distillation of the other layers to the loss)
-        assert same(mod_loss, loss)
-    assert mod_logits is None if cfg.chunk_size else torch.equal(mod_logits, logits)
+    assert mod_logits is None  # with targets: the loss alone (computed at the target positions only)
+    # k = 1: the ensemble CE and the layer CE are both the plain CE (summed differently: not bit-equal)
+    torch.testing.assert_close(model.mod.last_losses["ce"], loss.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(mod_loss, (1 + cfg.layer_ce) * loss, rtol=1e-6, atol=0)
 
 
 def test_top_k_keeps_the_k_largest():
     model = tiny()
-    cfg = MoDConfig(k=4, top_k=2)
-    attach_mod(model, cfg, verbose=False)
-    randomize_mod(model)
-    idx, _ = batch(T=20)
-    _, hidden = model.forward_hidden(idx)
-    w = routing_weights(model, hidden)
-    assert ((w > 0).sum(-1) == 2).all()
-    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:2]))
-    torch.testing.assert_close(w, hand_weights(model, hidden, cfg))
+    for how in ["kept", "renormalized"]:
+        cfg = MoDConfig(k=4, top_k=2, top_k_weights=how)
+        attach_mod(model, cfg, verbose=False)
+        randomize_mod(model)
+        idx, _ = batch(T=20)
+        _, hidden = model.forward_hidden(idx)
+        w = model.mod.routing_weights(model, hidden)
+        assert ((w > 0).sum(-1) == 2).all()
+        torch.testing.assert_close(w, hand_weights(model, hidden, cfg))
+        sums = w.sum(-1)
+        assert torch.allclose(sums, torch.ones_like(sums)) == (how == "renormalized")
 
 
 def trainable_setup(lora, cfg=None):
@@ -137,6 +175,11 @@ def trainable_setup(lora, cfg=None):
 def test_gradients_reach_router_norms_and_lora_only(lora):
     model = trainable_setup(lora)
     idx, y = batch()
+    model(idx, y)[1].backward()  # step 0: g = 0, so the router has no gradient yet (as LoRA's A with B = 0) ...
+    assert model.mod.share.grad.abs() > 0 and model.mod.router.weight.grad.abs().sum() == 0
+    model.zero_grad()
+    with torch.no_grad():
+        model.mod.share.fill_(0.3)  # ... and once g has moved, everything learns
     model(idx, y)[1].backward()
     lora_layers = set()
     for name, p in model.named_parameters():
@@ -149,14 +192,44 @@ def test_gradients_reach_router_norms_and_lora_only(lora):
     assert lora_layers == {None: set(), "all": {0, 1, 2, 3}, "last": {1, 2, 3}}[lora]
 
 
+@pytest.mark.parametrize("how", ["kept", "renormalized"])
+def test_top1_router_learns_only_with_kept_weights(how):
+    model = trainable_setup(None, MoDConfig(k=3, top_k=1, top_k_weights=how, start="uniform"))
+    randomize_mod(model, scale=0.3)
+    idx, y = batch()
+    model(idx, y)[1].backward()
+    grad = model.mod.router.weight.grad.abs().sum()
+    assert grad > 0 if how == "kept" else grad == 0  # a softmax renormalized over one survivor is constant
+
+
+@pytest.mark.parametrize("router_input", ["scaled", "normed"])
+def test_router_step_does_not_scale_with_the_hidden_state(router_input):
+    # one AdamW step of lr moves each weight by about lr; with the scaled input (L1 norm <= 1 per token) a score
+    # moves by at most about 2 lr (weights + bias); the normed input (L1 norm ~ dim * gain) moves it far more
+    model = trainable_setup(None, MoDConfig(k=3, router_input=router_input))
+    with torch.no_grad():
+        model.norm.weight.mul_(4)  # a large final-norm gain, as pretrained models have
+        model.mod.share.fill_(0.5)
+    idx, y = batch()
+    _, hidden = model.forward_hidden(idx)
+    before = hand_weights(model, hidden, model.mod.cfg).log()
+    lr = 1e-2
+    opt = torch.optim.AdamW(model.mod.router.parameters(), lr=lr, weight_decay=0.0)
+    model(idx, y)[1].backward()
+    opt.step()
+    moved = (hand_weights(model, hidden, model.mod.cfg).log() - before).abs().max().item()
+    assert (moved <= 4 * lr) if router_input == "scaled" else (moved > 20 * lr), moved
+
+
 CHUNK_CASES = [dict(distill_direction="forward"),
-               dict(distill_direction="reverse", distill_temp=2.0, layer_ce=True, distill_weight=0.5),
-               dict(distill_direction="forward", distill_temp=0.7, layer_ce=True, top_k=2),
-               dict(router="sequence", distill_direction="reverse", distill_temp=1.5),
-               dict(router="vector", layer_ce=True, top_k=3)]
+               dict(distill_direction="reverse", distill_temp=2.0, distill_weight=0.5),
+               dict(distill_direction="forward", distill_temp=0.7, top_k=2, layer_ce=False),
+               dict(router="sequence", distill_direction="reverse", distill_temp=1.5, start="uniform"),
+               dict(router="vector", top_k=2, top_k_weights="renormalized", start="uniform", router_input="normed"),
+               dict(top_k=1, distill_weight=0.0)]
 
 
-@pytest.mark.parametrize("case", CHUNK_CASES)
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=str)
 def test_loss_and_gradients_match_reference(case):
     cfg = MoDConfig(k=3, **case)
     model = trainable_setup("all", cfg)
@@ -173,21 +246,30 @@ def test_loss_and_gradients_match_reference(case):
         else:
             model.mod.cfg.chunk_size = chunk_size
             logits, loss = model(idx, y)
-            assert (logits is None) == (chunk_size is not None)
+            assert logits is None
             parts = model.mod.last_losses
         loss.backward()
         return loss.detach(), parts, [p.grad.clone() for p in params]
 
     ref_loss, ref_parts, ref_grads = loss_and_grads("ref")
-    for chunk_size in [None, 7, 4, 26, 100]:  # 7: chunks of 7, 7, 7 and 5 tokens
+    for chunk_size in [None, 7, 4, 21, 100]:  # 21 target tokens; 7: chunks of 7, 7, 7
         loss, parts, grads = loss_and_grads(chunk_size)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
-        for name in ref_parts:
-            torch.testing.assert_close(parts[name], ref_parts[name].detach(), rtol=1e-5, atol=1e-7)
+        for name in ref_parts:  # (with distill_weight 0 the distillation is not computed at all)
+            if name != "distill" or cfg.distill_weight > 0:
+                torch.testing.assert_close(parts[name], ref_parts[name].detach(), rtol=1e-5, atol=1e-7)
         for g, r in zip(grads, ref_grads):  # relative to the tensor's scale: sums of many terms cancel
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
-    with torch.no_grad():  # a validation loss: chunked without checkpointing
+    with torch.no_grad():  # a validation loss: no gradients worked out
         torch.testing.assert_close(model(idx, y)[1], ref_loss, rtol=1e-5, atol=0)
+
+
+def test_loss_of_a_batch_without_targets_is_zero():
+    model = trainable_setup("all")
+    idx, y = batch()
+    loss = model(idx, torch.full_like(y, -100))[1]
+    loss.backward()
+    assert loss.item() == 0 and all(p.grad.abs().sum() == 0 for p in model.parameters() if p.requires_grad)
 
 
 def test_sequence_router_is_causal():
@@ -245,17 +327,25 @@ def saved_for_backward(model, idx, y):
     return sizes
 
 
-def test_chunking_saves_no_full_logits_for_backward():
-    model = trainable_setup("all")
-    model.mod.cfg.layer_ce = True
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_no_vocab_size_tensor_is_saved_for_backward(chunk_size):
+    model = trainable_setup("all", MoDConfig(k=3, chunk_size=chunk_size))
     idx, y = batch(B=2, T=48)
     full = 2 * 48 * V  # one vocab-size logits tensor for the whole batch
-    naive = saved_for_backward(model, idx, y)
-    assert max(naive) >= full and sum(naive) >= 3 * full  # the measurement sees the k logits tensors
-    model.mod.cfg.chunk_size = 16
-    chunked = saved_for_backward(model, idx, y)
-    assert max(chunked) < full, max(chunked)
-    assert sum(chunked) < sum(naive) / 4, (sum(chunked), sum(naive))
+    model.mod, saved = None, model.mod
+    plain = saved_for_backward_plain(model, idx, y)
+    assert max(plain) >= full  # the measurement sees the plain model's logits
+    model.mod = saved
+    sizes = saved_for_backward(model, idx, y)
+    assert max(sizes) < 48 * V, max(sizes)  # the gradients of the k readouts: (tokens, dim) each
+
+
+def saved_for_backward_plain(model, idx, y):
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        loss = model(idx, y)[1]
+    loss.backward()
+    return sizes
 
 
 def test_routing_stats_by_hand():
@@ -286,18 +376,19 @@ def test_only_layer_gives_that_layer_alone():
 def test_bf16_model_trains():
     model = tiny().to(torch.bfloat16)
     apply_lora(model, rank=2, alpha=4, verbose=False)
-    attach_mod(model, MoDConfig(k=2, chunk_size=5, layer_ce=True), verbose=False)
+    attach_mod(model, MoDConfig(k=2, chunk_size=5), verbose=False)
     assert all(p.dtype == torch.float32 for p in model.mod.parameters())
     idx, y = batch()
     loss = model(idx, y)[1]
     loss.backward()
-    assert torch.isfinite(loss) and model.mod.router.weight.grad is not None
+    assert torch.isfinite(loss) and model.mod.share.grad.abs() > 0
     assert model(idx)[0].dtype == torch.float32
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(k=0), "k"), (dict(k=3, top_k=4), "top_k"), (dict(k=3, top_k=0), "top_k"), (dict(router="layer"), "router"),
-    (dict(distill_direction="both"), "distill_direction"), (dict(distill_temp=0.0), "distill_temp"),
+    (dict(distill_direction="both"), "distill_direction"), (dict(start="x"), "start"),
+    (dict(top_k_weights="x"), "top_k_weights"), (dict(router_input="x"), "router_input"), (dict(distill_temp=0.0), "distill_temp"),
     (dict(distill_weight=-1.0), "distill_weight"), (dict(chunk_size=0), "chunk_size")])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
