@@ -4,7 +4,12 @@ MoLEx: Mixture of Layer Experts (Teo & Nguyen, ICLR 2025; docs/design.md#molex).
 At each mixed layer t a gate reads the layer's input z_t and picks a layer j of the same model as an "expert"
 (the very module model.layers[j], its weights and LoRA adapters shared; no new expert parameters):
 
-    z_{t+1} = alpha * u_t(z_t) + (1 - alpha) * u_j(z_t)      (u = a whole block, residual connections included)
+    z_{t+1} = u_t(z_t) + m_t * (u_j(z_t) - u_t(z_t))          (u = a whole block, residual connections included)
+
+m_t = 1 - alpha is the expert's share. By default it is learned per mixed layer and starts at 0, so a tuned model
+starts exactly at its base and m_t has a gradient there (the expert grows in, as LoRA's zero B lets its update
+grow); the paper's fixed alpha (0.5; 0.95 in the authors' decoder recipe) is --molex-alpha with
+--no-molex-learn-alpha.
 
 The gate scores all L layers for every token; j is the mode of the tokens' top-1 choices, taken over the whole
 batch (rule "paper", training only) or over each sequence (rule "sequence": sequences are grouped by expert so
@@ -20,7 +25,8 @@ experts. vote="all" lets the answer tokens vote as in the paper.
 
 What trains the gate (gate_mode):
   balance   the paper. Argmax and mode give the task loss nothing to differentiate; the only signal is the
-            load-balance loss  balance_weight * sum over mixed layers of L * mean_tokens p_j.
+            load-balance loss  balance_weight * mean over mixed layers of L * mean_tokens p_j (the authors sum
+            over layers, so its size grew with the depth: about 2 on a 30-layer model, as large as the task loss).
   task      u_j's output is multiplied by p_j / p_j.detach() (value 1, gradient d log p_j), plus the balance
             loss if balance_weight > 0.
   aux_free  as task, but balanced without a loss: a per-(layer, expert) bias is added to the scores for the
@@ -41,6 +47,7 @@ SHARES = ("shared", "per_layer")
 RULES = ("paper", "sequence")
 GATE_MODES = ("balance", "task", "aux_free")
 VOTES = ("prompt", "all")
+GATE_INITS = ("normal", "uniform")
 
 
 @dataclass
@@ -60,40 +67,44 @@ class MoLExConfig:
     vote: str = field(default="prompt", metadata={"choices": VOTES, "help": (
         "training: which tokens vote for the expert: prompt (as at generation, where only the prompt exists) or "
         "all (the paper)")})
-    alpha: float = field(default=0.5, metadata={"help": (
-        "weight of the layer itself (the paper: 0.5; 0.95 for CoLA and GPT-2); the start value with "
-        "--molex-learn-alpha")})
-    learn_alpha: bool = field(default=False, metadata={"help": "learn alpha per mixed layer (a softmax of two "
-                                                               "scalars)"})
+    alpha: float = field(default=1.0, metadata={"help": (
+        "weight of the layer itself, 1 - the expert's share; the start value when learned (1: the base model). "
+        "The paper: 0.5 fixed; the authors' decoder recipe (GPT-2): 0.95 fixed")})
+    learn_alpha: bool = field(default=True, metadata={"help": (
+        "learn the expert's share 1 - alpha per mixed layer, a free scalar (so it can start at exactly 0); "
+        "--no-molex-learn-alpha keeps alpha fixed, as the paper")})
     gate_mode: str = field(default="balance", metadata={"choices": GATE_MODES, "help": (
         "what trains the gate: balance = only the load-balance loss (the paper); task = the task loss too "
         "(expert output x p_j / p_j.detach()); aux_free = the task loss, balanced by a selection bias instead of "
         "a loss")})
     balance_weight: float | None = field(default=None, metadata={"help": (
-        "weight of the load-balance loss L * mean p_j, summed over mixed layers (default 0.01; 0 with aux_free)")})
+        "weight of the load-balance loss L * mean p_j, averaged over the mixed layers (default 0.01; 0 with "
+        "aux_free; the authors sum over layers: multiply by their number for theirs)")})
     bias_rate: float = field(default=0.001, metadata={"help": "aux_free: step u of the selection bias after each "
                                                               "optimizer step"})
     # The paper's gate lr 0.1 suits RoBERTa, whose layer inputs are LayerNorm outputs; one AdamW step of 0.1 (6x
     # the init scale of +-1/sqrt(4096)) on LLaMA's unnormalized residual stream would saturate the gate at once.
     gate_lr: float | None = field(default=None, metadata={"help": (
-        "peak lr of the gate and alpha, in their own AdamW group (default: --lr; the paper's 0.1 was for RoBERTa "
+        "peak lr of the gate and the learned share, in their own AdamW group (default: --lr; the paper's 0.1 was for RoBERTa "
         "and saturates a gate reading LLaMA's hidden states)")})
     gate_weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of the gate and alpha "
                                                                     "(the paper's)"})
-    seed: int = field(default=0, metadata={"help": "seed of the gate's initialization (uniform within "
-                                                   "+-1/sqrt(dim), nn.Linear's default)"})
+    gate_init: str = field(default="normal", metadata={"choices": GATE_INITS, "help": (
+        "the gate's initial weights: normal = N(0, 0.02) with a zero bias (the authors'); uniform = within "
+        "+-1/sqrt(dim) for weight and bias (nn.Linear's default)")})
+    seed: int | None = field(default=None, metadata={"help": "seed of the gate's initialization (default: --seed)"})
 
     def __post_init__(self):
         if self.balance_weight is None:
             self.balance_weight = 0.0 if self.gate_mode == "aux_free" else 0.01
-        for name, allowed in [("share", SHARES), ("rule", RULES), ("gate_mode", GATE_MODES), ("vote", VOTES)]:
+        for name, allowed in [("share", SHARES), ("rule", RULES), ("gate_mode", GATE_MODES), ("vote", VOTES),
+                              ("gate_init", GATE_INITS)]:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown MoLEx {name} (--molex-{name.replace('_', '-')}) {getattr(self, name)!r}; "
                                  f"choose from {allowed}")
         mixed_layers(self.layers, None)
-        if not 0 <= self.alpha <= 1 or (self.learn_alpha and not 0 < self.alpha < 1):
-            raise ValueError(f"MoLEx alpha (--molex-alpha) must be in [0, 1] (in (0, 1) with learn_alpha), "
-                             f"got {self.alpha}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"MoLEx alpha (--molex-alpha) must be in [0, 1], got {self.alpha}")
         if self.balance_weight < 0 or self.bias_rate < 0 or self.cosine_scale <= 0:
             raise ValueError(f"MoLEx needs balance_weight >= 0, bias_rate >= 0 and cosine_scale > 0 (--molex-balance-"
                              f"weight, --molex-bias-rate, --molex-cosine-scale), got {self.balance_weight}, "
@@ -129,30 +140,34 @@ class MoLEx(nn.Module):
         self.mixed = mixed_layers(cfg.layers, L)
         self.index = {t: k for k, t in enumerate(self.mixed)}  # mixed layer -> its gate (per_layer) and alpha
         n_gates = 1 if cfg.share == "shared" else len(self.mixed)
-        g, bound = torch.Generator().manual_seed(cfg.seed), 1 / math.sqrt(dim)
-        self.gate_weight = nn.Parameter(((torch.rand(n_gates, L, dim, generator=g) * 2 - 1) * bound).to(device))
-        self.gate_bias = nn.Parameter(((torch.rand(n_gates, L, generator=g) * 2 - 1) * bound).to(device))
+        g, bound = torch.Generator().manual_seed(cfg.seed or 0), 1 / math.sqrt(dim)
+        if cfg.gate_init == "normal":
+            weight, bias = torch.randn(n_gates, L, dim, generator=g) * 0.02, torch.zeros(n_gates, L)
+        else:
+            weight = (torch.rand(n_gates, L, dim, generator=g) * 2 - 1) * bound
+            bias = (torch.rand(n_gates, L, generator=g) * 2 - 1) * bound
+        self.gate_weight, self.gate_bias = nn.Parameter(weight.to(device)), nn.Parameter(bias.to(device))
         if cfg.gate_mode == "balance" and cfg.balance_weight == 0:  # nothing could train it: keep it out of the
             self.gate_weight.requires_grad_(False)  # optimizer (and out of DDP's unused-parameter check)
             self.gate_bias.requires_grad_(False)
-        self.alpha_logits = None
-        if cfg.learn_alpha:  # softmax([log a, log(1 - a)])[0] = a; a = 0.5 gives two equal scalars (the paper)
-            start = torch.tensor([math.log(cfg.alpha), math.log(1 - cfg.alpha)])
-            self.alpha_logits = nn.Parameter(start.repeat(len(self.mixed), 1).to(device))
+        self.share = None  # learn_alpha: the expert's share m_t = 1 - alpha of each mixed layer
+        if cfg.learn_alpha:
+            self.share = nn.Parameter(torch.full((len(self.mixed),), 1 - cfg.alpha, device=device))
         self.register_buffer("select_bias", torch.zeros(L, L, device=device))  # aux_free: [layer t, expert e]
         # plain CPU tensors, not buffers (DDP would overwrite every rank's buffers with rank 0's at each forward)
         self.load = torch.zeros(L, L)  # aux_free: sequences per [layer t, expert e] since the last update_bias
         self.collect_stats = False  # when True, stats[t, j] counts the sequences whose layer t used expert j
         self.stats = torch.zeros(L, L, dtype=torch.long)
-        self._aux = None  # this pass's balance loss (without its weight)
+        self._aux = None  # this pass's balance loss: (sum over mixed layers, their number), without its weight
         self.last_aux = None  # what aux_loss() last returned (for logging: model.forward adds it to the loss)
 
     def gate_parameters(self):
         """Everything MoLEx trains (gate and alpha): the parameters of its own optimizer group."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    def alpha(self, t):
-        return self.cfg.alpha if self.alpha_logits is None else self.alpha_logits[self.index[t]].softmax(-1)[0]
+    def expert_share(self, t):
+        """m_t = 1 - alpha at mixed layer t: a fixed float, or the learned scalar."""
+        return 1 - self.cfg.alpha if self.share is None else self.share[self.index[t]]
 
     def scores(self, t, x):
         """(B, T, L) gate scores of layer t's input, in fp32 (bf16 scores would tie and flip choices)."""
@@ -172,8 +187,8 @@ class MoLEx(nn.Module):
             return block(x, rope, mask, cache.slot(i) if cache is not None else None)
         experts, scale = self.route(i, x, cache, cache.n_pad if cache is not None else n_pad, prompt_end,
                                     model.training)
-        a = self.alpha(i)
-        run = lambda x: self.mix(model, i, x, rope, mask, cache, experts, a, scale)  # noqa: E731
+        m = self.expert_share(i)
+        run = lambda x: self.mix(model, i, x, rope, mask, cache, experts, m, scale)  # noqa: E731
         return checkpoint(run, x, use_reentrant=False) if ckpt else run(x)  # both blocks recomputed in backward
 
     def route(self, t, x, cache, n_pad, prompt_end, training):
@@ -203,13 +218,13 @@ class MoLEx(nn.Module):
         if training and self.cfg.balance_weight > 0:
             p = logp.squeeze(-1).exp()
             term = self.L * (p * voters).sum() / voters.sum().clamp(min=1)
-            self._aux = term if self._aux is None else self._aux + term
+            self._aux = (term, 1) if self._aux is None else (self._aux[0] + term, self._aux[1] + 1)
         scale = None
         if self.cfg.gate_mode != "balance" and torch.is_grad_enabled():
             scale = torch.exp(logp - logp.detach())  # = p_j / p_j.detach(), never 0/0 when p_j underflows
         return experts, scale
 
-    def mix(self, model, t, x, rope, mask, cache, experts, a, scale):
+    def mix(self, model, t, x, rope, mask, cache, experts, m, scale):
         B = x.size(0)
         y = model.layers[t](x, rope, mask, cache.slot(t) if cache is not None else None)
         ye = y  # rows whose expert is layer t itself: the mix is the block itself
@@ -226,7 +241,9 @@ class MoLEx(nn.Module):
                 ye = ye.index_copy(0, rows, part)
         if scale is not None:
             ye = ye * scale.to(ye.dtype)
-        return a * y + (1 - a) * ye
+        if self.share is None:
+            return (1 - m) * y + m * ye  # the paper's alpha * u_t + (1 - alpha) * u_j
+        return y + m.to(y.dtype) * (ye - y)  # m = 0: exactly u_t, and m has a gradient there
 
     def record(self, t, experts, training):
         counting = training and self.cfg.gate_mode == "aux_free"
@@ -239,9 +256,10 @@ class MoLEx(nn.Module):
             self.stats[t] += counts
 
     def aux_loss(self):
-        """The weighted balance loss accumulated since the last call (0-dim; 0 when off or in eval), then reset."""
+        """The weighted balance loss accumulated since the last call, averaged over the mixed layers (0-dim; 0
+        when off or in eval), then reset."""
         aux, self._aux = self._aux, None
-        self.last_aux = self.gate_bias.new_zeros(()) if aux is None else self.cfg.balance_weight * aux
+        self.last_aux = self.gate_bias.new_zeros(()) if aux is None else self.cfg.balance_weight * aux[0] / aux[1]
         return self.last_aux
 
     @torch.no_grad()
@@ -271,7 +289,7 @@ def attach_molex(model, cfg: MoLExConfig, verbose=True):
     model.molex = MoLEx(model, cfg)
     if verbose:
         own = sum(p.numel() for p in model.molex.parameters())
-        alpha = "learned" if cfg.learn_alpha else cfg.alpha
+        alpha = f"learned from {cfg.alpha}" if cfg.learn_alpha else cfg.alpha
         print(f"MoLEx on layers {cfg.layers} of {model.config.n_layers} ({cfg.share} gate, rule {cfg.rule}, "
               f"gate_mode {cfg.gate_mode}, alpha {alpha}): {own:,} new parameters")
     return model.molex

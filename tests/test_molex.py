@@ -63,8 +63,10 @@ def chosen(molex):
 # ---------------------------------------------------------------------------------------------------------
 # the mixing formula
 
-def test_alpha_one_is_the_plain_model_exactly(make_model):
-    model, molex = molex_model(make_model, alpha=1.0, rule="sequence", balance_weight=0.0)
+@pytest.mark.parametrize("cfg", [dict(), dict(alpha=1.0, learn_alpha=False), dict(rule="paper", share="per_layer")])
+def test_start_is_the_plain_model_exactly(make_model, cfg):
+    # default: the learned expert share starts at 0; alpha = 1 fixed is the plain model too
+    model, molex = molex_model(make_model, **{"rule": "sequence", "balance_weight": 0.0, **cfg})
     randomize_gate(molex)
     idx = torch.randint(0, 96, (3, 12), generator=torch.Generator().manual_seed(0))
     with_molex = model(idx)[0]
@@ -78,7 +80,7 @@ def test_alpha_one_is_the_plain_model_exactly(make_model):
 @pytest.mark.parametrize("layers, forced", [("all", {0: 2, 1: 0, 2: 3, 3: 3}), ("first:2", {0: 3, 1: 2}),
                                             ("last:2", {2: 0, 3: 1})])
 def test_forced_experts_give_the_hand_mix(make_model, layers, forced):
-    model, molex = molex_model(make_model, layers=layers, share="per_layer", alpha=0.3)
+    model, molex = molex_model(make_model, layers=layers, share="per_layer", alpha=0.3, learn_alpha=False)
     assert molex.mixed == sorted(forced)
     force_experts(molex, forced)
     idx = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -94,7 +96,7 @@ def test_forced_experts_give_the_hand_mix(make_model, layers, forced):
 @pytest.mark.parametrize("rule", ["paper", "sequence"])
 def test_routing_and_balance_loss_match_hand_computation(make_model, rule):
     """The expert is the mode of the tokens' top-1 gate choices (over the batch or each row); the balance loss
-    is w * sum_t L * mean p_j; in balance mode the gate's gradient is exactly that loss's gradient."""
+    is w * mean_t L * mean p_j; in balance mode the gate's gradient is exactly that loss's gradient."""
     model, molex = molex_model(make_model, rule=rule, balance_weight=0.05)
     randomize_gate(molex, seed=3)
     idx = torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(2))
@@ -116,7 +118,7 @@ def test_routing_and_balance_loss_match_hand_computation(make_model, rule):
         balance = balance + L * p.mean()
     assert chosen(molex) == used
     assert rule == "paper" or any(len(e) > 1 for e in used.values()), "rows all chose alike: weak test"
-    hand_grad = torch.autograd.grad(0.05 * balance, molex.gate_weight)[0]
+    hand_grad = torch.autograd.grad(0.05 * balance / len(inputs), molex.gate_weight)[0]
     torch.testing.assert_close(molex.gate_weight.grad, hand_grad, rtol=1e-4, atol=1e-7)
     assert hand_grad.abs().sum() > 0
 
@@ -124,7 +126,9 @@ def test_routing_and_balance_loss_match_hand_computation(make_model, rule):
 @pytest.mark.parametrize("gate_mode, balance_weight, gets_grad", [("balance", 0.0, False), ("balance", 0.01, True),
                                                                    ("task", 0.0, True)])
 def test_which_modes_give_the_gate_a_gradient(make_model, gate_mode, balance_weight, gets_grad):
-    model, molex = molex_model(make_model, gate_mode=gate_mode, balance_weight=balance_weight, rule="sequence")
+    # alpha 0.5: the task gradient reaches the gate through the expert's share (0 at the default start)
+    model, molex = molex_model(make_model, gate_mode=gate_mode, balance_weight=balance_weight, rule="sequence",
+                               alpha=0.5)
     randomize_gate(molex)
     model.train()
     idx = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -180,15 +184,16 @@ def molex_state_keys(molex):
     return {f"molex.{k}" for k in molex.state_dict()}
 
 
-def test_learned_alpha_starts_at_half_and_learns(make_model):
-    model, molex = molex_model(make_model, learn_alpha=True, share="per_layer")
-    assert [molex.alpha(t).item() for t in range(L)] == [0.5] * L
-    assert {"molex.alpha_logits", "molex.gate_weight", "molex.gate_bias"} <= set(model.state_dict())
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_learned_share_starts_at_one_minus_alpha_and_learns(make_model, alpha):
+    model, molex = molex_model(make_model, alpha=alpha, share="per_layer")
+    assert [float(molex.expert_share(t)) for t in range(L)] == [1 - alpha] * L
+    assert {"molex.share", "molex.gate_weight", "molex.gate_bias"} <= set(model.state_dict())
     force_experts(molex, {0: 2, 1: 3, 2: 0, 3: 1})
     model.train()
     idx = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
     model(idx, idx)[1].backward()
-    assert molex.alpha_logits.grad is not None and (molex.alpha_logits.grad.abs() > 0).all()
+    assert molex.share.grad is not None and (molex.share.grad.abs() > 0).all()  # a gradient at 0 too
     assert set(map(id, molex.gate_parameters())) == {id(p) for p in molex.parameters()}
 
 
@@ -294,7 +299,7 @@ def test_stats_and_save(make_model, tmp_path):
     (dict(layers="middle:2"), "--molex-layers"), (dict(layers="first:0"), "--molex-layers"),
     (dict(share="both"), "--molex-share"), (dict(rule="token"), "--molex-rule"),
     (dict(gate_mode="topk"), "--molex-gate-mode"), (dict(vote="answer"), "--molex-vote"),
-    (dict(alpha=1.5), "--molex-alpha"), (dict(alpha=1.0, learn_alpha=True), "--molex-alpha"),
+    (dict(alpha=1.5), "--molex-alpha"), (dict(gate_init="zero"), "--molex-gate-init"),
     (dict(balance_weight=-1.0), "balance_weight"), (dict(cosine_scale=0.0), "cosine_scale")])
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -333,3 +338,36 @@ def test_molex_with_mod(make_model):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mod.parameters())
     model.eval()
     assert model.generate(PROMPTS, 6, use_cache=False) == model.generate(PROMPTS, 6)
+
+
+@pytest.mark.parametrize("layers", ["all", "first:2", "last:1"])
+def test_balance_loss_does_not_grow_with_the_mixed_layers(make_model, layers):
+    # a uniform gate: p_j = 1/L at every layer, so each layer's term L * mean p_j is 1, and so is their mean
+    model, molex = molex_model(make_model, layers=layers, balance_weight=0.01)
+    with torch.no_grad():
+        molex.gate_weight.zero_()
+    model.train()
+    idx = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(idx, idx)
+    torch.testing.assert_close(molex.last_aux, torch.tensor(0.01), rtol=1e-6, atol=0)
+
+
+def test_gate_init_and_seed(make_model):
+    model = make_model(n_layers=L, std=0.2)
+    gates = {}
+    for init, seed in [("normal", 0), ("normal", 1), ("uniform", 0)]:
+        gates[init, seed] = attach_molex(model, MoLExConfig(gate_init=init, seed=seed), verbose=False)
+    normal = gates["normal", 0]
+    assert abs(normal.gate_weight.std().item() - 0.02) < 0.002 and not normal.gate_bias.any()  # the authors'
+    assert not torch.equal(normal.gate_weight, gates["normal", 1].gate_weight)
+    bound = 1 / model.config.dim ** 0.5
+    uniform = gates["uniform", 0]
+    assert uniform.gate_weight.abs().max() <= bound and uniform.gate_bias.abs().max() > 0
+
+
+def test_run_seed_seeds_the_gate(tiny_base):
+    from checkpoint import build_model
+    settings = {"pretrain": False, "init": str(tiny_base), "seed": 0, "molex": True, "mod_k": None}
+    gate = lambda **kw: build_model({**settings, **kw}, verbose=False).molex.gate_weight  # noqa: E731
+    assert not torch.equal(gate(seed=0), gate(seed=1))
+    assert torch.equal(gate(seed=1), gate(seed=5, molex_seed=1))  # --molex-seed overrides
