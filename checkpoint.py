@@ -24,8 +24,15 @@ from tokenizer import check_tokenizer_fits, load_tokenizer
 from weights import atomic_write, find_format, from_pretrained, plain_error, read_json
 
 REPO = Path(__file__).resolve().parent
-BUILTIN_BASE = REPO / "checkpoints" / "builtin-base"  # gitignored; built by the first `python train.py`
+# gitignored; built by the first `python train.py` (the name says its shape: an older 4-layer base is not reused)
+BUILTIN_BASE = REPO / "checkpoints" / "builtin-base-8x64"
 CHECKPOINT_FORMAT = "llama-layers train.py checkpoint v1"
+
+
+# Settings added after run folders were first written, with the value that reproduces what those runs did
+# (a newer run folder saves every setting, so these apply to older ones only).
+BEFORE_DEFAULTS = {"mod_start": "uniform", "mod_router_input": "normed", "mod_top_k_weights": "renormalized",
+                   "molex_gate_init": "uniform"}
 
 
 def base_folder(init):
@@ -57,8 +64,9 @@ def build_model(settings, device="cpu", dtype=torch.float32, verbose=True, with_
             apply_lora(model, cfg=config_from(LoRAConfig, a, "lora"), verbose=verbose)
             if mod_on(a):
                 attach_mod(model, config_from(MoDConfig, a, "mod"), verbose=verbose)
-            if a.get("molex"):
-                attach_molex(model, config_from(MoLExConfig, a, "molex"), verbose=verbose)
+            if a.get("molex"):  # the gate's seed: the run's unless --molex-seed is given
+                attach_molex(model, config_from(MoLExConfig, {"molex_seed": a["seed"], **{
+                    k: v for k, v in a.items() if v is not None}}, "molex"), verbose=verbose)
         except ValueError as e:  # a setting that does not fit this model (e.g. --mod-k above its layers)
             raise UserError(str(e)) from None
     model.grad_checkpointing = bool(a.get("grad_checkpointing"))
@@ -166,7 +174,7 @@ def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.flo
     alone (`init`, default the built-in base) without tuning. `init` with `ckpt`: where the run's base is now."""
     if ckpt is not None:
         state = load_checkpoint(ckpt)
-        settings = dict(state["args"])
+        settings = {**BEFORE_DEFAULTS, **state["args"]}
         if init is not None:
             settings["init"] = init
     else:

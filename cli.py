@@ -52,7 +52,9 @@ def add_config_flags(parser, cls, prefix, title):
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = "" if default is None or t is bool or f.metadata.get("switch") else f" (default {default})"
         help_text = f.metadata.get("help", "") + shown
-        if t is bool:
+        if t is bool and default:  # on by default: --x / --no-x
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif t is bool:
             group.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
             group.add_argument(flag, type=t, default=None, choices=f.metadata.get("choices"), help=help_text,

@@ -103,6 +103,14 @@ def score_generation(output, record):
     return {mode: same_number(extract_answer(output, mode), gold) for mode in GENERATION_METRICS}
 
 
+def line_accuracy(output, record):
+    """The share of the reference answer's lines (one per worked step, then "#### N") that the output has at the
+    same position, whitespace aside: partial credit, so it varies far less between runs than exact match."""
+    want = [line.split() for line in record["answer"].strip().splitlines()]
+    got = [line.split() for line in output.strip().splitlines()]
+    return sum(g == w for g, w in zip(got, want)) / len(want)
+
+
 def score_choice_lls(option_lls, option_texts, gold_index):
     """{'acc': bool, 'acc_norm': bool} from each option's total log-likelihood and its scored text:
     acc picks the highest total, acc_norm the highest total per character (first option on ties)."""
@@ -237,6 +245,22 @@ def option_logliks(model, tokenizer, records, layers, batch_size, autocast=nullc
 
 
 @torch.no_grad()
+def answer_ce(model, tokenizer, records, batch_size, autocast=nullcontext()):
+    """Teacher-forced cross-entropy of the reference answers (nats per answer token, eos included) given their
+    prompts: a smooth figure beside the exact-match accuracies."""
+    device, total, count = model.embed.weight.device, 0.0, 0
+    examples = [encode_example(tokenizer, r, max_len=model.config.max_seq_len) for r in records]
+    for start in range(0, len(examples), batch_size):
+        idx, labels = collate(examples[start:start + batch_size], 0, device)
+        with autocast:
+            logits, _ = model(idx, prompt_end=prompt_end_from_targets(labels))  # MoLEx: route on the prompt
+        total += float(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction="sum"))
+        count += int((labels != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
 def mod_routing(model, tokenizer, records, batch_size, autocast=nullcontext()):
     """MoD's routing weights on the gold answers (teacher forcing: prompt + reference answer, the weights at the
     positions that predict answer tokens): mean weight, sparsity and top-1 share of each late layer."""
@@ -295,7 +319,7 @@ def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=No
                                         f"generate ({s})", autocast)
         for rec, out in zip(records, outputs[s]):
             if kind == "generation":
-                correct[s].append(score_generation(out, rec))
+                correct[s].append({**score_generation(out, rec), "lines": line_accuracy(out, rec)})
             else:
                 correct[s].append({"acc_gen": extract_choice(out, rec["labels"]) == rec["gold"]})
     if model.molex is not None:
@@ -309,8 +333,13 @@ def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=No
                 texts = choice_continuations(rec, by="text")
                 correct[s][r].update(score_choice_lls(ll, texts, rec["labels"].index(rec["gold"])))
     metric_names = GENERATION_METRICS if kind == "generation" else CHOICE_METRICS
-    metrics = {s: {m: 100.0 * sum(c[m] for c in cs) / len(cs) for m in metric_names} for s, cs in correct.items()}
     solved = {s: {m: [i for i, c in enumerate(cs) if c[m]] for m in metric_names} for s, cs in correct.items()}
+    if kind == "generation":
+        metric_names += ("lines",)
+    metrics = {s: {m: 100.0 * sum(c[m] for c in cs) / len(cs) for m in metric_names} for s, cs in correct.items()}
+    if kind == "generation":  # lower is better (nats per answer token), for the output and the untuned base
+        for s, m in [("output", model)] + ([("base", baseline)] if baseline is not None else []):
+            metrics[s]["answer_ce"] = answer_ce(m, tokenizer, records, batch_size, autocast)
     res = {"kind": kind, "max_new_tokens": max_new_tokens, "metrics": metrics, "solved": solved, "outputs": outputs,
            "mod_k": model.mod.k if model.mod is not None else 0}
     if model.mod is not None:

@@ -40,13 +40,20 @@ def source_label(s, n_layers, mod_k=0):
     return f"layer {layer}/{n_layers}" + ("" if layer == n_layers else f" ({how})")
 
 
+def metric_cell(metrics, name):
+    """A table cell: accuracies in % with one decimal, answer_ce (nats per token) with three; blank if absent."""
+    if name not in metrics:
+        return ""
+    return f"{metrics[name]:.3f}" if name == "answer_ce" else f"{metrics[name]:.1f}"
+
+
 def markdown_report(res, title, n_layers):
     metric_names = list(next(iter(res["metrics"].values())))
     lines = [f"# {title}", "", "| readout | " + " | ".join(metric_names) + " |",
              "|---|" + "---:|" * len(metric_names)]
     for s, m in res["metrics"].items():
         lines.append(f"| {source_label(s, n_layers, res.get('mod_k', 0))} | "
-                     + " | ".join(f"{m[k]:.1f}" for k in metric_names) + " |")
+                     + " | ".join(metric_cell(m, k) for k in metric_names) + " |")
     ov = res.get("overlap")
     if ov and ov["sources"]:
         names = [s.replace("layer_", "L") for s in ov["sources"]]
@@ -104,7 +111,7 @@ def write_plots(res, stem, n_layers, subtitle):
         return []
     files = []
     sources = list(res["metrics"])
-    metric_names = list(res["metrics"][sources[0]])
+    metric_names = [m for m in res["metrics"][sources[0]] if m != "answer_ce"]  # the accuracies (%) only
     fig, ax = plt.subplots(figsize=(2.5 + 0.45 * len(sources) * len(metric_names), 4))
     width = 0.8 / len(metric_names)
     for j, m in enumerate(metric_names):
@@ -161,19 +168,27 @@ def write_plots(res, stem, n_layers, subtitle):
     return files
 
 
-def ablation_plot(summary, labels, metric, path, title):
-    """Mean accuracy with a ±std bar per configuration, named as in the table. False without matplotlib."""
+def ablation_plot(results, labels, metrics, path, title):
+    """One panel per metric: the mean with a ±std bar per configuration, named as in the table, and a dot per
+    seed (so a spread from one outlier shows). results: {config: {seed: {metric: value}}}. False without
+    matplotlib."""
     plt = pyplot()
     if plt is None:
         return False
-    names = list(summary)
-    fig, ax = plt.subplots(figsize=(3 + 0.9 * len(names), 4.5))
-    bars = ax.bar(range(len(names)), [summary[n][metric][0] for n in names],
-                  yerr=[summary[n][metric][1] for n in names], capsize=4, color="tab:blue")
-    ax.bar_label(bars, fmt="%.1f", fontsize=7, label_type="center", color="white")  # clear of the error bars
-    ax.set_xticks(range(len(names)), [labels[n] for n in names], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"{metric} accuracy (%), mean ± std")
-    ax.set_title(title, fontsize=9)
+    names = list(results)
+    fig, axes = plt.subplots(1, len(metrics), figsize=((3 + 0.9 * len(names)) * len(metrics), 4.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        runs = [[r[metric] for r in results[n].values()] for n in names]
+        means = [sum(v) / len(v) for v in runs]
+        stds = [(sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5 for v, m in zip(runs, means)]
+        bars = ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.6)
+        ax.bar_label(bars, fmt="%.3f" if metric == "answer_ce" else "%.1f", fontsize=7, label_type="center")
+        for i, v in enumerate(runs):
+            ax.plot([i] * len(v), v, "o", color="black", markersize=3)
+        ax.set_xticks(range(len(names)), [labels[n] for n in names], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("answer CE (nats per token, lower is better)" if metric == "answer_ce"
+                      else f"{metric} (%), mean ± std, dots = seeds")
+    fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True

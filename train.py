@@ -45,7 +45,7 @@ from weights import save_hf
 # tasks' default difficulty 1: about 3 CPU-minutes in all (BENCHMARKS.md has the measured calibration: 1,200 +
 # 1,200 steps at difficulty 2 took twice as long). 6 layers cost 1.5x per step and did not learn to copy the
 # question's numbers reliably; 4 query heads per 2 KV heads learned it less often.
-BUILTIN_BASE_ARGV = ["--pretrain", "--dim", "128", "--n-layers", "4", "--n-heads", "8", "--n-kv-heads", "4",
+BUILTIN_BASE_ARGV = ["--pretrain", "--dim", "64", "--n-layers", "8", "--n-heads", "4", "--n-kv-heads", "2",
                      "--context", "512", "--tokenizer", "byte", "--data", "corpus", "--corpus-chars", "400000",
                      "--max-len", "128", "--batch-size", "8", "--max-steps", "700", "--lr", "3e-3",
                      "--warmup-steps", "30", "--weight-decay", "0.1", "--eval-every", "0", "--save-every", "350",
@@ -211,6 +211,8 @@ def check_args(a):
             if a.pretrain:
                 raise UserError(f"{switch} tunes a pretrained model: it cannot be combined with --pretrain")
             store_config(settings, config_from(cls, settings, prefix), prefix)
+    if a.molex and a.molex_seed is None:
+        a.molex_seed = a.seed  # the gate's seed is the run's (saved explicitly)
     store_config(settings, config_from(LoRAConfig, settings, "lora"), "lora")
     if a.molex and a.prompt_loss and a.molex_vote == "prompt":
         raise UserError("--molex-vote prompt needs the prompt/answer boundary, which --prompt-loss removes from the "

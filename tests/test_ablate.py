@@ -11,11 +11,11 @@ import ablate
 @pytest.mark.slow
 def test_ablation_table_and_continuation(tmp_path, monkeypatch, tiny_base):
     base = tiny_base
-    argv = ["--configs", "lora,mod2-top1,molex-seq", "--seeds", "0", "1", "--steps", "2", "--eval-n", "3",
+    argv = ["--configs", "lora,mod2,molex-seq", "--seeds", "0", "1", "--steps", "2", "--eval-n", "3",
             "--out", str(tmp_path / "abl"), "--", "--init", str(base), "--difficulty", "1", "--n-train", "8",
             "--max-len", "96", "--batch-size", "2", "--eval-n", "0", "--lr", "1e-2"]
     results = ablate.main(argv)
-    assert set(results) == {"lora", "mod2-top1", "molex-seq"} and all(set(r) == {0, 1} for r in results.values())
+    assert set(results) == {"lora", "mod2", "molex-seq"} and all(set(r) == {0, 1} for r in results.values())
     ckpt = json.loads((tmp_path / "abl" / "molex-seq-seed1" / "eval-arith-test.json").read_text())
     assert ckpt["molex"]["mixed_layers"] == [1, 2, 3]  # the run really had MoLEx on
     summary = json.loads((tmp_path / "abl" / "ablation.json").read_text())["mean_std"]
@@ -23,14 +23,17 @@ def test_ablation_table_and_continuation(tmp_path, monkeypatch, tiny_base):
     for name in results:
         runs = [json.loads((tmp_path / "abl" / f"{name}-seed{s}" / "ablation-eval.json").read_text())["metrics"]
                 for s in (0, 1)]
-        for metric in ("strict", "flexible"):
+        assert set(runs[0]) == {"strict", "flexible", "lines", "answer_ce"} and runs[0]["answer_ce"] > 0
+        for metric in ("strict", "flexible", "answer_ce"):
             values = [r[metric] for r in runs]
             assert summary[name][metric] == pytest.approx([statistics.mean(values), statistics.stdev(values)])
         assert ablate.CONFIGS[name][0] in table
     paired = json.loads((tmp_path / "abl" / "ablation.json").read_text())["paired_vs_lora"]
     for name in results:  # the paired difference is the mean of the per-seed differences to LoRA
-        diffs = [results[name][s]["strict"] - results["lora"][s]["strict"] for s in (0, 1)]
-        assert paired[name]["mean"] == pytest.approx(statistics.mean(diffs)) and paired[name]["pairs"] == 2
+        for metric in ("strict", "answer_ce"):
+            diffs = [results[name][s][metric] - results["lora"][s][metric] for s in (0, 1)]
+            assert paired[name][metric]["mean"] == pytest.approx(statistics.mean(diffs))
+            assert paired[name][metric]["pairs"] == 2
     # a second call finds every run done: no training
     monkeypatch.setattr(ablate.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
     assert ablate.main(argv) == results

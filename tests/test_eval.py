@@ -89,6 +89,31 @@ def test_readout_generation_matches_a_naive_greedy_loop(tiny):
 
 
 @torch.no_grad()
+def test_line_accuracy_gives_partial_credit():
+    rec = {"question": "q", "answer": "3 + 4 = 7\n7 - 2 = 5\n#### 5", "gold": "5"}
+    assert ev.line_accuracy(" 3 + 4 = 7\n7 - 2 = 5\n#### 5", rec) == 1.0
+    assert ev.line_accuracy(" 3 + 4 = 7\n7 - 2 = 6\n#### 6", rec) == pytest.approx(1 / 3)
+    assert ev.line_accuracy(" 3 +  4 = 7\n7 - 2 = 5", rec) == pytest.approx(2 / 3)  # spacing aside; a line missing
+    assert ev.line_accuracy(" 7 - 2 = 5\n3 + 4 = 7\n#### 5", rec) == pytest.approx(1 / 3)  # by position
+    assert ev.line_accuracy("", rec) == 0.0
+
+
+def test_answer_ce_matches_an_unbatched_reference(tiny):
+    from data.format import encode_prompt, target_text
+    tok = load_tokenizer("byte")
+    records = [{"question": "Tom has 3 pens. He buys 2 more. How many?", "answer": "3 + 2 = 5\n#### 5", "gold": "5"},
+               {"question": "Ann has 9.", "answer": "#### 9", "gold": "9"},
+               {"question": "Mia has 4 cups and 1 more.", "answer": "4 + 1 = 5\n#### 5", "gold": "5"}]
+    total, count = 0.0, 0
+    for rec in records:
+        prompt = encode_prompt(tok, rec)
+        answer = tok.encode(target_text(rec)) + [tok.eos_id]
+        logp = torch.log_softmax(tiny(torch.tensor([prompt + answer]))[0][0], -1)
+        total -= sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(answer))
+        count += len(answer)
+    assert ev.answer_ce(tiny, tok, records, batch_size=2) == pytest.approx(total / count, rel=1e-5)
+
+
 def test_option_logliks_match_an_unbatched_reference(tiny):
     tok = load_tokenizer("byte")
     records = [{"question": "Tom has 3 pens. How many?", "choices": ["3", "four", "12"], "labels": ["A", "B", "C"],
@@ -195,7 +220,8 @@ def test_eval_of_an_untuned_base_and_no_matplotlib(tuned_run, monkeypatch, capsy
     report = ev.main(["--init", str(tuned_run / "base"), "--data", "arith", "--difficulty", "1", "--n", "3",
                       "--max-new-tokens", "6", "--layers", "all", "--out", str(out)])
     assert set(report["metrics"]) == {"output", "layer_1", "layer_2", "layer_3"}
-    assert set(report["metrics"]["output"]) == {"strict", "flexible"}
+    assert set(report["metrics"]["output"]) == {"strict", "flexible", "lines", "answer_ce"}
+    assert set(report["metrics"]["layer_1"]) == {"strict", "flexible", "lines"}
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert (out / "eval-arith-test.md").is_file() and not list(out.glob("*.png"))
 

@@ -59,6 +59,40 @@ def test_logits_and_greedy_generation_equal_transformers(gguf, ours, reference):
     assert "Rome" in tok.decode(ours.generate([ids[0]], 12)[0])  # the dequantized model knows its facts
 
 
+@pytest.mark.parametrize("addon", ["mod4", "molex"])
+def test_tuning_starts_exactly_at_the_pretrained_model(gguf, ours, addon):
+    # LoRA (B = 0) + MoD (the ensemble's share g = 0) or + MoLEx (the expert's share starts at 0), with defaults
+    from model import apply_lora
+    from mod import MoDConfig, attach_mod
+    from molex import MoLExConfig, attach_molex
+    tok = load_tokenizer(gguf)
+    x = torch.tensor([tok.encode(TEXTS[0])])
+    y = torch.roll(x, -1, 1)
+    y[0, -1] = -100
+    with torch.no_grad():
+        base_logits, base_loss = ours(x, y)
+    model = from_pretrained(gguf)
+    apply_lora(model, verbose=False)
+    if addon == "mod4":
+        attach_mod(model, MoDConfig(k=4), verbose=False)
+    else:
+        attach_molex(model, MoLExConfig(seed=0), verbose=False)
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], base_logits)
+        loss = model(x, y)[1]
+    if addon == "mod4":  # the ensemble's CE is the base's; the loss adds the distillation and the layer CE
+        torch.testing.assert_close(model.mod.last_losses["ce"], base_loss, rtol=1e-5, atol=0)
+        assert loss > 2 * base_loss
+    else:
+        model.train()
+        _, loss = model(x, y)
+        torch.testing.assert_close(loss - model.molex.last_aux, base_loss, rtol=1e-6, atol=0)
+        # the balance loss is averaged over the 30 layers: at most weight * L = 0.3 (summed, it was 30x larger)
+        assert 0 < model.molex.last_aux < 0.3
+        loss.backward()
+        assert (model.molex.share.grad.abs() > 0).all()  # the expert's share has a gradient at its start
+
+
 def test_tied_head_is_one_parameter_and_exports_tied(ours, tmp_path):
     assert ours.config.tie_embeddings and ours.lm_head.weight is ours.embed.weight
     assert sum(p.numel() for p in ours.parameters()) == 134_515_008
