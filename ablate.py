@@ -38,6 +38,7 @@ CONFIGS = {  # name: (label, train.py flags added to the LoRA baseline)
                    ["--mod-k", "4", "--mod-start", "uniform", "--no-mod-layer-ce", "--mod-router-input", "normed"]),
     "molex-paper-alpha": ("LoRA + MoLEx, alpha 0.5 fixed (the paper's encoder setting)",
                           ["--molex", "--molex-alpha", "0.5", "--no-molex-learn-alpha"]),
+    "molex-uniform-gate": ("LoRA + MoLEx, nn.Linear's uniform gate init", ["--molex", "--molex-gate-init", "uniform"]),
 }
 DEFAULT_CONFIGS = ["lora", "mod2", "mod4", "mod4-last", "molex", "molex-seq", "molex-decoder"]
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t, 97.5%, df 1..10

@@ -7,8 +7,9 @@ and Meta's and GGUF's q/k rows are permuted once at load time (docs/design.md#ro
 
 Two hooks let the add-ons change the forward pass without this file knowing them:
     model.molex  the layer hook: called instead of each block (molex.py mixes in a second block)
-    model.mod    the head hook: gets every layer's output and returns (logits, loss) (mod.py's depth ensemble;
-                 eval.py's logit lens stands in for it to read out one layer)
+    model.mod    the head hook: gets every layer's output and returns (logits, loss) (mod.py's depth ensemble,
+                 whose logits are None when it computes a loss; eval.py's logit lens stands in for it to read
+                 out one layer)
 """
 import math
 from dataclasses import dataclass, field

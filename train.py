@@ -40,11 +40,10 @@ from optim import CASE_DEFAULTS, OptimConfig, case_help, fill_case_defaults, lr_
 from tokenizer import check_tokenizer_fits, load_tokenizer
 from weights import save_hf
 
-# The built-in base: 4 layers, dim 128, 8 query heads sharing 4 KV heads, byte tokenizer, context 512, pretrained
-# on data.builtin's corpus for 700 steps of 8 x 128 tokens, then tuned for 700 (optim.CASE_DEFAULTS) on the built-in
-# tasks' default difficulty 1: about 3 CPU-minutes in all (BENCHMARKS.md has the measured calibration: 1,200 +
-# 1,200 steps at difficulty 2 took twice as long). 6 layers cost 1.5x per step and did not learn to copy the
-# question's numbers reliably; 4 query heads per 2 KV heads learned it less often.
+# The built-in base: 8 layers of dim 64 (so that MoD's "last k layers" are late layers; the earlier base had 4 of
+# dim 128 at about the same step time, dim 96 was 1.5x slower), 4 query heads sharing 2 KV heads, byte tokenizer,
+# context 512, pretrained on data.builtin's corpus for 700 steps of 8 x 128 tokens, then tuned for 700 on the
+# built-in tasks' default difficulty 1: about 3 CPU-minutes in all (BENCHMARKS.md).
 BUILTIN_BASE_ARGV = ["--pretrain", "--dim", "64", "--n-layers", "8", "--n-heads", "4", "--n-kv-heads", "2",
                      "--context", "512", "--tokenizer", "byte", "--data", "corpus", "--corpus-chars", "400000",
                      "--max-len", "128", "--batch-size", "8", "--max-steps", "700", "--lr", "3e-3",
@@ -211,8 +210,6 @@ def check_args(a):
             if a.pretrain:
                 raise UserError(f"{switch} tunes a pretrained model: it cannot be combined with --pretrain")
             store_config(settings, config_from(cls, settings, prefix), prefix)
-    if a.molex and a.molex_seed is None:
-        a.molex_seed = a.seed  # the gate's seed is the run's (saved explicitly)
     store_config(settings, config_from(LoRAConfig, settings, "lora"), "lora")
     if a.molex and a.prompt_loss and a.molex_vote == "prompt":
         raise UserError("--molex-vote prompt needs the prompt/answer boundary, which --prompt-loss removes from the "
@@ -241,7 +238,7 @@ def validation_loss(model, examples, batch_size, pad_id, device, autocast):
 
 
 def ensure_builtin_base():
-    """Pretrain the built-in base with this same training loop when checkpoints/builtin-base is missing."""
+    """Pretrain the built-in base with this same training loop when its folder (checkpoint.BUILTIN_BASE) is missing."""
     if (BUILTIN_BASE / "config.json").is_file():
         return
     print(f"The built-in base model is missing: building it now (pretraining a tiny LLaMA on data.builtin's "
