@@ -188,25 +188,31 @@ class DepthEnsemble(nn.Module):
             return sum(c[..., i:i + 1] * self.head(model, i, h) for i, h in enumerate(hs)), None
         if targets.shape != (B, T):
             raise ValueError(f"MoD: targets of shape {tuple(targets.shape)} for hidden states of shape {(B, T)}")
-        y = targets.reshape(B * T)
-        rows = (y != -100).nonzero().squeeze(1)
-        xs = [self.normed(model, i, h.reshape(B * T, dim)[rows]) for i, h in enumerate(hs)]
-        cfg = self.cfg
-        loss, parts = mod_loss(xs, model.lm_head.weight, c.reshape(B * T, self.k)[rows], y[rows],
-                               cfg.distill_weight if self.k > 1 else 0.0, cfg.distill_temp,
-                               cfg.distill_direction == "forward", cfg.layer_ce, cfg.chunk_size)
+        y, c, cfg = targets.reshape(B * T), c.reshape(B * T, self.k), self.cfg
+        xs, real = [h.reshape(B * T, dim) for h in hs], None
+        if torch.compiler.is_compiling():  # a data-dependent row selection would break the graph: weigh rows
+            real, y = (y != -100).float(), y.clamp(min=0)
+        else:
+            rows = (y != -100).nonzero().squeeze(1)
+            xs, c, y = [x[rows] for x in xs], c[rows], y[rows]
+        xs = [self.normed(model, i, x) for i, x in enumerate(xs)]
+        loss, parts = mod_loss(xs, model.lm_head.weight, c, y, cfg.distill_weight if self.k > 1 else 0.0,
+                               cfg.distill_temp, cfg.distill_direction == "forward", cfg.layer_ce, cfg.chunk_size,
+                               real)
         self.last_losses = dict(zip(("ce", "distill", "layer_ce"), parts))
         return None, loss
 
 
-def mod_loss(xs, weight, c, y, distill_weight, temp, forward_kl, layer_ce, chunk_size=None):
+def mod_loss(xs, weight, c, y, distill_weight, temp, forward_kl, layer_ce, chunk_size=None, real=None):
     """(loss, (ce, distill, layer_ce)) over n target tokens: xs = k (n, dim) normed states, weight = the frozen
-    LM head (V, dim), c (n, k) the ensemble coefficients, y (n,). The loss is
-    [CE(z) + distill_weight * distill + layer_ce] / n; the parts are per-token means (detached)."""
+    LM head (V, dim), c (n, k) the ensemble coefficients, y (n,); real (n,) 0/1 weighs the rows (None: all
+    count). The loss is [CE(z) + distill_weight * distill + layer_ce] / (counted rows); the parts are per-token
+    means (detached)."""
     need_grad = torch.is_grad_enabled() and (c.requires_grad or any(x.requires_grad for x in xs))
     if need_grad and weight.requires_grad:
         raise ValueError("MoD's loss does not train the LM head: freeze the base first (model.freeze_base)")
-    return _ModLoss.apply(c, y, weight, (distill_weight, temp, forward_kl, layer_ce, chunk_size, need_grad), *xs)
+    return _ModLoss.apply(c, y, weight, real, (distill_weight, temp, forward_kl, layer_ce, chunk_size, need_grad),
+                          *xs)
 
 
 class _ModLoss(torch.autograd.Function):
@@ -214,7 +220,7 @@ class _ModLoss(torch.autograd.Function):
     them): the k (chunk, V) logits tensors are freed after each chunk, and no softmax is saved for backward."""
 
     @staticmethod
-    def forward(ctx, c, y, weight, opts, *xs):
+    def forward(ctx, c, y, weight, real, opts, *xs):
         distill_weight, temp, forward_kl, layer_ce, chunk_size, need_grad = opts
         n, k = c.shape
         step = chunk_size or max(n, 1)
@@ -223,21 +229,22 @@ class _ModLoss(torch.autograd.Function):
         for s in range(0, n, step):
             rows = slice(s, s + step)
             part = _chunk(c[rows], y[rows], weight, [x[rows] for x in xs], distill_weight, temp, forward_kl,
-                          layer_ce, need_grad, scale=1.0 / n)
+                          layer_ce, need_grad, None if real is None else real[rows])
             sums += part[0]
             if need_grad:
                 grad_c[rows] = part[1]
                 for g, gx in zip(grad_xs, part[2]):
                     g[rows] = gx
-        means = sums / max(n, 1)  # no target at all: 0, not NaN
-        ctx.save_for_backward(grad_c, *grad_xs)
+        count = (real.sum() if real is not None else torch.tensor(float(n), device=c.device)).clamp(min=1)
+        means = sums / count  # no target at all: 0, not NaN
+        ctx.save_for_backward(grad_c / count, *(g / count.to(g.dtype) for g in grad_xs))
         ctx.mark_non_differentiable(means)
         return means[0] + distill_weight * means[1] + means[2], means
 
     @staticmethod
     def backward(ctx, grad_loss, _):
         grad_c, *grad_xs = ctx.saved_tensors
-        return (grad_c * grad_loss, None, None, None, *(g * grad_loss.to(g.dtype) for g in grad_xs))
+        return (grad_c * grad_loss, None, None, None, None, *(g * grad_loss.to(g.dtype) for g in grad_xs))
 
 
 def rowdot(a, b):
@@ -245,20 +252,21 @@ def rowdot(a, b):
     return torch.bmm(a[:, None, :], b[:, :, None]).view(-1)
 
 
-def _chunk(c, y, weight, xs, distill_weight, temp, forward_kl, layer_ce, need_grad, scale):
+def _chunk(c, y, weight, xs, distill_weight, temp, forward_kl, layer_ce, need_grad, real):
     """One chunk of mod_loss: the summed terms (ce, distill, layer_ce), and with need_grad the gradients of
-    scale * (ce + distill_weight * distill + layer_ce) with respect to c and each x. Each (n, V) pass costs about
-    as much as a tenth of a readout's matmul on a CPU, so the tensors are reused in place where possible."""
+    ce + distill_weight * distill + layer_ce with respect to c and each x; rows weighed by real if given. Each
+    (n, V) pass costs about a tenth of a readout's matmul on a CPU, so the tensors are reused in place."""
     k, T, distilled = len(xs), temp, distill_weight > 0
     rows = torch.arange(len(y), device=y.device)
+    total = (lambda t: t.sum()) if real is None else (lambda t: (t * real).sum())  # noqa: E731
     logits = [(x @ weight.T).float() for x in xs]
     z = logits[0] * c[:, :1]
     for i in range(1, k):
         z.addcmul_(logits[i], c[:, i:i + 1])
     lse_z = torch.logsumexp(z, -1)
-    ce = (lse_z - z[rows, y]).sum()
+    ce = total(lse_z - z[rows, y])
     lse = [torch.logsumexp(l, -1) for l in logits]
-    layer = sum((lse[i] - l[rows, y]).sum() for i, l in enumerate(logits)) / k if layer_ce else ce.new_zeros(())
+    layer = sum(total(lse[i] - l[rows, y]) for i, l in enumerate(logits)) / k if layer_ce else ce.new_zeros(())
     kls = []
     if distilled:
         logp_final = logits[-1] - lse[-1][:, None] if T == 1 else F.log_softmax(logits[-1] / T, -1)
@@ -270,14 +278,14 @@ def _chunk(c, y, weight, xs, distill_weight, temp, forward_kl, layer_ce, need_gr
             else:  # KL(p_i || p_f)
                 logp = F.log_softmax(l / T, -1)
                 kls.append(rowdot(logp.exp(), logp - logp_final))
-    distill = torch.stack(kls).sum() * T * T / (k - 1) if kls else ce.new_zeros(())
+    distill = sum(total(kl) for kl in kls) * T * T / (k - 1) if kls else ce.new_zeros(())
     sums = torch.stack([ce, distill, layer])
     if not need_grad:
         return sums, None, None
     g_z = z.sub_(lse_z[:, None]).exp_()  # d CE(z) / d z = softmax(z) - onehot(y), and z = sum_i c_i l_i
     g_z[rows, y] -= 1
-    grad_c = torch.stack([rowdot(g_z, l) for l in logits], 1) * scale
-    w_layer, w_distill = (scale / k if layer_ce else 0.0), distill_weight * scale * T / max(k - 1, 1)
+    grad_c = torch.stack([rowdot(g_z, l) for l in logits], 1)
+    w_layer, w_distill = (1 / k if layer_ce else 0.0), distill_weight * T / max(k - 1, 1)
     grad_xs = []
     for i, l in enumerate(logits):  # each l becomes its own gradient, in place
         student = distilled and i < k - 1
@@ -297,8 +305,10 @@ def _chunk(c, y, weight, xs, distill_weight, temp, forward_kl, layer_ce, need_gr
             l.zero_()
         if d is not None:
             l.add_(d, alpha=w_distill)
-        l.addcmul_(g_z, c[:, i:i + 1] * scale)
+        l.addcmul_(g_z, c[:, i:i + 1])
         grad_xs.append((l.to(weight.dtype) @ weight).to(xs[i].dtype))
+    if real is not None:  # rows that do not count: no gradient (zeroed after the matmuls: (n, dim), not (n, V))
+        grad_c, grad_xs = grad_c * real[:, None], [g * real[:, None].to(g.dtype) for g in grad_xs]
     return sums, grad_c, grad_xs
 
 
