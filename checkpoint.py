@@ -153,6 +153,8 @@ def load_checkpoint(path):
                         f"({plain_error(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a train.py checkpoint (no format tag {CHECKPOINT_FORMAT!r})")
+    if isinstance(ckpt.get("args"), dict):
+        ckpt["args"] = {**BEFORE_DEFAULTS, **ckpt["args"]}  # an older run resumes and evaluates as it was trained
     return ckpt
 
 
@@ -174,7 +176,7 @@ def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.flo
     alone (`init`, default the built-in base) without tuning. `init` with `ckpt`: where the run's base is now."""
     if ckpt is not None:
         state = load_checkpoint(ckpt)
-        settings = {**BEFORE_DEFAULTS, **state["args"]}
+        settings = dict(state["args"])
         if init is not None:
             settings["init"] = init
     else:

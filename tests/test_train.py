@@ -366,3 +366,21 @@ def test_a_run_folder_without_newer_settings_takes_their_defaults(tiny_base, tmp
     out = capsys.readouterr().out  # what it resumes, and the steps of this process and in all
     assert f"resuming {run} at step 2 of 3" in out and "done: 1 step in this run (steps 3-3; 3 in all)" in out
     assert json.loads((run / "args.json").read_text())["beta2"] == 0.99  # saved complete again
+
+
+def test_a_run_folder_from_before_the_base_start_keeps_its_settings(tiny_base, tmp_path):
+    """A run saved before MoD / MoLEx started at the base has no mod_start, mod_router_input, mod_top_k_weights or
+    molex_gate_init in its args: it is rebuilt, evaluated and resumed with what it was trained with."""
+    run = tmp_path / "run"
+    old = {"mod_start": "uniform", "mod_router_input": "normed", "mod_top_k_weights": "renormalized",
+           "molex_gate_init": "uniform"}
+    flags = [x for k, v in old.items() for x in (f"--{k.replace('_', '-')}", v)]
+    train.main(base_argv(tiny_base, run, "--max-steps", "2", "--mod-k", "2", "--molex", *flags))
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert "mod.share" not in ckpt["model"]
+    for key in old:
+        del ckpt["args"][key]
+    torch.save(ckpt, run / "ckpt.pt")
+    model, _, settings, _ = checkpoint.load_run(run)
+    assert {k: settings[k] for k in old} == old and model.mod.cfg.start == "uniform"
+    assert train.main(["--resume", str(run), "--max-steps", "3"])["step"] == 3
