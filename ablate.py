@@ -110,11 +110,12 @@ def main(argv=None):
     summary = {name: {m: mean_std([r[m] for r in by_seed.values()]) for m in metrics}
                for name, by_seed in results.items()}
     main_metric = metrics[0]
-    compared = [main_metric] + [m for m in ("answer_ce",) if m in metrics]  # paired differences to LoRA
-    digits = lambda m: 3 if m == "answer_ce" else 1  # noqa: E731
+    compared = [main_metric] + [m for m in ("answer_acc", "answer_ce") if m in metrics]  # paired differences
+    digits = lambda m: {"answer_ce": 3, "answer_acc": 2}.get(m, 1)  # noqa: E731
     steps = f"{args.steps} steps" if args.steps else "train.py's default steps"
-    lines = [f"The {args.data} test split ({args.eval_n} problems): accuracies in %, answer_ce in nats per answer "
-             f"token (teacher-forced; lower is better); mean ± std over seeds {' '.join(map(str, args.seeds))}, "
+    lines = [f"The {args.data} test split ({args.eval_n} problems): accuracies in %; answer_acc (% of answer tokens "
+             f"that are the top choice) and answer_ce (nats per answer token, lower is better) teacher-forced; "
+             f"mean ± std over seeds {' '.join(map(str, args.seeds))}, "
              f"{steps}. Δ = paired difference to LoRA on the same seeds, ± its 95% t interval", "",
              "| configuration | " + " | ".join(metrics) + "".join(f" | Δ {m} vs LoRA" for m in compared)
              + f" | runs ({main_metric}) |", "|---|" + "---:|" * (len(metrics) + len(compared)) + "---|"]

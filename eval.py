@@ -245,10 +245,11 @@ def option_logliks(model, tokenizer, records, layers, batch_size, autocast=nullc
 
 
 @torch.no_grad()
-def answer_ce(model, tokenizer, records, batch_size, autocast=nullcontext()):
-    """Teacher-forced cross-entropy of the reference answers (nats per answer token, eos included) given their
-    prompts: a smooth figure beside the exact-match accuracies."""
-    device, total, count = model.embed.weight.device, 0.0, 0
+def answer_scores(model, tokenizer, records, batch_size, autocast=nullcontext()):
+    """Teacher-forced figures of the reference answers given their prompts (eos included): (cross-entropy in nats
+    per answer token, % of answer tokens that are the model's top choice). Smooth beside exact match; the CE also
+    rewards confidence (a sharper, equally right model scores lower), the token accuracy does not."""
+    device, total, right, count = model.embed.weight.device, 0.0, 0, 0
     examples = [encode_example(tokenizer, r, max_len=model.config.max_seq_len) for r in records]
     for start in range(0, len(examples), batch_size):
         idx, labels = collate(examples[start:start + batch_size], 0, device)
@@ -256,8 +257,9 @@ def answer_ce(model, tokenizer, records, batch_size, autocast=nullcontext()):
             logits, _ = model(idx, prompt_end=prompt_end_from_targets(labels))  # MoLEx: route on the prompt
         total += float(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                        reduction="sum"))
+        right += int((logits.argmax(-1) == labels).sum())  # -100 never equals a token id
         count += int((labels != IGNORE_INDEX).sum())
-    return total / max(count, 1)
+    return total / max(count, 1), 100.0 * right / max(count, 1)
 
 
 @torch.no_grad()
@@ -339,7 +341,8 @@ def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=No
     metrics = {s: {m: 100.0 * sum(c[m] for c in cs) / len(cs) for m in metric_names} for s, cs in correct.items()}
     if kind == "generation":  # lower is better (nats per answer token), for the output and the untuned base
         for s, m in [("output", model)] + ([("base", baseline)] if baseline is not None else []):
-            metrics[s]["answer_ce"] = answer_ce(m, tokenizer, records, batch_size, autocast)
+            metrics[s]["answer_ce"], metrics[s]["answer_acc"] = answer_scores(m, tokenizer, records, batch_size,
+                                                                              autocast)
     res = {"kind": kind, "max_new_tokens": max_new_tokens, "metrics": metrics, "solved": solved, "outputs": outputs,
            "mod_k": model.mod.k if model.mod is not None else 0}
     if model.mod is not None:

@@ -44,7 +44,7 @@ def metric_cell(metrics, name):
     """A table cell: accuracies in % with one decimal, answer_ce (nats per token) with three; blank if absent."""
     if name not in metrics:
         return ""
-    return f"{metrics[name]:.3f}" if name == "answer_ce" else f"{metrics[name]:.1f}"
+    return f"{metrics[name]:.{ {'answer_ce': 3, 'answer_acc': 2}.get(name, 1) }f}"
 
 
 def markdown_report(res, title, n_layers):
@@ -111,7 +111,7 @@ def write_plots(res, stem, n_layers, subtitle):
         return []
     files = []
     sources = list(res["metrics"])
-    metric_names = [m for m in res["metrics"][sources[0]] if m != "answer_ce"]  # the accuracies (%) only
+    metric_names = [m for m in res["metrics"][sources[0]] if not m.startswith("answer_")]  # generated answers
     fig, ax = plt.subplots(figsize=(2.5 + 0.45 * len(sources) * len(metric_names), 4))
     width = 0.8 / len(metric_names)
     for j, m in enumerate(metric_names):
@@ -182,9 +182,12 @@ def ablation_plot(results, labels, metrics, path, title):
         means = [sum(v) / len(v) for v in runs]
         stds = [(sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5 for v, m in zip(runs, means)]
         bars = ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.6)
-        ax.bar_label(bars, fmt="%.3f" if metric == "answer_ce" else "%.1f", fontsize=7, label_type="center")
+        ax.bar_label(bars, fmt={"answer_ce": "%.3f", "answer_acc": "%.2f"}.get(metric, "%.1f"), fontsize=7,
+                     label_type="center")
         for i, v in enumerate(runs):
             ax.plot([i] * len(v), v, "o", color="black", markersize=3)
+        if metric == "answer_acc":  # all near 100: show the range the runs span
+            ax.set_ylim(min(min(v) for v in runs) - 1, 100)
         ax.set_xticks(range(len(names)), [labels[n] for n in names], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("answer CE (nats per token, lower is better)" if metric == "answer_ce"
                       else f"{metric} (%), mean ± std, dots = seeds")

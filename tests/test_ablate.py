@@ -23,7 +23,7 @@ def test_ablation_table_and_continuation(tmp_path, monkeypatch, tiny_base):
     for name in results:
         runs = [json.loads((tmp_path / "abl" / f"{name}-seed{s}" / "ablation-eval.json").read_text())["metrics"]
                 for s in (0, 1)]
-        assert set(runs[0]) == {"strict", "flexible", "lines", "answer_ce"} and runs[0]["answer_ce"] > 0
+        assert set(runs[0]) == {"strict", "flexible", "lines", "answer_ce", "answer_acc"} and runs[0]["answer_ce"] > 0
         for metric in ("strict", "flexible", "answer_ce"):
             values = [r[metric] for r in runs]
             assert summary[name][metric] == pytest.approx([statistics.mean(values), statistics.stdev(values)])

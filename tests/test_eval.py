@@ -98,20 +98,28 @@ def test_line_accuracy_gives_partial_credit():
     assert ev.line_accuracy("", rec) == 0.0
 
 
-def test_answer_ce_matches_an_unbatched_reference(tiny):
+def test_answer_scores_match_an_unbatched_reference(tiny):
     from data.format import encode_prompt, target_text
     tok = load_tokenizer("byte")
     records = [{"question": "Tom has 3 pens. He buys 2 more. How many?", "answer": "3 + 2 = 5\n#### 5", "gold": "5"},
                {"question": "Ann has 9.", "answer": "#### 9", "gold": "9"},
                {"question": "Mia has 4 cups and 1 more.", "answer": "4 + 1 = 5\n#### 5", "gold": "5"}]
-    total, count = 0.0, 0
+    total, right, count = 0.0, 0, 0
     for rec in records:
         prompt = encode_prompt(tok, rec)
         answer = tok.encode(target_text(rec)) + [tok.eos_id]
         logp = torch.log_softmax(tiny(torch.tensor([prompt + answer]))[0][0], -1)
         total -= sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(answer))
+        right += sum(int(logp[len(prompt) - 1 + i].argmax()) == t for i, t in enumerate(answer))
         count += len(answer)
-    assert ev.answer_ce(tiny, tok, records, batch_size=2) == pytest.approx(total / count, rel=1e-5)
+    ce, acc = ev.answer_scores(tiny, tok, records, batch_size=2)
+    assert ce == pytest.approx(total / count, rel=1e-5) and acc == pytest.approx(100 * right / count)
+    with torch.no_grad():  # sharper logits, the same top choices: a lower CE, the same token accuracy
+        tiny.lm_head.weight.mul_(3)
+    sharp_ce, sharp_acc = ev.answer_scores(tiny, tok, records, batch_size=2)
+    with torch.no_grad():
+        tiny.lm_head.weight.div_(3)
+    assert sharp_acc == acc and sharp_ce != ce
 
 
 def test_option_logliks_match_an_unbatched_reference(tiny):
@@ -220,7 +228,7 @@ def test_eval_of_an_untuned_base_and_no_matplotlib(tuned_run, monkeypatch, capsy
     report = ev.main(["--init", str(tuned_run / "base"), "--data", "arith", "--difficulty", "1", "--n", "3",
                       "--max-new-tokens", "6", "--layers", "all", "--out", str(out)])
     assert set(report["metrics"]) == {"output", "layer_1", "layer_2", "layer_3"}
-    assert set(report["metrics"]["output"]) == {"strict", "flexible", "lines", "answer_ce"}
+    assert set(report["metrics"]["output"]) == {"strict", "flexible", "lines", "answer_ce", "answer_acc"}
     assert set(report["metrics"]["layer_1"]) == {"strict", "flexible", "lines"}
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert (out / "eval-arith-test.md").is_file() and not list(out.glob("*.png"))
