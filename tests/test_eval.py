@@ -108,7 +108,8 @@ def test_answer_scores_match_an_unbatched_reference(tiny):
     for rec in records:
         prompt = encode_prompt(tok, rec)
         answer = tok.encode(target_text(rec)) + [tok.eos_id]
-        logp = torch.log_softmax(tiny(torch.tensor([prompt + answer]))[0][0], -1)
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny(torch.tensor([prompt + answer]))[0][0], -1)
         total -= sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(answer))
         right += sum(int(logp[len(prompt) - 1 + i].argmax()) == t for i, t in enumerate(answer))
         count += len(answer)
