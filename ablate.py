@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from report import ablation_plot
+from report import DECIMALS, ablation_plot
 
 REPO = Path(__file__).resolve().parent
 CONFIGS = {  # name: (label, train.py flags added to the LoRA baseline)
@@ -111,7 +111,7 @@ def main(argv=None):
                for name, by_seed in results.items()}
     main_metric = metrics[0]
     compared = [main_metric] + [m for m in ("answer_acc", "answer_ce") if m in metrics]  # paired differences
-    digits = lambda m: {"answer_ce": 3, "answer_acc": 2}.get(m, 1)  # noqa: E731
+    digits = lambda m: DECIMALS.get(m, 1)  # noqa: E731
     steps = f"{args.steps} steps" if args.steps else "train.py's default steps"
     lines = [f"The {args.data} test split ({args.eval_n} problems): accuracies in %; answer_acc (% of answer tokens "
              f"that are the top choice) and answer_ce (nats per answer token, lower is better) teacher-forced; "

@@ -64,9 +64,11 @@ def build_model(settings, device="cpu", dtype=torch.float32, verbose=True, with_
             apply_lora(model, cfg=config_from(LoRAConfig, a, "lora"), verbose=verbose)
             if mod_on(a):
                 attach_mod(model, config_from(MoDConfig, a, "mod"), verbose=verbose)
-            if a.get("molex"):  # the gate's seed: the run's unless --molex-seed is given
-                attach_molex(model, config_from(MoLExConfig, {"molex_seed": a["seed"], **{
-                    k: v for k, v in a.items() if v is not None}}, "molex"), verbose=verbose)
+            if a.get("molex"):
+                molex_cfg = config_from(MoLExConfig, a, "molex")
+                if molex_cfg.seed is None:  # the gate's seed: the run's unless --molex-seed is given
+                    molex_cfg.seed = a["seed"]
+                attach_molex(model, molex_cfg, verbose=verbose)
         except ValueError as e:  # a setting that does not fit this model (e.g. --mod-k above its layers)
             raise UserError(str(e)) from None
     model.grad_checkpointing = bool(a.get("grad_checkpointing"))

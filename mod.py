@@ -339,11 +339,11 @@ def routing_weights(model, hidden, n_pad=None):
 
 def routing_stats(weights, mask=None, eps=1e-3):
     """Per-layer figures over the tokens where mask (B, T) is true (all if None), index 0 = the earliest late
-    layer: mean_weight; sparsity = the fraction of tokens on which the layer's weight is below eps (exactly
+    layer: mean_weight; sparsity = the fraction of tokens on which the layer's |weight| is below eps (exactly
     the fraction dropped by Top-K when it is on); top1 = the fraction of tokens on which it has the largest."""
     w = weights.reshape(-1, weights.size(-1)).float()
     if mask is not None:
         w = w[mask.reshape(-1).bool()]
     top1 = F.one_hot(w.argmax(-1), w.size(-1)).float()
-    return {"tokens": w.size(0), "mean_weight": w.mean(0).tolist(), "sparsity": (w < eps).float().mean(0).tolist(),
+    return {"tokens": w.size(0), "mean_weight": w.mean(0).tolist(), "sparsity": (w.abs() < eps).float().mean(0).tolist(),
             "top1": top1.mean(0).tolist()}

@@ -40,11 +40,12 @@ def source_label(s, n_layers, mod_k=0):
     return f"layer {layer}/{n_layers}" + ("" if layer == n_layers else f" ({how})")
 
 
+DECIMALS = {"answer_ce": 3, "answer_acc": 2}  # in tables and plots; every other metric (%) gets one
+
+
 def metric_cell(metrics, name):
-    """A table cell: accuracies in % with one decimal, answer_ce (nats per token) with three; blank if absent."""
-    if name not in metrics:
-        return ""
-    return f"{metrics[name]:.{ {'answer_ce': 3, 'answer_acc': 2}.get(name, 1) }f}"
+    """A table cell: the metric with its decimals (DECIMALS); blank if absent."""
+    return f"{metrics[name]:.{DECIMALS.get(name, 1)}f}" if name in metrics else ""
 
 
 def markdown_report(res, title, n_layers):
@@ -144,11 +145,13 @@ def write_plots(res, stem, n_layers, subtitle):
     if rt:
         fig, ax = plt.subplots(figsize=(3.5 + 0.8 * len(rt["layers"]), 3.6))
         x = range(len(rt["layers"]))
-        ax.bar([i - 0.2 for i in x], rt["mean_weight"], 0.4, label="mean weight")
-        ax.bar([i + 0.2 for i in x], rt["sparsity"], 0.4, label="share of tokens with weight < 0.001")
+        ax.bar([i - 0.2 for i in x], rt["mean_weight"], 0.4, label="mean coefficient c_i (z = sum c_i l_i)")
+        ax.bar([i + 0.2 for i in x], rt["sparsity"], 0.4, label="share of tokens with |c_i| < 0.001")
         ax.set_xticks(list(x), [f"L{layer}" for layer in rt["layers"]])
-        ax.set_ylim(0, 1)
-        ax.set_title(f"MoD routing weights on the reference answers ({rt['tokens']} tokens)\n{subtitle}", fontsize=9)
+        ax.set_ylim(min(0.0, *rt["mean_weight"]) - 0.05, max(1.0, *rt["mean_weight"]) + 0.05)  # c_i may leave [0, 1]
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_title(f"MoD's ensemble coefficients on the reference answers ({rt['tokens']} tokens)\n{subtitle}",
+                     fontsize=9)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
         save(fig, f"{stem}-routing.png", files)
     mx = res.get("molex")
@@ -182,8 +185,7 @@ def ablation_plot(results, labels, metrics, path, title):
         means = [sum(v) / len(v) for v in runs]
         stds = [(sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5 for v, m in zip(runs, means)]
         bars = ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.6)
-        ax.bar_label(bars, fmt={"answer_ce": "%.3f", "answer_acc": "%.2f"}.get(metric, "%.1f"), fontsize=7,
-                     label_type="center")
+        ax.bar_label(bars, fmt=f"%.{DECIMALS.get(metric, 1)}f", fontsize=7, label_type="center")
         for i, v in enumerate(runs):
             ax.plot([i] * len(v), v, "o", color="black", markersize=3)
         if metric == "answer_acc":  # all near 100: show the range the runs span

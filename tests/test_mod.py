@@ -358,6 +358,12 @@ def test_routing_stats_by_hand():
     torch.testing.assert_close(torch.tensor(s["top1"]), torch.tensor([1, 1, 1]) / 3)  # a tie goes to the first
 
 
+def test_routing_stats_count_negative_coefficients_as_used():
+    # start "final": c = g * w + (1 - g) on the final layer, so a learned g > 1 makes the final coefficient negative
+    s = routing_stats(torch.tensor([[[2.5, -1.5], [0.0005, 0.9995]]]))
+    torch.testing.assert_close(torch.tensor(s["sparsity"]), torch.tensor([0.5, 0.0]))
+
+
 def test_only_layer_gives_that_layer_alone():
     model = tiny()
     attach_mod(model, MoDConfig(k=3), verbose=False)
