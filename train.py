@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint import (BUILTIN_BASE, CHECKPOINT_FORMAT, REPO, build_model, checkpoint_path, load_checkpoint,
-                        load_trainable, mod_on, resolve_tokenizer, rng_state, save_checkpoint, set_rng_state,
-                        trainable_state)
+from checkpoint import (BUILTIN_BASE, CHECKPOINT_FORMAT, REPO, StopSignal, build_model, checkpoint_path,
+                        check_base_is_there, claim_run_folder, load_checkpoint, load_trainable, mod_on,
+                        open_tokenizer, release_run_folder, resolve_tokenizer, rng_state, save_checkpoint,
+                        set_rng_state, tokenizer_label, trainable_state, truncate_metrics)
 from cli import (HelpFormatter, Threads, UserError, add_config_flags, all_reduce_sum, config_from, given_fields,
                  run_main, setup_distributed, store_config, use_bf16)
 from data import BUILTIN_TASKS, resolve_path
@@ -37,7 +38,7 @@ from mod import MoDConfig
 from model import LoRAConfig
 from molex import MoLExConfig, prompt_end_from_targets
 from optim import CASE_DEFAULTS, OptimConfig, case_help, fill_case_defaults, lr_factor, param_groups
-from tokenizer import check_tokenizer_fits, load_tokenizer
+from tokenizer import check_tokenizer_fits
 from weights import save_hf
 
 # The built-in base: 8 layers of dim 64 (so that MoD's "last k layers" are late layers; the earlier base had 4 of
@@ -56,7 +57,7 @@ SMALL_MODEL = 10_000_000
 
 # Settings that --resume may change; any other flag given with --resume must equal the saved value.
 RESUME_OVERRIDABLE = {"resume", "max_steps", "epochs", "eval_every", "save_every", "device", "compile",
-                      "eval_n", "out", "threads"}
+                      "eval_n", "out", "threads", "overwrite"}
 
 def get_parser():
     p = argparse.ArgumentParser(description="Tune a LLaMA model with LoRA (or pretrain the built-in base).",
@@ -118,7 +119,10 @@ def get_parser():
     g.add_argument("--out", default=None,
                    help="run folder; default runs/<data>-<date-time> (--pretrain: runs/pretrain-<date-time>)")
     g.add_argument("--resume", default=None, metavar="RUN",
-                   help="continue the run in this folder (or this ckpt.pt) with its saved settings")
+                   help="continue the run in this folder (or this ckpt.pt) with its saved settings; with --out, "
+                        "continue into that folder (a copy: RUN stays as it was)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run files (ckpt.pt, args.json, metrics.jsonl) of another run in --out")
     g.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps (0: only at the end)")
     g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     return p
@@ -159,7 +163,8 @@ def resumed_args(parser, args, argv):
         raise UserError("--resume continues a run with its saved settings; these flags differ: " + ", ".join(changed))
     defaults = vars(parser.parse_args([]))  # flags newer than the checkpoint get their defaults
     args = argparse.Namespace(**{**defaults, **saved, **{k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}})
-    args.resume, args.out = str(ckpt_path), str(ckpt_path.parent)
+    check_base_is_there(saved, f"the run {ckpt_path.parent}")
+    args.resume, args.out = str(ckpt_path), given.get("out") or str(ckpt_path.parent)  # --out: a copy goes on
     if "max_steps" in given or "epochs" in given:  # a new length replaces the saved one
         args.max_steps, args.epochs = given.get("max_steps"), given.get("epochs")
     return args
@@ -243,7 +248,7 @@ def ensure_builtin_base():
         return
     print(f"The built-in base model is missing: building it now (pretraining a tiny LLaMA on data.builtin's "
           f"corpus into {BUILTIN_BASE}; first run only)")
-    argv = BUILTIN_BASE_ARGV + ["--out", str(BUILTIN_BASE)]
+    argv = BUILTIN_BASE_ARGV + ["--out", str(BUILTIN_BASE), "--overwrite"]  # a build stopped before a checkpoint
     if (BUILTIN_BASE / "ckpt.pt").is_file():  # an earlier build was interrupted: continue it
         argv = ["--resume", str(BUILTIN_BASE)]
     main(argv)
@@ -276,16 +281,15 @@ def main(argv=None):
     # dtype: bfloat16 autocast where the GPU supports it; the frozen base then also lives in bfloat16
     bf16 = use_bf16(args.dtype, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    given_tokenizer = args.tokenizer is not None and not args.resume
     args.tokenizer = resolve_tokenizer(args.tokenizer, args.init, args.pretrain)
-    try:
-        tokenizer = load_tokenizer(args.tokenizer)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"--tokenizer {args.tokenizer}: {e}") from None
+    tokenizer_name = tokenizer_label(args.tokenizer, given_tokenizer, args.init, saved=bool(args.resume))
+    tokenizer = open_tokenizer(args.tokenizer, tokenizer_name)
     args.vocab_size = tokenizer.vocab_size
     torch.manual_seed(args.seed)
     model = build_model(vars(args), device, torch.bfloat16 if bf16 and not args.pretrain else torch.float32,
                         verbose=master)
-    check_tokenizer_fits(tokenizer, model.config.vocab_size, f"--tokenizer {args.tokenizer}")
+    check_tokenizer_fits(tokenizer, model.config.vocab_size, tokenizer_name)
     if threads and sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
         threads.limit(1)  # a tiny model gains little from a second thread and pays double in CPU time
     max_len = args.max_len or (128 if args.pretrain else model.config.max_seq_len)
@@ -310,6 +314,11 @@ def main(argv=None):
         step = ckpt["step"]
         order = DataOrder(len(train), args.seed, **ckpt["data"])
     first_step = step
+    if step >= max_steps:
+        if master:
+            print(f"nothing to do: {args.resume} is at step {step} and the run ends at step {max_steps}; give a "
+                  f"--max-steps above {step} (or more --epochs) to train further")
+        return {"run": str(Path(args.resume).parent), "losses": [], "val_loss": None, "step": step}
     # dropout RNG: one stream per rank (restored exactly on resume with the same number of processes)
     torch.manual_seed(args.seed + rank)
     if ckpt is not None:
@@ -323,15 +332,12 @@ def main(argv=None):
                                            f"{datetime.now():%Y%m%d-%H%M%S}")
     args.out = str(run)
     ckpt_file, metrics_file = run / "ckpt.pt", run / "metrics.jsonl"
-    saved_args = {k: v for k, v in vars(args).items() if k != "resume"}
-    if master:
-        if ckpt is None and ckpt_file.exists():
-            raise UserError(f"{run} already holds a run: continue it with --resume {run}, or pick another --out")
-        run.mkdir(parents=True, exist_ok=True)
+    saved_args = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
+    if master:  # refused if in use or holding another run; --resume A --out B copies A into B
+        claim_run_folder(run, Path(args.resume) if ckpt else None, args.overwrite)
         (run / "args.json").write_text(json.dumps(saved_args, indent=2) + "\n")
-        if ckpt is not None and metrics_file.exists():  # drop what was logged after the checkpoint
-            lines = [ln for ln in metrics_file.read_text().splitlines() if ln.strip()]
-            metrics_file.write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= step))
+        if ckpt is not None:
+            truncate_metrics(metrics_file, step)
 
     raw_model = model
     if args.compile:
@@ -367,6 +373,7 @@ def main(argv=None):
     losses, val_loss = [], None
     t_start, tokens_seen = time.time(), 0
     bar = tqdm(total=max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
+    stop = StopSignal()  # Ctrl-C / SIGTERM: finish the step, save it, say how to go on
     while step < max_steps:
         t0 = time.time()
         if threads:
@@ -425,8 +432,18 @@ def main(argv=None):
         if (args.save_every and step % args.save_every == 0) or step == max_steps:
             state = checkpoint_state(step)  # every rank joins the RNG gather
             if master:
+                save_checkpoint(state, ckpt_file, on_error=bar.close)
+        if stop.check(world, device) and step < max_steps:
+            bar.close()
+            state = checkpoint_state(step)
+            if master:
                 save_checkpoint(state, ckpt_file)
+                release_run_folder(run)
+            stop.restore()
+            raise UserError(f"stopped ({stop.requested or 'by another process'}) after step {step} of {max_steps}: "
+                            f"saved {ckpt_file}; continue with: python train.py --resume {run}")
     bar.close()
+    stop.restore()
 
     if master:
         ran = step - first_step
@@ -440,6 +457,7 @@ def main(argv=None):
             print(f"saved the model in Hugging Face format to {run} (from_pretrained loads it)")
         else:
             print(f"evaluate it with:  python eval.py --ckpt {run}   (--baseline adds the untuned base's score)")
+        release_run_folder(run)
     if started_group:
         torch.distributed.destroy_process_group()
     return {"run": str(run), "losses": losses, "val_loss": val_loss, "step": step}
