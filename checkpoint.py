@@ -16,6 +16,7 @@ build_model(settings) makes the model of a run from its settings: the base (load
 frozen here and only here, then LoRA, then the add-ons (MoD's head hook, MoLEx's layer hook).
 """
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -65,6 +66,7 @@ def build_model(settings, device="cpu", dtype=torch.float32, verbose=True, with_
         model = from_pretrained(base_folder(a["init"]), dtype=dtype, device=device)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"--init {a['init']}: {e}") from None
+    model.base_fingerprint = base_fingerprint(model)
     freeze_base(model)
     if with_addons:
         torch.manual_seed(a["seed"])  # LoRA's A init
@@ -106,6 +108,32 @@ def check_base_is_there(settings, where):
     if not settings.get("pretrain") and init not in (None, "builtin") and not Path(init).exists():
         raise UserError(f"the base of {where}, {init} (saved in its settings), is not there any more: {where} "
                         f"needs it; pass --init where it is now")
+
+
+def base_fingerprint(model):
+    """What tells one base from another of the same shape, saved with a run: a hash of the embedding's first 65,536
+    values, every norm weight and the head's first values (any fine-tune changes some of them), rounded to bfloat16
+    so the base loaded in float32 or bfloat16 gives the same. File names, sizes and dates cannot tell two bases of
+    one shape apart (and change when a base is copied); hashing every weight would read a 7B base twice."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.dim() == 1 or name in ("embed.weight", "lm_head.weight"):
+            h.update(name.encode())
+            h.update(p.detach().flatten()[:65536].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_same_base(settings, model, where, given):
+    """The base just loaded is the one the run was trained on (its saved fingerprint), then record it."""
+    fp = getattr(model, "base_fingerprint", None)
+    if fp is None:
+        return
+    saved = settings.get("base_fingerprint")
+    if saved is not None and saved != fp:
+        what = f"--init {settings['init']}" if given else f"the base at {settings['init']} (saved in its settings)"
+        raise UserError(f"{what} is not the base {where} was trained on: its weights differ from the fingerprint "
+                        f"saved with the run ({fp} != {saved}); give the run's own base with --init")
+    settings["base_fingerprint"] = fp
 
 
 def resolve_tokenizer(spec, init, pretrain=False):
@@ -201,8 +229,35 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a train.py checkpoint (no format tag {CHECKPOINT_FORMAT!r})")
     if isinstance(ckpt.get("args"), dict):
+        check_args_file(path.parent / "args.json", ckpt["args"])
         ckpt["args"] = {**BEFORE_DEFAULTS, **ckpt["args"]}  # an older run resumes and evaluates as it was trained
     return ckpt
+
+
+# Settings that train.py --resume may change (a run's length, how often it logs, where it goes, where its base now
+# is): any other flag given with --resume must equal the saved value.
+CHANGEABLE_ON_RESUME = {"resume", "max_steps", "epochs", "eval_every", "save_every", "device", "compile",
+                        "eval_n", "out", "threads", "overwrite", "init"}
+
+
+def check_args_file(args_file, saved):
+    """args.json is a copy of the settings inside ckpt.pt, for people to read. A hand edit there would be ignored
+    (the checkpoint's settings are what its parameters were trained with), so it is refused, naming the keys."""
+    if not args_file.is_file():
+        return
+    try:
+        shown = json.loads(args_file.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{args_file}: not valid JSON (edited by hand?); restore it from ckpt.pt's settings") from None
+    saved = json.loads(json.dumps(saved))  # as JSON shows them (tuples as lists)
+    skip = CHANGEABLE_ON_RESUME | {"base_fingerprint"}  # may lag behind in ckpt.pt until its next save
+    differ = sorted(k for k in saved.keys() - skip if shown.get(k) != saved[k])  # a run's settings, as saved
+    if differ:
+        raise UserError(f"{args_file} differs from the settings saved in ckpt.pt ("
+                        + ", ".join(f"{k}: {saved.get(k)!r} in ckpt.pt, {shown.get(k)!r} in args.json"
+                                    for k in differ[:4])
+                        + "): edits to args.json are not used (ckpt.pt's parameters were trained with its settings). "
+                        "Restore args.json; with train.py --resume, change the run's length or schedule with flags")
 
 
 def rng_state(device):
@@ -241,6 +296,7 @@ def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.flo
     model = build_model(settings, device, dtype, verbose=verbose, with_addons=state is not None)
     check_tokenizer_fits(tok, model.config.vocab_size, label)
     if state is not None:
+        check_same_base(settings, model, f"the run {checkpoint_path(ckpt).parent}", given=init is not None)
         load_trainable(model, state["model"], checkpoint_path(ckpt))
     return model.eval(), tok, settings, state
 

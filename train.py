@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint import (BUILTIN_BASE, CHECKPOINT_FORMAT, REPO, StopSignal, build_model, checkpoint_path,
-                        check_base_is_there, claim_run_folder, load_checkpoint, load_trainable, mod_on,
-                        open_tokenizer, release_run_folder, resolve_tokenizer, rng_state, save_checkpoint,
-                        set_rng_state, tokenizer_label, trainable_state, truncate_metrics)
+from checkpoint import (BUILTIN_BASE, CHANGEABLE_ON_RESUME, CHECKPOINT_FORMAT, REPO, StopSignal, build_model,
+                        check_base_is_there, check_same_base, checkpoint_path, claim_run_folder, load_checkpoint,
+                        load_trainable, mod_on, open_tokenizer, release_run_folder, resolve_tokenizer, rng_state,
+                        save_checkpoint, set_rng_state, tokenizer_label, trainable_state, truncate_metrics)
 from cli import (HelpFormatter, Threads, UserError, add_config_flags, all_reduce_sum, config_from, given_fields,
                  run_main, setup_distributed, store_config, use_bf16)
 from data import BUILTIN_TASKS, resolve_path
@@ -55,9 +55,8 @@ BUILTIN_BASE_ARGV = ["--pretrain", "--dim", "64", "--n-layers", "8", "--n-heads"
 # base: 2 threads made a step 1.5x faster for 2x the CPU time, and 10x slower when another program held a core.
 SMALL_MODEL = 10_000_000
 
-# Settings that --resume may change; any other flag given with --resume must equal the saved value.
-RESUME_OVERRIDABLE = {"resume", "max_steps", "epochs", "eval_every", "save_every", "device", "compile",
-                      "eval_n", "out", "threads", "overwrite"}
+# Settings that --resume may change (--init only for a run with a base fingerprint, which checks it)
+RESUME_OVERRIDABLE = CHANGEABLE_ON_RESUME
 
 def get_parser():
     p = argparse.ArgumentParser(description="Tune a LLaMA model with LoRA (or pretrain the built-in base).",
@@ -157,13 +156,15 @@ def resumed_args(parser, args, argv):
     ckpt_path = checkpoint_path(args.resume)
     saved = load_checkpoint(ckpt_path)["args"]
     given = explicit_flags(argv)
+    overridable = RESUME_OVERRIDABLE - ({"init"} if "base_fingerprint" not in saved else set())
     changed = [f"--{k.replace('_', '-')} (saved {saved.get(k)!r}, given {v!r})" for k, v in given.items()
-               if k not in RESUME_OVERRIDABLE and saved.get(k) != v]
+               if k not in overridable and saved.get(k) != v]
     if changed:
         raise UserError("--resume continues a run with its saved settings; these flags differ: " + ", ".join(changed))
     defaults = vars(parser.parse_args([]))  # flags newer than the checkpoint get their defaults
     args = argparse.Namespace(**{**defaults, **saved, **{k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}})
-    check_base_is_there(saved, f"the run {ckpt_path.parent}")
+    if "init" not in given:
+        check_base_is_there(saved, f"the run {ckpt_path.parent}")
     args.resume, args.out = str(ckpt_path), given.get("out") or str(ckpt_path.parent)  # --out: a copy goes on
     if "max_steps" in given or "epochs" in given:  # a new length replaces the saved one
         args.max_steps, args.epochs = given.get("max_steps"), given.get("epochs")
@@ -290,6 +291,7 @@ def main(argv=None):
     model = build_model(vars(args), device, torch.bfloat16 if bf16 and not args.pretrain else torch.float32,
                         verbose=master)
     check_tokenizer_fits(tokenizer, model.config.vocab_size, tokenizer_name)
+    check_same_base(vars(args), model, f"the run {args.resume}", given=True)  # and records it for a new run
     if threads and sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
         threads.limit(1)  # a tiny model gains little from a second thread and pays double in CPU time
     max_len = args.max_len or (128 if args.pretrain else model.config.max_seq_len)

@@ -197,3 +197,42 @@ def test_messages_name_what_the_user_gave(tiny_base, tmp_path, capsys):
     report = ev.main(["--ckpt", str(tmp_path / "run"), "--init", str(moved), "--n", "1", "--layers", "0",
                       "--max-new-tokens", "2"])
     assert report["init"] == str(moved)
+
+
+def test_a_run_knows_its_base_by_a_fingerprint(tiny_base, tmp_path, capsys):
+    from conftest import TINY_BASE
+    from weights import save_hf
+    other = tmp_path / "other-base"  # the same shape, other weights
+    save_hf(Llama(model_module.LlamaConfig(**TINY_BASE)).init_weights(seed=1, std=0.05), other,
+            extra_config={"tokenizer": "byte"})
+    run = tmp_path / "run"
+    train.main(base_argv(tiny_base, run, "--max-steps", "1"))
+    saved = json.loads((run / "args.json").read_text())["base_fingerprint"]
+    assert len(saved) == 16
+    with pytest.raises(SystemExit, match=rf"--init {other} is not the base the run {run} was trained on"):
+        ev.main(["--ckpt", str(run), "--init", str(other), "--n", "1"])
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run), "--init", str(other), "--max-steps", "2"])
+    assert "is not the base" in str(e.value) and ckpt_step(run) == 1
+    moved = tmp_path / "moved-base"
+    shutil.copytree(tiny_base, moved)  # the same base elsewhere (a copy: new file dates) is accepted
+    assert train.main(["--resume", str(run), "--init", str(moved), "--max-steps", "2"])["step"] == 2
+    assert json.loads((run / "args.json").read_text())["init"] == str(moved)
+    report = ev.main(["--ckpt", str(run), "--init", str(tiny_base), "--n", "1", "--layers", "0",
+                      "--max-new-tokens", "2", "--dtype", "bfloat16"])  # another dtype: the same fingerprint
+    assert report["n"] == 1
+
+
+def test_hand_edits_to_args_json_are_refused(tiny_base, tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(base_argv(tiny_base, run, "--max-steps", "1"))
+    good = (run / "args.json").read_text()
+    (run / "args.json").write_text(good.replace('"lr": 0.01', '"lr": 0.02'))
+    for call in (lambda: train.main(["--resume", str(run), "--max-steps", "2"]),
+                 lambda: ev.main(["--ckpt", str(run), "--n", "1"])):
+        with pytest.raises(SystemExit) as e:
+            call()
+        msg = str(e.value) + capsys.readouterr().err
+        assert f"{run / 'args.json'} differs from the settings saved in ckpt.pt (lr: 0.01 in ckpt.pt, 0.02" in msg
+    (run / "args.json").write_text(good)
+    assert train.main(["--resume", str(run), "--max-steps", "2"])["step"] == 2
