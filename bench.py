@@ -20,9 +20,29 @@ from pathlib import Path
 
 import torch
 
-from benchkit import (RESULT_TAG, StepTimer, bpe_reference, build_row, explain, facts, gsm8k_documents, matmul_rate,
-                      measure_load, pool_rounds, print_explained, reset_peak_rss, rss_mib, run_child, smollm2_file,
-                      timed, train_flops, varied_documents, varied_strings, warm_meta, write_random_checkpoint)
+from benchkit import (
+    RESULT_TAG,
+    StepTimer,
+    bpe_reference,
+    build_row,
+    explain,
+    facts,
+    gsm8k_documents,
+    matmul_rate,
+    measure_load,
+    pool_rounds,
+    print_explained,
+    reset_peak_rss,
+    rss_mib,
+    run_child,
+    smollm2_file,
+    timed,
+    train_flops,
+    varied_documents,
+    varied_strings,
+    warm_meta,
+    write_random_checkpoint,
+)
 
 SHARED = Path(__file__).resolve().parent.parent / "shared"  # read-only data beside the repo, when present
 
@@ -232,6 +252,7 @@ def run_row(args):
     """One row in this (sub)process: build, warm up, time `steps` training steps; print the JSON result."""
     import importlib
     import importlib.util
+
     from model import LlamaConfig
     device, dtype, row = torch.device(args.device), getattr(torch, args.dtype), args.row
     # Everything a row's process loads once, whatever the row, happens before the memory baseline: the imports

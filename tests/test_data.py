@@ -10,10 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from data import BUILTIN_TASKS, load_examples, task_kind
-from data import builtin, prepare
-from data.format import (IGNORE_INDEX, choice_continuations, encode_example, encode_prompt, extract_answer,
-                         extract_choice, gold_answer, is_correct, prompt_text, same_number, target_text)
+from data import BUILTIN_TASKS, builtin, load_examples, prepare, task_kind
+from data.format import (
+    IGNORE_INDEX,
+    choice_continuations,
+    encode_example,
+    encode_prompt,
+    extract_answer,
+    extract_choice,
+    gold_answer,
+    is_correct,
+    prompt_text,
+    same_number,
+    target_text,
+)
 from data.records import check_record, write_jsonl
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

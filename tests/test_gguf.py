@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from benchkit import smollm2_gguf  # the wheel's GGUF file, or None
 from gguf_file import GGUFFile, llama_config_from_gguf, token_ids_from_gguf
 from tokenizer import load_tokenizer
-from benchkit import smollm2_gguf  # the wheel's GGUF file, or None
 
 gguf = pytest.importorskip("gguf", reason="the reference GGUF reader/writer (pip install gguf)")
 Q = gguf.GGMLQuantizationType

@@ -5,7 +5,6 @@ and a clear error for each kind of bad input."""
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import pytest

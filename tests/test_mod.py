@@ -3,10 +3,10 @@ loss and its gradients, uncached generation, and the memory saved for backward. 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import random_llama
-from model import KVCache, LlamaConfig, apply_lora, freeze_base
+
 from mod import MoDConfig, attach_mod, layer_logits, routing_stats
+from model import KVCache, LlamaConfig, apply_lora, freeze_base
 
 CFG = LlamaConfig(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=64, max_seq_len=64)
 V = CFG.vocab_size

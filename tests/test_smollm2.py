@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import eval as ev
-from benchkit import smollm2_gguf
 import export
 import train
+from benchkit import smollm2_gguf
 from data.format import encode_prompt
 from tokenizer import load_tokenizer
 from weights import from_pretrained, save_hf
@@ -62,8 +62,8 @@ def test_logits_and_greedy_generation_equal_transformers(gguf, ours, reference):
 @pytest.mark.parametrize("addon", ["mod4", "molex"])
 def test_tuning_starts_exactly_at_the_pretrained_model(gguf, ours, addon):
     # LoRA (B = 0) + MoD (the ensemble's share g = 0) or + MoLEx (the expert's share starts at 0), with defaults
-    from model import apply_lora
     from mod import MoDConfig, attach_mod
+    from model import apply_lora
     from molex import MoLExConfig, attach_molex
     tok = load_tokenizer(gguf)
     x = torch.tensor([tok.encode(TEXTS[0])])
