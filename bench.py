@@ -179,8 +179,8 @@ def bench_bpe(args):
     import importlib.util
     if "tokenizers" in sys.modules or not importlib.util.find_spec("tokenizers"):
         sys.exit("needs Hugging Face tokenizers (pip install tokenizers), not imported before RAYON_NUM_THREADS")
-    from bpe import tokenizer_from_gguf
     from gguf_file import GGUFFile
+    from tokenizer import tokenizer_from_gguf
     path = smollm2_file(args.path)
     if min(args.strings, args.repeat) < 1:
         sys.exit("--strings and --repeat must be >= 1")

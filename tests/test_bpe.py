@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bpe import BYTE_CHARS, GPT2_SPLIT, LLAMA3_SPLIT, ByteLevelBPE, tokenizer_from_gguf
-from tokenizer import load_tokenizer
+from bpe import BYTE_CHARS, GPT2_SPLIT, LLAMA3_SPLIT, ByteLevelBPE
+from tokenizer import load_tokenizer, tokenizer_from_gguf
 
 tokenizers = pytest.importorskip("tokenizers", reason="the reference tokenizer (pip install tokenizers)")
 from tokenizers import AddedToken, decoders, models, pre_tokenizers  # noqa: E402
