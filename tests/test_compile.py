@@ -6,8 +6,8 @@ import pytest
 pytestmark = pytest.mark.slow  # dynamo traces: seconds per test
 import torch
 
-from model import apply_lora
 from mod import MoDConfig, attach_mod
+from model import apply_lora
 
 CONFIGS = ["plain", "lora", "mod", "mod-chunked", "lora-ckpt", "mod-chunked-ckpt"]
 
