@@ -63,7 +63,8 @@ def bench_tokenizer(args):
 
     print(f"repeat={args.repeat} (median after 1 warm-up), batch threads={threads}, cpus={os.cpu_count()}, "
           f"load average before: {os.getloadavg()[0]:.2f}\n")
-    print("| text | MB | mode | tokenizer | wall s | CPU s | MB/s | tokens/s | MB/s by CPU time | speed-up | ids equal |")
+    print("| text | MB | mode | tokenizer | wall s | CPU s | MB/s | tokens/s | MB/s by CPU time | speed-up "
+          "| ids equal |")
     print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|")
     for name, docs in corpora.items():
         whole = "\n".join(docs)
@@ -231,7 +232,8 @@ def bench_load(args):
             rows.append((fmt, size, r["load_s"], r["after_load"] * 2 ** 20, r["after_touch"] * 2 ** 20))
             shutil.rmtree(folder)
     print(f"\nLoading a {cfg.n_layers}-layer dim-{cfg.dim} ({SHAPE_NAMES[args.shape]}) random bf16 checkpoint\n")
-    print("| format | file size | load time | peak RSS during load | ratio | peak RSS after touching every weight | ratio |")
+    print("| format | file size | load time | peak RSS during load | ratio "
+          "| peak RSS after touching every weight | ratio |")
     print("|---|---|---|---|---|---|---|")
     gib = 2 ** 30
     for fmt, size, load_s, a, b in rows:
@@ -242,7 +244,8 @@ def bench_load(args):
 
 # ---- training step: ours (LoRA, MoD, MoLEx) against transformers + PEFT ------------------------------------
 
-TRAIN_ROWS = {"hf": "transformers + PEFT, LoRA", "lora": "ours, LoRA", "mod": "ours, LoRA + MoD k={k}, fused loss (all tokens at once)",
+TRAIN_ROWS = {"hf": "transformers + PEFT, LoRA", "lora": "ours, LoRA",
+              "mod": "ours, LoRA + MoD k={k}, fused loss (all tokens at once)",
               "mod-chunked": "ours, LoRA + MoD k={k}, fused loss in chunks of {chunk} tokens",
               "molex": "ours, LoRA + MoLEx, all layers"}
 LORA_RANK, LORA_ALPHA, LORA_TARGETS = 8, 16, ("q", "k", "v", "o")

@@ -17,9 +17,9 @@ Per-layer readout: the hidden state after layer i through a norm and the LM head
 (for generation, every generated token comes from that layer). The norm is MoD's trained norm for the layers of a
 MoD ensemble (--mod-k), the model's final norm otherwise (the plain logit lens). With MoD the report also has the
 routing weights on the test answers (mean per layer, sparsity, how often each layer weighs most) and a plot; with
-MoLEx the (layer x chosen expert) fractions of the test prompts, as numbers and as a heat map. The overlap of the problems each layer
-solves is counted by exact subset (like a Venn diagram) for up to 5 layers, and always as a pairwise matrix with
-"solved by any / by all / only by this layer".
+MoLEx the (layer x chosen expert) fractions of the test prompts, as numbers and as a heat map. The overlap of the
+problems each layer solves is counted by exact subset (like a Venn diagram) for up to 5 layers, and always as a
+pairwise matrix with "solved by any / by all / only by this layer".
 
 Writes eval-<data>-<split>.json (scores, overlap, every output) and .md (tables) into the run folder (or --out),
 and .png plots when matplotlib is installed.
@@ -364,7 +364,8 @@ def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=No
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
-    for flag, bad, rule in [("n", args.n is not None and args.n < 1, ">= 1"), ("batch_size", args.batch_size < 1, ">= 1"),
+    for flag, bad, rule in [("n", args.n is not None and args.n < 1, ">= 1"),
+                            ("batch_size", args.batch_size < 1, ">= 1"),
                             ("max_new_tokens", args.max_new_tokens is not None and args.max_new_tokens < 1, ">= 1"),
                             ("layers", args.layers != "all" and not args.layers.isdigit(), "a number of last layers "
                                                                                              "or 'all'")]:

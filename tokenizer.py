@@ -5,9 +5,9 @@ tiny byte-level one for the built-in model. No sentencepiece or protobuf at run 
     ids = tok.encode("Hello world", bos=True)         # [1, 15043, 3186]
     tok.decode(ids)                                   # "Hello world"
 
-What SentencePiece BPE does (docs/design.md#llama-2s-sentencepiece-model): every " " becomes "▁" (U+2581) and one "▁" is prepended; starting
-from Unicode characters it repeatedly merges the adjacent pair whose concatenation is a piece with the highest
-score (ties: leftmost); a character that is no piece becomes its UTF-8 bytes as byte pieces.
+What SentencePiece BPE does (docs/design.md#llama-2s-sentencepiece-model): every " " becomes "▁" (U+2581) and
+one "▁" is prepended; starting from Unicode characters it repeatedly merges the adjacent pair whose concatenation
+is a piece with the highest score (ties: leftmost); a character that is no piece becomes its UTF-8 bytes as byte pieces.
 
 tiktoken does BPE on bytes, merging the pair whose concatenation has the lowest rank, and a token's rank is
 also what it outputs. Making it do the above:

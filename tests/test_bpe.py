@@ -213,7 +213,8 @@ def test_load_tokenizer_gguf(smollm, tmp_path):
 # -- small hand-made tokenizer.json files
 
 CORPUS = ["Hello world, hello there! It's 2024 and 12345 numbers; don't stop.", "def f(x):\n    return x * 2\n",
-          "naïve café — 中文 русский ١٢٣ 😀👍🏽", "the the the then they them there these those", "  spaces   and\ttabs\n\n"]
+          "naïve café — 中文 русский ١٢٣ 😀👍🏽", "the the the then they them there these those",
+          "  spaces   and\ttabs\n\n"]
 
 
 def train_tokenizer(pre, vocab_size=400, drop=()):

@@ -241,7 +241,8 @@ def test_prepared_aqua_uses_answer_field_not_rationale(tmp_path):
 
 
 def test_aqua_options_with_parentheses_inside():
-    raw = {"instruction": "M men buy a gift. Answer Choices: (A) D/ (M-3)  (B) MD/3 (C) M/ (D-3)  (D) 3D/ (M2-3M)  (E) None",
+    raw = {"instruction": "M men buy a gift. Answer Choices: "
+                          "(A) D/ (M-3)  (B) MD/3 (C) M/ (D-3)  (D) 3D/ (M2-3M)  (E) None",
            "input": "", "output": "The answer is (A).", "answer": "D"}
     record = prepare.aqua_record(raw)
     assert record["choices"] == ["D/ (M-3)", "MD/3", "M/ (D-3)", "3D/ (M2-3M)", "None"]
@@ -531,7 +532,8 @@ def test_load_examples_errors(tmp_path):
     bad_record.write_text(json.dumps(GEN) + "\n" + json.dumps(dict(MC, gold="Z")) + "\n")
     with pytest.raises(ValueError, match=r"bad_record\.jsonl:2: .*'Z' is not one of the labels"):
         load_examples(str(bad_record), "test")
-    for broken, reason in [({"question": "q", "answer": "a"}, "gold"), ({"question": "", "answer": "a", "gold": "1"}, "question"),
+    for broken, reason in [({"question": "q", "answer": "a"}, "gold"),
+                           ({"question": "", "answer": "a", "gold": "1"}, "question"),
                            (dict(MC, labels=["A", "B"]), "labels"), ([1, 2], "object"), ({"question": "q"}, "neither")]:
         path = tmp_path / "broken.jsonl"
         path.write_text(json.dumps(broken) + "\n")

@@ -394,7 +394,8 @@ def test_bf16_model_trains():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(k=0), "k"), (dict(k=3, top_k=4), "top_k"), (dict(k=3, top_k=0), "top_k"), (dict(router="layer"), "router"),
     (dict(distill_direction="both"), "distill_direction"), (dict(start="x"), "start"),
-    (dict(top_k_weights="x"), "top_k_weights"), (dict(router_input="x"), "router_input"), (dict(distill_temp=0.0), "distill_temp"),
+    (dict(top_k_weights="x"), "top_k_weights"), (dict(router_input="x"), "router_input"),
+    (dict(distill_temp=0.0), "distill_temp"),
     (dict(distill_weight=-1.0), "distill_weight"), (dict(chunk_size=0), "chunk_size")])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -16,7 +16,8 @@ from tokenizer import load_tokenizer
 from weights import from_pretrained, save_hf
 
 TEXTS = ["The capital of France is Paris. The capital of Germany is Berlin, and the capital of Italy is",
-         "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n# 12345"]
+         "def fibonacci(n):\n    if n < 2:\n        return n\n"
+         "    return fibonacci(n - 1) + fibonacci(n - 2)\n\n# 12345"]
 
 
 @pytest.fixture(scope="module")
