@@ -29,7 +29,7 @@ from cli import UserError, all_reduce_sum, config_from
 from mod import MoDConfig, attach_mod
 from model import Llama, LlamaConfig, LoRAConfig, apply_lora, freeze_base
 from molex import MoLExConfig, attach_molex
-from tokenizer import check_tokenizer_fits, load_tokenizer  # noqa: F401
+from tokenizer import check_tokenizer_fits, load_tokenizer
 from weights import atomic_write, find_format, from_pretrained, plain_error, read_json
 
 REPO = Path(__file__).resolve().parent

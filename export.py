@@ -22,16 +22,14 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_run
-from cli import HelpFormatter, UserError, run_main
+from cli import HelpFormatter, UserError, add_run_flags, run_main
 from weights import save_hf
 
 
 def get_parser():
     p = argparse.ArgumentParser(description="Export a tuned run (LoRA merged) or a base to Hugging Face's format.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", default=None, help="a run folder of train.py (or its ckpt.pt); default: a base alone")
-    p.add_argument("--init", default=None, help="base checkpoint (folder or .gguf): what to export without --ckpt "
-                                                "(default: the built-in base); with --ckpt, where its base now is")
+    add_run_flags(p, "what to export")
     p.add_argument("--out", required=True, help="folder to write: new, empty, or an earlier export of the same run")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written weights; default: the base checkpoint's")
@@ -43,7 +41,8 @@ def get_parser():
 def main(argv=None):
     args = get_parser().parse_args(argv)
     out = Path(args.out)
-    source = str(Path(args.ckpt).resolve()) if args.ckpt else f"base {Path(args.init).resolve() if args.init else 'builtin'}"
+    source = (str(Path(args.ckpt).resolve()) if args.ckpt
+              else f"base {Path(args.init).resolve() if args.init else 'builtin'}")
     earlier = check_out_folder(out, source)
     model, tokenizer, settings, ckpt = load_run(args.ckpt, args.init, None, "cpu", dtype=None)
     addons = [name for name, on in (("MoD", model.mod is not None), ("MoLEx", model.molex is not None)) if on]

@@ -13,7 +13,6 @@ from cli import UserError
 from report import overlap
 from tokenizer import load_tokenizer
 
-
 # ---------------------------------------------------------------- scoring
 
 def test_acc_and_acc_norm_differ_where_length_matters():

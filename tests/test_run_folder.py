@@ -1,6 +1,5 @@
 """A run folder belongs to one run (issue 19): --resume A --out B, a folder in use, a folder holding another run,
 Ctrl-C / SIGTERM, a full disk, a resume with nothing to do, and the messages that name what the user gave."""
-import fcntl
 import json
 import os
 import resource
@@ -201,6 +200,7 @@ def test_messages_name_what_the_user_gave(tiny_base, tmp_path, capsys):
 
 def test_a_run_knows_its_base_by_a_fingerprint(tiny_base, tmp_path, capsys):
     from conftest import TINY_BASE
+
     from weights import save_hf
     other = tmp_path / "other-base"  # the same shape, other weights
     save_hf(Llama(model_module.LlamaConfig(**TINY_BASE)).init_weights(seed=1, std=0.05), other,
