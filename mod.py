@@ -115,7 +115,17 @@ class DepthEnsemble(nn.Module):
         self.share = nn.Parameter(torch.zeros((), device=device)) if cfg.start == "final" else None
         self.only_layer = None  # evaluation: an index 0..k-1 uses that late layer alone (k-1 = the final layer)
         self.fused = True  # the fused mod_loss (False: the plain ensemble_loss; the same numbers)
-        self.last_losses = {}  # the loss terms of the last call with targets, detached tensors (for logging)
+        self.last_losses = {}  # the loss terms of the last call with targets, detached (log_numbers)
+
+    def after_step(self):
+        """The add-on interface (model.addons): nothing to update after an optimizer step."""
+
+    def log_numbers(self):
+        """The add-on interface: the last training loss's parts and the ensemble's share g, for metrics.jsonl."""
+        numbers = {f"mod_{name}": float(value) for name, value in self.last_losses.items()}
+        if self.share is not None:
+            numbers["mod_g"] = float(self.share.detach())
+        return numbers
 
     def head(self, model, i, h):
         """Late layer i's logits (fp32): its own norm (the model's final norm for i = k-1), then the LM head."""

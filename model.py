@@ -197,6 +197,11 @@ class Llama(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g, device=p.device) * std)
         return self
 
+    def addons(self):
+        """The add-ons attached (model.mod, model.molex): each offers after_step() and log_numbers(), which
+        train.py calls without naming them."""
+        return [addon for addon in (self.mod, self.molex) if addon is not None]
+
     def forward(self, idx, targets=None, *, cache=None, n_pad=None, prompt_end=None):
         """idx (B, T) -> (logits (B, T, vocab), loss or None); the loss needs targets (-100 = ignored).
         n_pad (B,): left-padding length of each row. prompt_end (B,) or int: the columns before it hold each

@@ -159,7 +159,7 @@ class MoLEx(nn.Module):
         self.collect_stats = False  # when True, stats[t, j] counts the sequences whose layer t used expert j
         self.stats = torch.zeros(L, L, dtype=torch.long)
         self._aux = None  # this pass's balance loss: (sum over mixed layers, their number), without its weight
-        self.last_aux = None  # what aux_loss() last returned (for logging: model.forward adds it to the loss)
+        self.last_aux = None  # what aux_loss() last returned (log_numbers; model.forward adds it to the loss)
 
     def gate_parameters(self):
         """Everything MoLEx trains (gate and alpha): the parameters of its own optimizer group."""
@@ -263,6 +263,14 @@ class MoLEx(nn.Module):
         return self.last_aux
 
     @torch.no_grad()
+    def after_step(self):
+        """The add-on interface (model.addons): after each optimizer step, aux_free's bias update."""
+        self.update_bias()
+
+    def log_numbers(self):
+        """The add-on interface: the last balance loss (weighted, as added to the training loss)."""
+        return {} if self.last_aux is None else {"molex_balance_loss": float(self.last_aux.detach())}
+
     def update_bias(self):
         """aux_free: after each optimizer step, b_e += u * sign(mean load - load_e) per mixed layer (else nothing)."""
         if self.cfg.gate_mode == "aux_free":

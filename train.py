@@ -229,7 +229,7 @@ def validation_loss(model, examples, batch_size, pad_id, device, autocast):
     for i in range(0, len(examples), batch_size):
         ids, labels = collate(examples[i:i + batch_size], pad_id, device)
         with autocast:
-            prompt_end = prompt_end_from_targets(labels) if model.molex is not None else None  # MoLEx routing
+            prompt_end = prompt_end_from_targets(labels)  # where an add-on's routing may look (MoLEx's vote)
             _, loss = model(ids, labels, prompt_end=prompt_end)
         n = int((labels != IGNORE_INDEX).sum())
         total, count = total + float(loss) * n, count + n
@@ -386,8 +386,8 @@ def main(argv=None):
             ids, labels = collate(mb, pad_id, device)
             with model.no_sync() if world > 1 and i < len(micro) - 1 else nullcontext():
                 with autocast:
-                    prompt_end = prompt_end_from_targets(labels) if raw_model.molex is not None else None
-                    _, loss = model(ids, labels, prompt_end=prompt_end)  # mean over this micro-batch's targets
+                    # mean over this micro-batch's targets; prompt_end: where an add-on's routing may look
+                    _, loss = model(ids, labels, prompt_end=prompt_end_from_targets(labels))
                 # the sum over our tokens / all tokens of the step; * world undoes DDP's gradient averaging
                 (loss * (n_local[i] * world / n_global)).backward()
             loss_sum += loss.detach().double() * n_local[i]
@@ -402,17 +402,18 @@ def main(argv=None):
                             f"lower --lr, --grad-clip or float32.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if raw_model.molex is not None:
-            raw_model.molex.update_bias()  # aux_free's selection bias (nothing in the other modes)
+        for addon in raw_model.addons():
+            addon.after_step()
         step += 1
         losses.append(step_loss)
 
         tokens_seen_step = float(all_reduce_sum(n_tokens))
         tokens_seen += tokens_seen_step
         lr = args.lr * factor
+        addon_numbers = {k: v for addon in raw_model.addons() for k, v in addon.log_numbers().items()}
         log({"step": step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
              "tokens_per_s": tokens_seen_step / (time.time() - t0), "time_s": time.time() - t_start,
-             "epoch": order.epoch})
+             "epoch": order.epoch, **addon_numbers})
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_seen / (time.time() - t_start):.0f}", lr=f"{lr:.2e}")
 

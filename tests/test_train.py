@@ -287,6 +287,9 @@ def test_mod_and_molex_run_resumes_exactly_and_saves_their_parameters(tiny_base,
     full = train.main(base_argv(tiny_base, tmp_path / "full", *extra))
     out = capsys.readouterr().out
     assert "MoD over the last 2 of 3 layers" in out and "MoLEx on layers all of 3" in out and "trainable" in out
+    logged = metrics(tmp_path / "full")  # what the add-ons compute reaches metrics.jsonl (model.addons)
+    assert all({"mod_ce", "mod_distill", "mod_layer_ce", "mod_g", "molex_balance_loss"} <= r.keys() for r in logged)
+    assert all(r["mod_ce"] > 0 and r["mod_layer_ce"] > 0 and math.isfinite(r["mod_g"]) for r in logged)
     run_until_crash(monkeypatch, 2, base_argv(tiny_base, tmp_path / "cut", *extra))  # last checkpoint: step 2
     resumed = train.main(["--resume", str(tmp_path / "cut")])
     assert resumed["losses"] == full["losses"][2:]
