@@ -20,6 +20,7 @@ import optim
 import train
 from data.batching import DataOrder
 from model import Llama
+from mod import MoDConfig
 from weights import from_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,6 +195,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_base, tmp_path, 
 
 # ---------------------------------------------------------------- bad input: clear message, nonzero exit
 
+def test_mod_switch():
+    # --mod switches MoD on with the default k; --mod-k N alone switches it on too; neither: off
+    assert train.parse_args(["--mod"]).mod_k == MoDConfig.k == 4
+    assert train.parse_args(["--mod-k", "2"]).mod_k == 2 and train.parse_args(["--mod-k", "2"]).mod
+    assert train.parse_args(["--mod", "--mod-k", "3"]).mod_k == 3
+    args = train.parse_args([])
+    assert args.mod_k is None and not args.mod and not checkpoint.mod_on(vars(args))
+
+
 @pytest.mark.parametrize("flags, needle", [
     (["--lora-rank", "0"], "--lora-rank"),
     (["--data", "no-such-task"], "--data"),
@@ -330,6 +340,9 @@ def test_mod_router_lr_gives_the_router_its_own_group(tiny_base, tmp_path):
     (["--molex", "--prompt-loss"], "--molex-vote"),
     (["--mod-k", "9"], "--mod-k"),
     (["--mod-k", "2", "--mod-top-k", "3"], "--mod-top-k"),
+    (["--mod-k", "0"], "--mod-k must be >= 1"),
+    (["--mod-k", "0", "--mod-top-k", "1"], "--mod-k must be >= 1"),
+    (["--mod-top-k", "1"], "given without --mod"),
 ])
 def test_bad_addon_flags_are_named(tiny_base, tmp_path, capsys, flags, needle):
     with pytest.raises(SystemExit) as e:
