@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import check_choices
+
 ROUTERS = ("token", "sequence", "vector")
 STARTS = ("final", "uniform")
 ROUTER_INPUTS = ("scaled", "normed")
@@ -79,11 +81,7 @@ class MoDConfig:
     def __post_init__(self):
         if self.k < 1:
             raise ValueError(f"MoD k (--mod-k) must be >= 1, got {self.k}")
-        for name, allowed in [("start", STARTS), ("router", ROUTERS), ("router_input", ROUTER_INPUTS),
-                              ("top_k_weights", TOP_K_WEIGHTS), ("distill_direction", DIRECTIONS)]:
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown MoD {name} (--mod-{name.replace('_', '-')}) {getattr(self, name)!r}; "
-                                 f"choose from {allowed}")
+        check_choices(self, "MoD", "mod")
         if self.top_k is not None and not 1 <= self.top_k <= self.k:
             raise ValueError(f"MoD top_k (--mod-top-k) must be between 1 and k={self.k}, got {self.top_k}")
         if self.distill_temp <= 0 or self.distill_weight < 0:
@@ -391,7 +389,7 @@ def layer_logits(model, hidden):
     return [model.mod.head(model, i, h) for i, h in enumerate(hidden[-model.mod.k:])]
 
 
-def routing_weights(model, hidden, n_pad=None):
+def ensemble_coefficients(model, hidden, n_pad=None):
     """(B, T, k) routing weights of the ensemble: the coefficients c of z = sum_i c_i l_i (start "final": the
     share g of the router's weights plus 1 - g on the final layer)."""
     return model.mod.coefficients(model, hidden, n_pad=n_pad)

@@ -43,6 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from model import check_choices
+
 SHARES = ("shared", "per_layer")
 RULES = ("paper", "sequence")
 GATE_MODES = ("balance", "task", "aux_free")
@@ -97,11 +99,7 @@ class MoLExConfig:
     def __post_init__(self):
         if self.balance_weight is None:
             self.balance_weight = 0.0 if self.gate_mode == "aux_free" else 0.01
-        for name, allowed in [("share", SHARES), ("rule", RULES), ("gate_mode", GATE_MODES), ("vote", VOTES),
-                              ("gate_init", GATE_INITS)]:
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown MoLEx {name} (--molex-{name.replace('_', '-')}) {getattr(self, name)!r}; "
-                                 f"choose from {allowed}")
+        check_choices(self, "MoLEx", "molex")
         mixed_layers(self.layers, None)
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"MoLEx alpha (--molex-alpha) must be in [0, 1], got {self.alpha}")

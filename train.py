@@ -41,8 +41,7 @@ from tokenizer import check_tokenizer_fits, load_tokenizer
 from weights import save_hf
 
 # The built-in base: 8 layers of dim 64 (so that MoD's "last k layers" are late layers), 4 query heads sharing
-# 2 KV heads, byte tokenizer,
-# context 512, pretrained on data.builtin's corpus for 700 steps of 8 x 128 tokens, then tuned for 700 on the
+# 2 KV heads, byte tokenizer, context 512, pretrained on data.builtin's corpus for 700 steps of 8 x 128 tokens, then tuned for 700 on the
 # built-in tasks' default difficulty 1: about 3 CPU-minutes in all (BENCHMARKS.md).
 BUILTIN_BASE_ARGV = ["--pretrain", "--dim", "64", "--n-layers", "8", "--n-heads", "4", "--n-kv-heads", "2",
                      "--context", "512", "--tokenizer", "byte", "--data", "corpus", "--corpus-chars", "400000",
