@@ -204,21 +204,23 @@ class DepthEnsemble(nn.Module):
             return sum(coef[..., i:i + 1] * self.head(model, i, h) for i, h in enumerate(states)), None
         if targets.shape != (B, T):
             raise ValueError(f"MoD: targets of shape {tuple(targets.shape)} for hidden states of shape {(B, T)}")
-        y, states = targets.reshape(B * T), [h.reshape(B * T, dim) for h in states]
         if not self.fused:  # the definition, on the target positions
             w, g = self.mixing(model, hidden, cache, n_pad)
-            keep = y != -100
-            logits = [self.head(model, i, h[keep]) for i, h in enumerate(states)]
-            loss, parts = ensemble_loss(logits, w.reshape(B * T, self.k)[keep], g, y[keep], self.cfg)
+            keep = targets.reshape(B * T) != -100
+            logits = [self.head(model, i, h.reshape(B * T, dim)[keep]) for i, h in enumerate(states)]
+            loss, parts = ensemble_loss(logits, w.reshape(B * T, self.k)[keep], g, targets.reshape(B * T)[keep],
+                                        self.cfg)
         else:
-            loss, parts = self.fused_loss(model, states, self.coefficients(model, hidden, cache, n_pad), y)
+            loss, parts = self.fused_loss(model, states, self.coefficients(model, hidden, cache, n_pad), targets)
         self.last_losses = dict(zip(("ce", "distill", "layer_ce"), parts))
         return None, loss
 
-    def fused_loss(self, model, states, coef, y):
-        """ensemble_loss by mod_loss: states k (n, dim), coef (B, T, k), y (n,) with -100 on the positions
-        that are not targets."""
-        coef, cfg, row_weight = coef.reshape(len(y), self.k), self.cfg, None
+    def fused_loss(self, model, states, coef, targets):
+        """ensemble_loss by mod_loss: states k (B, T, dim), coef (B, T, k), targets (B, T) with -100 on the
+        positions that are not targets."""
+        B, T, dim = states[-1].shape
+        coef, cfg, row_weight = coef.reshape(B * T, self.k), self.cfg, None
+        y, states = targets.reshape(B * T), [h.reshape(B * T, dim) for h in states]
         if torch.compiler.is_compiling():  # a data-dependent row selection would break the graph: weigh rows
             row_weight, y = (y != -100).float(), y.clamp(min=0)
         else:
