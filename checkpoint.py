@@ -59,8 +59,12 @@ def build_model(settings, device="cpu", dtype=torch.float32, verbose=True, with_
     (frozen), as eval.py --baseline scores it."""
     a = settings
     if a["pretrain"]:
-        cfg = LlamaConfig(dim=a["dim"], n_layers=a["n_layers"], n_heads=a["n_heads"], n_kv_heads=a["n_kv_heads"],
-                          vocab_size=a["vocab_size"], multiple_of=32, max_seq_len=a["context"])
+        try:
+            cfg = LlamaConfig(dim=a["dim"], n_layers=a["n_layers"], n_heads=a["n_heads"], n_kv_heads=a["n_kv_heads"],
+                              vocab_size=a["vocab_size"], multiple_of=32, max_seq_len=a["context"])
+        except ValueError as e:
+            raise UserError(f"--dim {a['dim']} / --n-heads {a['n_heads']} / --n-kv-heads {a['n_kv_heads']}: "
+                            f"{e}") from None
         return Llama(cfg).init_weights(seed=a["seed"], std=0.02).to(device)
     try:
         model = from_pretrained(base_folder(a["init"]), dtype=dtype, device=device)

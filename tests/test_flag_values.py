@@ -50,3 +50,15 @@ def test_molex_on_a_one_layer_model_is_refused(tmp_path):
     with pytest.raises(SystemExit, match=r"--molex mixes each layer with another layer, and this model has 1"):
         train.main(["--init", str(base), "--molex", "--max-steps", "1", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_threads_and_pretrain_shapes_are_named(tmp_path):
+    import eval as ev
+    import sample
+    for call in (lambda: train.main(["--threads", "-1", "--device", "cpu", "--out", str(tmp_path / "r")]),
+                 lambda: ev.main(["--threads", "-1", "--device", "cpu", "--out", str(tmp_path / "e")]),
+                 lambda: sample.main(["--threads", "-1", "--device", "cpu", "x"])):
+        with pytest.raises(SystemExit, match=r"--threads must be >= 0 \(0: auto\), got -1"):
+            call()
+    with pytest.raises(SystemExit, match=r"--dim 30 / --n-heads 8 / --n-kv-heads 4: .*dim=30"):
+        train.main(["--pretrain", "--dim", "30", "--max-steps", "1", "--out", str(tmp_path / "p")])
