@@ -332,6 +332,8 @@ def main(argv=None):
         if master:
             print(f"nothing to do: {args.resume} is at step {step} and the run ends at step {max_steps}; give a "
                   f"--max-steps above {step} (or more --epochs) to train further")
+        if started_group:
+            torch.distributed.destroy_process_group()
         return {"run": str(Path(args.resume).parent), "losses": [], "val_loss": None, "step": step}
     # dropout RNG: one stream per rank (restored exactly on resume with the same number of processes)
     torch.manual_seed(args.seed + rank)
