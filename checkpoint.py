@@ -352,8 +352,9 @@ def claim_run_folder(run, resume_from=None, overwrite=False):
         raise UserError(f"--out {run} is a file, not a folder")
     run.mkdir(parents=True, exist_ok=True)
     lock_run_folder(run)
-    for tmp in run.glob("*.tmp"):
-        tmp.unlink()
+    for tmp in run.glob("*.tmp"):  # weights.atomic_write's NAME.PID.tmp, our NAME.copy.tmp
+        if tmp.name.rsplit(".", 2)[-2].isdigit() or tmp.name.endswith(".copy.tmp"):
+            tmp.unlink()
     same = resume_from is not None and resume_from.parent.resolve() == run.resolve()
     held = [name for name in RUN_FILES if (run / name).exists()]
     if held and not same:
