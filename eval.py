@@ -151,8 +151,8 @@ class LogitLens(nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, model, hidden, targets=None, cache=None, n_pad=None):
-        h = model.norm(hidden[self.layer])
+    def forward(self, model, hidden, targets=None, cache=None, n_pad=None, where=None):
+        h = model.norm(hidden[self.layer] if where is None else hidden[self.layer][where])
         logits = model.lm_head(h.to(model.lm_head.weight.dtype)).float()
         loss = None
         if targets is not None:

@@ -177,7 +177,7 @@ class DepthEnsemble(nn.Module):
         final = F.one_hot(torch.tensor(self.k - 1, device=w.device), self.k).float()
         return self.share * w + (1 - self.share) * final
 
-    def forward(self, model, hidden, targets=None, cache=None, n_pad=None):
+    def forward(self, model, hidden, targets=None, cache=None, n_pad=None, where=None):
         """Without targets: (the ensemble logits (B, T, V) fp32, None). With targets: (None, loss), the readouts
         computed at the target positions only. last_losses gets the per-token means of the terms: ce, distill
         (before distill_weight, T^2 included), layer_ce."""
@@ -185,6 +185,8 @@ class DepthEnsemble(nn.Module):
         B, T, dim = hs[-1].shape
         c = self.coefficients(model, hidden, cache, n_pad)
         if targets is None:  # summed layer by layer: one layer's logits besides z at a time
+            if where is not None:  # only these positions are read out (the router has seen them all)
+                c, hs = c[where], [h[where] for h in hs]
             return sum(c[..., i:i + 1] * self.head(model, i, h) for i, h in enumerate(hs)), None
         if targets.shape != (B, T):
             raise ValueError(f"MoD: targets of shape {tuple(targets.shape)} for hidden states of shape {(B, T)}")
