@@ -6,6 +6,7 @@
     python bench.py bpe                       # SmolLM2's tokenizer: bpe.py vs Hugging Face tokenizers, one thread
     python bench.py train [--shape small]     # training step time, memory, MFU: ours (LoRA, MoD, MoLEx) vs HF+PEFT
     python bench.py train --explain           # torch.compile graphs and graph breaks of each configuration
+    python bench.py padding --data DIR ...    # share of padded positions: random vs length-grouped batches
 """
 import argparse
 import json
@@ -418,9 +419,51 @@ def bench_train(args):
                   f"{r['first_loss']:.4f} -> {r['last_loss']:.4f}{peaks}{extra}")
 
 
+def bench_padding(args):
+    """Share of padded positions in training batches (one epoch, train split) and in evaluation's scoring
+    batches (test split: ARC-like option rows, else answer rows), in random / file order against length-grouped,
+    with SmolLM2's tokenizer."""
+    from data import load_examples, task_kind
+    from data.batching import DataOrder
+    from data.format import bos, choice_continuations, encode_example, prompt_text, split_encode
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(smollm2_file(args.path))
+
+    def share(lengths, batches):
+        real = sum(lengths[i] for b in batches for i in b)
+        total = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+        return 1 - real / total
+
+    print("| data | batches | size | padded positions: random / file order | length-grouped |")
+    print("|---|---|---:|---:|---:|")
+    for data in args.data:
+        train = [encode_example(tok, r) for r in load_examples(data, "train")]
+        lengths, bs = [len(ids) for ids, _ in train], args.batch_size
+        shares = []
+        for order in (DataOrder(len(train), 0), DataOrder(len(train), 0, lengths, bs)):
+            shares.append(share(lengths, [order.take(bs) for _ in range(len(train) // bs)]))
+        print(f"| {Path(data).name} | training, one epoch of {len(train):,} | {bs} | {shares[0]:.1%} | "
+              f"{shares[1]:.1%} |")
+        test = load_examples(data, "test")
+        if task_kind(test[0]) == "choice":  # eval.option_logliks' rows: prompt without options + one option
+            what, lengths = "option scoring", []
+            for rec in test:
+                for cont in choice_continuations(rec, by="text"):
+                    p_ids, c_ids = split_encode(tok, prompt_text(rec, with_options=False), cont)
+                    lengths.append(len(bos(tok) + p_ids + c_ids))
+        else:  # eval.answer_scores' rows: prompt + reference answer
+            what, lengths = "answer scoring", [len(encode_example(tok, r)[0]) for r in test]
+        n, bs = len(lengths), args.eval_batch_size
+        in_order = [list(range(s, min(s + bs, n))) for s in range(0, n, bs)]
+        ranked = sorted(range(n), key=lengths.__getitem__)
+        grouped = [ranked[s:s + bs] for s in range(0, n, bs)]
+        print(f"| {Path(data).name} | evaluation, {what} of {n:,} rows | {bs} | {share(lengths, in_order):.1%} | "
+              f"{share(lengths, grouped):.1%} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{tokenizer,load,gguf,bpe,train}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{tokenizer,load,gguf,bpe,train,padding}")
     shapes = ("small: 8 layers, dim 512; tinyllama: TinyLlama-1.1B; 7b: LLaMA-2-7B; smollm2: SmolLM2-135M, tied "
               "embeddings (random weights)")
     p = sub.add_parser("tokenizer", help="encode throughput of tokenizer.py vs sentencepiece")
@@ -456,6 +499,12 @@ def main():
     p.add_argument("--repeat", type=int, default=5, help="timed runs of each mode after one warm-up (the median is "
                                                          "reported)")
     p.set_defaults(func=bench_bpe)
+    p = sub.add_parser("padding", help="share of padded positions: random vs length-grouped batches")
+    p.add_argument("--data", nargs="+", required=True, help="prepared folders (train.jsonl, test.jsonl)")
+    p.add_argument("--path", default=None, help=f"{smollm2}: its tokenizer")
+    p.add_argument("--batch-size", type=int, default=16, help="training batch size")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size (eval.py's default)")
+    p.set_defaults(func=bench_padding)
     p = sub.add_parser("train", help="training step speed and memory: ours (LoRA, MoD, MoLEx) vs transformers+PEFT")
     p.add_argument("--shape", choices=list(SHAPES), default="small", help=f"{shapes}; small and smollm2 run on the CPU")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cpu for small and smollm2, "
