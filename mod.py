@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import target_rows
+
 ROUTERS = ("token", "sequence", "vector")
 STARTS = ("final", "uniform")
 ROUTER_INPUTS = ("scaled", "normed")
@@ -182,7 +184,7 @@ class DepthEnsemble(nn.Module):
         computed at the target positions only. last_losses gets the per-token means of the terms: ce, distill
         (before distill_weight, T^2 included), layer_ce."""
         hs = hidden[-self.k:]
-        B, T, dim = hs[-1].shape
+        B, T, _ = hs[-1].shape
         c = self.coefficients(model, hidden, cache, n_pad)
         if targets is None:  # summed layer by layer: one layer's logits besides z at a time
             if where is not None:  # only these positions are read out (the router has seen them all)
@@ -190,13 +192,8 @@ class DepthEnsemble(nn.Module):
             return sum(c[..., i:i + 1] * self.head(model, i, h) for i, h in enumerate(hs)), None
         if targets.shape != (B, T):
             raise ValueError(f"MoD: targets of shape {tuple(targets.shape)} for hidden states of shape {(B, T)}")
-        y, c, cfg = targets.reshape(B * T), c.reshape(B * T, self.k), self.cfg
-        xs, real = [h.reshape(B * T, dim) for h in hs], None
-        if torch.compiler.is_compiling():  # a data-dependent row selection would break the graph: weigh rows
-            real, y = (y != -100).float(), y.clamp(min=0)
-        else:
-            rows = (y != -100).nonzero().squeeze(1)
-            xs, c, y = [x[rows] for x in xs], c[rows], y[rows]
+        (c, *xs), y, real = target_rows(targets, c, *hs)  # the target positions only, as the plain loss
+        cfg = self.cfg
         xs = [self.normed(model, i, x) for i, x in enumerate(xs)]
         loss, parts = mod_loss(xs, model.lm_head.weight, c, y, cfg.distill_weight if self.k > 1 else 0.0,
                                cfg.distill_temp, cfg.distill_direction == "forward", cfg.layer_ce, cfg.chunk_size,

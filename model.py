@@ -252,7 +252,7 @@ class Llama(nn.Module):
         if self.mod is not None:
             logits, loss = self.mod(self, hidden, targets, cache=cache, n_pad=n_pad, where=where)
         elif targets is not None:  # the head at the target positions only, a chunk at a time
-            h, y, real = target_rows(hidden[-1], targets)
+            (h,), y, real = target_rows(targets, hidden[-1])
             logits, loss = None, head_loss(self.norm(h), self.lm_head.weight, y, real)
         else:
             logits, loss = self.lm_head(self.norm(hidden[-1] if where is None else hidden[-1][where])), None
@@ -321,15 +321,16 @@ class Llama(nn.Module):
 HEAD_CHUNK_ELEMENTS = 2 ** 24
 
 
-def target_rows(h, targets):
-    """(rows (n, dim), y (n,), real): the rows of h (B, T, dim) that have a target (targets != -100), with their
-    targets. Under torch.compile every row is kept and `real` (n,) weighs them 0/1 (a data-dependent selection
-    would break the graph); real is None otherwise."""
-    h, y = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+def target_rows(targets, *tensors):
+    """([rows of each (B, T, ...) tensor], y (n,), real): the rows that have a target (targets != -100), flattened
+    to (n, ...), and their targets. Under torch.compile every row is kept and `real` (n,) weighs them 0/1 (a
+    data-dependent selection would break the graph); real is None otherwise. The plain loss and MoD's use it."""
+    y = targets.reshape(-1)
+    flat = [t.reshape(len(y), *t.shape[2:]) for t in tensors]
     if torch.compiler.is_compiling():
-        return h, y.clamp(min=0), (y != -100).float()
+        return flat, y.clamp(min=0), (y != -100).float()
     rows = (y != -100).nonzero().squeeze(1)
-    return h[rows], y[rows], None
+    return [t[rows] for t in flat], y[rows], None
 
 
 def head_loss(x, weight, y, real=None, chunk_rows=None):

@@ -367,7 +367,7 @@ def test_head_loss_bf16_matches_the_naive_loss(make_model):
 
 
 def head_loss_chunked(model, idx, targets, chunk_rows):
-    h, y, real = target_rows(model.trunk(idx, None, None, None, keep_all=False)[-1], targets)
+    (h,), y, real = target_rows(targets, model.trunk(idx, None, None, None, keep_all=False)[-1])
     return head_loss(model.norm(h), model.lm_head.weight, y, real, chunk_rows=chunk_rows)
 
 
