@@ -218,8 +218,8 @@ def by_length(n, length, batch_size):
 @torch.no_grad()
 def option_logliks(model, tokenizer, records, layers, batch_size, autocast=nullcontext()):
     """Total log-likelihood of each option's text after the prompt without the option list, for the model's
-    output and for each readout layer: {source: [[ll of option j] for each record]} (one forward per batch; the
-    LM head runs only at the positions that predict an option token)."""
+    output and for each readout layer: {source: [[ll of option j] for each record]} (one forward per batch;
+    the LM head runs only at the positions that predict an option token)."""
     device = model.embed.weight.device
     rows = []  # (record index, option index, ids, index in ids of the first option token)
     for r, rec in enumerate(records):
@@ -235,7 +235,8 @@ def option_logliks(model, tokenizer, records, layers, batch_size, autocast=nullc
                       dynamic_ncols=True):
         T = max(len(ids) for _, _, ids, _ in batch)
         idx = torch.tensor([ids + [0] * (T - len(ids)) for _, _, ids, _ in batch], device=device)
-        prompt_end = torch.tensor([first for _, _, _, first in batch], device=device)  # MoLEx: route on the prompt
+        # MoLEx routes on the prompt
+        prompt_end = torch.tensor([first for _, _, _, first in batch], device=device)
         scored = torch.zeros_like(idx, dtype=torch.bool)  # the positions that predict an option token
         for b, (_, _, ids, first) in enumerate(batch):
             scored[b, first - 1:len(ids) - 1] = True

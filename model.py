@@ -203,9 +203,9 @@ class Llama(nn.Module):
         return self
 
     def forward(self, idx, targets=None, *, cache=None, n_pad=None, prompt_end=None, where=None):
-        """idx (B, T) -> (logits, loss). Without targets: (logits (B, T, vocab), None), or with where, a (B, T)
-        bool mask, the logits of those positions only, (n, vocab) in row-major order. With targets (-100 =
-        ignored): (None, the mean loss over the targets), the logits made at the target positions only.
+        """idx (B, T) -> (logits, loss). Without targets: (logits (B, T, vocab), None), or with where, a
+        (B, T) bool mask, the logits of those positions only, (n, vocab) in row-major order. With targets
+        (-100 = ignored): (None, the mean loss over the targets), the logits made at the target positions only.
         n_pad (B,): left-padding length of each row. prompt_end (B,) or int: the columns before it hold each
         row's prompt (MoLEx routes a sequence on its prompt only)."""
         if cache is not None:
@@ -214,8 +214,8 @@ class Llama(nn.Module):
         return self.output(hidden, targets, cache, n_pad, where)
 
     def forward_hidden(self, idx, *, n_pad=None, prompt_end=None, where=None):
-        """(logits, hidden): the model's logits (at `where` only, as in forward) and the hidden state after every
-        layer (for layer readouts)."""
+        """(logits, hidden): the model's logits (at `where` only, as in forward) and the hidden state after
+        every layer (for layer readouts)."""
         hidden = self.trunk(idx, None, n_pad, prompt_end, keep_all=True)
         return self.output(hidden, None, None, n_pad, where)[0], hidden
 
@@ -291,7 +291,8 @@ class Llama(nn.Module):
             if use_cache:
                 logits, _ = self(inp, cache=cache, where=last)
             else:
-                logits, _ = self(inp, n_pad=n_pad if bool(n_pad.any()) else None, prompt_end=longest, where=last)
+                n_pad_or_none = n_pad if bool(n_pad.any()) else None
+                logits, _ = self(inp, n_pad=n_pad_or_none, prompt_end=longest, where=last)
             logits = logits.float()  # (B, vocab)
             if temperature == 0:
                 nxt = logits.argmax(-1)
@@ -322,9 +323,10 @@ HEAD_CHUNK_ELEMENTS = 2 ** 24
 
 
 def target_rows(targets, *tensors):
-    """([rows of each (B, T, ...) tensor], y (n,), real): the rows that have a target (targets != -100), flattened
-    to (n, ...), and their targets. Under torch.compile every row is kept and `real` (n,) weighs them 0/1 (a
-    data-dependent selection would break the graph); real is None otherwise. The plain loss and MoD's use it."""
+    """([rows of each (B, T, ...) tensor], y (n,), real): the rows that have a target (targets != -100),
+    flattened to (n, ...), and their targets. Under torch.compile every row is kept and `real` (n,) weighs them
+    0/1 (a data-dependent selection would break the graph); real is None otherwise. The plain loss and MoD's
+    use it."""
     y = targets.reshape(-1)
     flat = [t.reshape(len(y), *t.shape[2:]) for t in tensors]
     if torch.compiler.is_compiling():
@@ -361,7 +363,8 @@ class _HeadLoss(torch.autograd.Function):
             z = logits.float()
             lse = torch.logsumexp(z, -1)
             rows = torch.arange(len(yc), device=x.device)
-            w = (real[s:s + chunk_rows] if real is not None else torch.ones_like(lse)) / count  # d loss / d CE_row
+            ones = torch.ones_like(lse)
+            w = (real[s:s + chunk_rows] if real is not None else ones) / count  # d loss / d CE of each row
             total = total + ((lse - z[rows, yc]) * w).sum()
             if need_x or need_w:  # d CE / d z = softmax(z) - onehot(y), times each row's weight
                 g = z.sub_(lse[:, None]).exp_()

@@ -1,7 +1,7 @@
 """Tokenized training data and batches: language-modeling windows, task examples, the data order, padding.
 
     train, val = load_training_data(settings, tokenizer, max_len)   # lists of (ids, labels)
-    order = DataOrder(len(train), seed, lengths, 8)                  # resumable: DataOrder(..., **order.state())
+    order = DataOrder(len(train), seed, lengths, 8)                  # resumable: DataOrder(.., **order.state())
     ids, labels = collate([train[i] for i in order.take(8)], pad_id, device)
 """
 from pathlib import Path
@@ -63,8 +63,8 @@ def load_training_data(a, tokenizer, max_len):
     return train, val
 
 
-# Length grouping sorts windows of this many batches by length: large enough to find similar lengths, small enough
-# that which examples share a step stays random
+# Length grouping sorts windows of this many batches by length: large enough to find similar lengths, small
+# enough that which examples share a step stays random
 GROUP_BATCHES = 64
 
 
@@ -72,10 +72,10 @@ class DataOrder:
     """The order examples are trained in: a seeded permutation per epoch, read from a position. Saving
     (epoch, pos) and starting again from it gives the same batches as never stopping.
 
-    With lengths (each example's length) and batch_size, batches are grouped by length: each epoch's permutation
-    is cut into windows of GROUP_BATCHES batches, each window is sorted by length and cut into batches, and the
-    batches are shuffled (seeded), so a batch holds examples of similar length and pads little. take() reads the
-    epochs as one stream, so the cuts fall where take(batch_size) will cut."""
+    With lengths (each example's length) and batch_size, batches are grouped by length: each epoch's
+    permutation is cut into windows of GROUP_BATCHES batches, each window is sorted by length and cut into
+    batches, and the batches are shuffled (seeded), so a batch holds examples of similar length and pads little.
+    take() reads the epochs as one stream, so the cuts fall where take(batch_size) will cut."""
 
     def __init__(self, n, seed, lengths=None, batch_size=1, epoch=0, pos=0):
         self.n, self.seed, self.epoch, self.pos = n, seed, epoch, pos

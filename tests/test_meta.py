@@ -1,6 +1,6 @@
 """The GPU path, checked without a GPU: one training step of LoRA, LoRA + MoD and LoRA + MoLEx, and a cached
-generation's forward passes, with the model and the inputs on the `meta` device, the frozen base in bfloat16 and
-LoRA in float32 as on a GPU. A tensor made on the CPU by mistake meets a meta tensor and raises, so none can
+generation's forward passes, with the model and the inputs on the `meta` device, the frozen base in bfloat16
+and LoRA in float32 as on a GPU. A tensor made on the CPU by mistake meets a meta tensor and raises, so none can
 slip into a CUDA run unseen. (Meta tensors have shapes, dtypes and devices but no values: nothing is computed,
 and branches on values cannot be taken; see docs/design.md.)"""
 import pytest
@@ -45,9 +45,10 @@ def test_the_model_is_on_meta_with_the_dtypes_of_a_gpu_run():
 
 
 def fixed_expert_choice(monkeypatch):
-    """MoLEx reads the experts chosen at each layer on the host (experts.unique().tolist()), to run each chosen
-    block on its rows; a meta tensor has no values to read. The gate still runs on meta; only that read is
-    replaced, by a fixed answer: the layer itself and one other (whose rows, by meta's nonzero, are all rows)."""
+    """MoLEx reads the experts chosen at each layer on the host (experts.unique().tolist()), to run each
+    chosen block on its rows; a meta tensor has no values to read. The gate still runs on meta; only that read
+    is replaced, by a fixed answer: the layer itself and one other (whose rows, by meta's nonzero, are all
+    rows)."""
     unique = torch.Tensor.unique
 
     def fixed(self, *args, **kwargs):

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import model as model_module
-from model import (KVCache, LlamaConfig, LoRALinear, apply_lora, head_loss, lora_layers, merge_lora, target_rows,
-                   unmerge_lora)
+from model import (KVCache, LlamaConfig, LoRALinear, apply_lora, head_loss, lora_layers, merge_lora,
+                   target_rows, unmerge_lora)
 
 PROMPTS = [[1, 5, 9, 33, 2, 70, 11], [1, 40], [1, 7, 7, 50, 3]]  # different lengths: rows get left padding
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -249,7 +249,7 @@ def test_loss_ignores_minus_100_targets(tiny_model):
     targets[0, :5] = -100
     targets[1, 9] = -100
     no_logits, loss = tiny_model(idx, targets)
-    assert no_logits is None  # with targets the logits are made at the target positions only, and not returned
+    assert no_logits is None  # with targets the logits are made at the target positions only: none returned
     logits = tiny_model(idx)[0]
     total, count = 0.0, 0
     for b in range(2):
@@ -323,7 +323,7 @@ def loss_and_grads(model, loss_fn):
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 1, 7, 45])  # 45 targets: one chunk; 7: 6 full chunks and 3 rows
-@pytest.mark.parametrize("what", ["lora", "all", "tied"])  # all: the LM head trains too; tied: it is the embedding
+@pytest.mark.parametrize("what", ["lora", "all", "tied"])  # all: the head trains too; tied: it is the embedding
 def test_head_loss_equals_the_naive_loss_and_gradients_fp32(make_model, monkeypatch, chunk_rows, what):
     model = make_model(seed=1, tie_embeddings=what == "tied").train()
     if what == "lora":
@@ -347,7 +347,7 @@ def test_head_loss_equals_the_naive_loss_and_gradients_fp32(make_model, monkeypa
 
 def test_head_loss_bf16_matches_the_naive_loss(make_model):
     """A bf16 frozen base with fp32 LoRA (as on a GPU): the chunked loss rounds as the naive one does (bf16
-    logits, fp32 softmax); the gradients agree within bf16's precision (the chunks add up in another order)."""
+    logits, fp32 softmax); the gradients agree within bf16's precision (chunks add up in another order)."""
     model = make_model(seed=2).train()
     apply_lora(model, rank=4, alpha=8, verbose=False)
     with torch.no_grad():
@@ -398,8 +398,8 @@ class VocabTensors(TorchDispatchMode):
 
 @pytest.mark.parametrize("what", ["lora", "all"])
 def test_no_logits_beyond_one_chunk_forward_or_backward(make_model, monkeypatch, what):
-    """No (tokens x vocab) tensor with more than one chunk's rows is ever made, forward or backward, and none is
-    kept for backward; the naive loss, measured the same way, makes and keeps the whole batch's."""
+    """No (tokens x vocab) tensor with more than one chunk's rows is ever made, forward or backward, and none
+    is kept for backward; the naive loss, measured the same way, makes and keeps the whole batch's."""
     model = make_model(seed=1, vocab_size=200).train()
     if what == "lora":
         apply_lora(model, rank=4, alpha=8, verbose=False)
@@ -407,14 +407,16 @@ def test_no_logits_beyond_one_chunk_forward_or_backward(make_model, monkeypatch,
     monkeypatch.setattr(model_module, "HEAD_CHUNK_ELEMENTS", chunk * V)
     idx, targets = loss_batch(V, B=4, T=24)
     n_targets = int((targets != -100).sum())
-    for fn, most in [(lambda: naive_loss(model, idx, targets), 4 * 24), (lambda: model(idx, targets)[1], chunk)]:
+    naive, chunked = (lambda: naive_loss(model, idx, targets)), (lambda: model(idx, targets)[1])
+    for fn, most in [(naive, 4 * 24), (chunked, chunk)]:
         saved = []
+        keep = lambda t: saved.append(tuple(t.shape)) or t  # noqa: E731
         with VocabTensors(V) as made:
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
                 loss = fn()
             loss.backward()
         rows = [s[0] for s in made.shapes if s[0] != model.config.dim]  # not the head's weight, transposed
         assert max(rows) == most, made.shapes
-        kept = [s for s in saved if V in s and s != (V, model.config.dim)]  # the head's weight itself may be kept
+        kept = [s for s in saved if V in s and s != (V, model.config.dim)]  # (the head's weight may be kept)
         assert (len(kept) > 0) == (most > chunk), kept
     assert n_targets > 3 * chunk  # the batch needs several chunks
