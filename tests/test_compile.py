@@ -4,13 +4,13 @@ several chunks (model.head_loss); and the compiled loss and gradients equal eage
 CPU; dynamo only traces (explain, aot_eager: no C++ build), except one real `train.py --compile` run
 (inductor)."""
 import pytest
-
-pytestmark = pytest.mark.slow  # dynamo traces: seconds per test
 import torch
 
 import model as model_module
-from model import apply_lora
 from mod import MoDConfig, attach_mod
+from model import apply_lora
+
+pytestmark = pytest.mark.slow  # dynamo traces: seconds per test
 
 CONFIGS = ["plain", "lora", "mod", "mod-chunked", "lora-ckpt", "mod-chunked-ckpt", "lora-head-chunked"]
 
@@ -84,8 +84,9 @@ def test_compiled_loss_and_gradients_equal_eager(make_model, monkeypatch, config
 def test_train_compile_runs_with_inductor(tiny_base, tmp_path):
     """A real `train.py --compile` run on the CPU with torch's default backend (inductor: C++ is generated and
     built), LoRA + MoD: it trains, and its losses equal an eager run's to float rounding."""
-    import train
     from test_train import base_argv, metrics
+
+    import train
     argv = ["--max-steps", "2", "--mod-k", "2", "--save-every", "0", "--threads", "1"]
     train.main(base_argv(tiny_base, tmp_path / "eager", *argv))
     compiled = train.main(base_argv(tiny_base, tmp_path / "compiled", "--compile", *argv))
