@@ -12,6 +12,7 @@ and after --pretrain also config.json + model.safetensors (Hugging Face format),
 build_model(settings) makes the model of a run from its settings: the base (loaded, or new for --pretrain),
 frozen here and only here, then LoRA, then the add-ons (MoD's head hook, MoLEx's layer hook).
 """
+import json
 from pathlib import Path
 
 import torch
@@ -171,6 +172,40 @@ def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def checkpoint_state(model, optimizer, order, step, settings, world, device):
+    """What ckpt.pt holds (every rank joins the gather of the RNG states)."""
+    rngs = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(rngs, rng_state(device))
+    else:
+        rngs = [rng_state(device)]
+    return {"format": CHECKPOINT_FORMAT, "args": settings, "model": trainable_state(model),
+            "optimizer": optimizer.state_dict(), "step": step, "data": order.state(), "rng": rngs,
+            "model_config": dict(vars(model.config))}
+
+
+def restore_rng(ckpt, rank, world, device, verbose):
+    """This rank's dropout RNG as saved (a run resumed with another number of processes gets fresh streams)."""
+    if len(ckpt["rng"]) == world:
+        set_rng_state(ckpt["rng"][rank], device)
+    elif verbose:
+        print(f"note: the checkpoint has RNG states of {len(ckpt['rng'])} processes, this run has {world}: "
+              f"dropout masks will differ from an uninterrupted run")
+
+
+def open_run_folder(run, settings, resuming, step):
+    """Make the run folder and write args.json; a new run refuses a folder holding a run, a resumed one drops what
+    metrics.jsonl logged after its checkpoint."""
+    ckpt_file, metrics_file = run / "ckpt.pt", run / "metrics.jsonl"
+    if not resuming and ckpt_file.exists():
+        raise UserError(f"{run} already holds a run: continue it with --resume {run}, or pick another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "args.json").write_text(json.dumps(settings, indent=2) + "\n")
+    if resuming and metrics_file.exists():
+        lines = [ln for ln in metrics_file.read_text().splitlines() if ln.strip()]
+        metrics_file.write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= step))
 
 
 def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.float32, verbose=False):

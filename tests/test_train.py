@@ -18,8 +18,8 @@ import model as model_module
 import optim
 import train
 from data.batching import DataOrder
-from model import Llama
 from mod import MoDConfig
+from model import Llama
 from threads import Threads
 from weights import from_pretrained
 
