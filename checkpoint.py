@@ -116,8 +116,13 @@ def trainable_state(model):
     return state
 
 
+# Parameters saved under another name by older run folders: old name -> name now
+RENAMED = {"mod.share": "mod.ensemble_weight", "molex.share": "molex.mix_weight"}
+
+
 def load_trainable(model, state, where):
-    """Copy saved trainable state into the model, naming any mismatch."""
+    """Copy saved trainable state into the model, naming any mismatch (older names are read as RENAMED says)."""
+    state = {RENAMED.get(n, n): v for n, v in state.items()}
     targets = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for prefix, hook in (("mod.", model.mod), ("molex.", model.molex)):
         if hook is not None:
@@ -219,7 +224,8 @@ def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.flo
     else:
         state, settings = None, {"init": init or "builtin", "pretrain": False, "seed": 0, "data": None,
                                  "difficulty": None, "tokenizer": None}
-    if not settings["pretrain"] and settings["init"] in (None, "builtin") and not (BUILTIN_BASE / "config.json").is_file():
+    builtin = not settings["pretrain"] and settings["init"] in (None, "builtin")
+    if builtin and not (BUILTIN_BASE / "config.json").is_file():
         raise UserError(f"the built-in base is not built yet ({BUILTIN_BASE}): run python train.py, which builds it "
                         f"first")
     spec = resolve_tokenizer(tokenizer or settings.get("tokenizer"), settings["init"], settings["pretrain"])

@@ -60,7 +60,7 @@ def hand_coefficients(model, hidden, cfg):
     w = hand_weights(model, hidden, cfg)
     if cfg.start == "uniform":
         return w
-    g = model.mod.share
+    g = model.mod.ensemble_weight
     return torch.cat([g * w[..., :-1], g * w[..., -1:] + 1 - g], -1)
 
 
@@ -125,7 +125,7 @@ def test_uniform_start_is_the_logit_lens_average():
     for i, l in enumerate(layer_logits(model, hidden)):  # each late layer alone: its plain logit lens
         torch.testing.assert_close(l, model.lm_head(model.norm(hidden[-k + i])))
     keys = {"mod.norms.0.weight", "mod.norms.1.weight", "mod.router.weight", "mod.router.bias"}
-    assert keys <= set(model.state_dict()) and "mod.share" not in model.state_dict()
+    assert keys <= set(model.state_dict()) and "mod.ensemble_weight" not in model.state_dict()
 
 
 @pytest.mark.parametrize("cfg", [MoDConfig(k=1), MoDConfig(k=1, router="sequence", chunk_size=5, start="uniform")])
@@ -176,10 +176,10 @@ def test_gradients_reach_router_norms_and_lora_only(lora):
     model = trainable_setup(lora)
     idx, y = batch()
     model(idx, y)[1].backward()  # step 0: g = 0, so the router has no gradient yet (as LoRA's A with B = 0) ...
-    assert model.mod.share.grad.abs() > 0 and model.mod.router.weight.grad.abs().sum() == 0
+    assert model.mod.ensemble_weight.grad.abs() > 0 and model.mod.router.weight.grad.abs().sum() == 0
     model.zero_grad()
     with torch.no_grad():
-        model.mod.share.fill_(0.3)  # ... and once g has moved, everything learns
+        model.mod.ensemble_weight.fill_(0.3)  # ... and once g has moved, everything learns
     model(idx, y)[1].backward()
     lora_layers = set()
     for name, p in model.named_parameters():
@@ -209,7 +209,7 @@ def test_router_step_does_not_scale_with_the_hidden_state(router_input):
     model = trainable_setup(None, MoDConfig(k=3, router_input=router_input))
     with torch.no_grad():
         model.norm.weight.mul_(4)  # a large final-norm gain, as pretrained models have
-        model.mod.share.fill_(0.5)
+        model.mod.ensemble_weight.fill_(0.5)
     idx, y = batch()
     _, hidden = model.forward_hidden(idx)
     before = hand_weights(model, hidden, model.mod.cfg).log()
@@ -396,7 +396,7 @@ def test_bf16_model_trains():
     idx, y = batch()
     loss = model(idx, y)[1]
     loss.backward()
-    assert torch.isfinite(loss) and model.mod.share.grad.abs() > 0
+    assert torch.isfinite(loss) and model.mod.ensemble_weight.grad.abs() > 0
     assert model(idx)[0].dtype == torch.float32
 
 

@@ -187,13 +187,13 @@ def molex_state_keys(molex):
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
 def test_learned_share_starts_at_one_minus_alpha_and_learns(make_model, alpha):
     model, molex = molex_model(make_model, alpha=alpha, share="per_layer")
-    assert [float(molex.expert_share(t)) for t in range(L)] == [1 - alpha] * L
-    assert {"molex.share", "molex.gate_weight", "molex.gate_bias"} <= set(model.state_dict())
+    assert [float(molex.mix_weight_of(t)) for t in range(L)] == [1 - alpha] * L
+    assert {"molex.mix_weight", "molex.gate_weight", "molex.gate_bias"} <= set(model.state_dict())
     force_experts(molex, {0: 2, 1: 3, 2: 0, 3: 1})
     model.train()
     idx = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
     model(idx, idx)[1].backward()
-    assert molex.share.grad is not None and (molex.share.grad.abs() > 0).all()  # a gradient at 0 too
+    assert molex.mix_weight.grad is not None and (molex.mix_weight.grad.abs() > 0).all()  # a gradient at 0 too
     assert set(map(id, molex.gate_parameters())) == {id(p) for p in molex.parameters()}
 
 

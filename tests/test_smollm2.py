@@ -78,7 +78,7 @@ def test_tuning_starts_exactly_at_the_pretrained_model(smollm2_gguf_path, ours, 
         # the balance loss is averaged over the 30 layers: at most weight * L = 0.3 (summed, it was 30x larger)
         assert 0 < model.molex.last_aux < 0.3
         loss.backward()
-        assert (model.molex.share.grad.abs() > 0).all()  # the expert's share has a gradient at its start
+        assert (model.molex.mix_weight.grad.abs() > 0).all()  # the expert's share has a gradient at its start
 
 
 def test_tied_head_is_one_parameter_and_exports_tied(ours, tmp_path):
