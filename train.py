@@ -24,8 +24,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint import (BUILTIN_BASE, REPO, build_model, checkpoint_state, load_checkpoint, load_trainable,
-                        open_run_folder, resolve_tokenizer, restore_rng, save_checkpoint)
+from checkpoint import (
+    BUILTIN_BASE,
+    REPO,
+    build_model,
+    checkpoint_state,
+    load_checkpoint,
+    load_trainable,
+    open_run_folder,
+    resolve_tokenizer,
+    restore_rng,
+    save_checkpoint,
+)
 from cli import UserError, all_reduce_sum, run_main, setup_distributed, use_bf16
 from data.batching import DataOrder, collate, load_training_data
 from data.format import IGNORE_INDEX
