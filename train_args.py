@@ -9,6 +9,7 @@ from checkpoint import checkpoint_path, load_checkpoint, mod_on
 from cli import HelpFormatter, UserError, add_config_flags, add_device_flags, config_from, given_fields, store_config
 from data import BUILTIN_TASKS, resolve_path
 from data.builtin import DEFAULT_DIFFICULTY
+from errors import bad_flag
 from mod import MoDConfig
 from model import LoRAConfig
 from molex import MoLExConfig
@@ -147,15 +148,13 @@ def check_switches(a):
 
 def check_args(a):
     """Reject bad values before anything is loaded, naming the flag (UserError)."""
-    for flag in ("dim", "n_layers", "n_heads", "n_kv_heads", "context", "corpus_chars"):
-        if getattr(a, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
-    for flag, bad, rule in [("eval_every", a.eval_every < 0, ">= 0"), ("save_every", a.save_every < 0, ">= 0"),
-                            ("eval_n", a.eval_n < 0, ">= 0"),
-                            ("max_len", a.max_len is not None and a.max_len < 8, ">= 8"),
-                            ("n_train", a.n_train is not None and a.n_train < 1, ">= 1")]:
-        if bad:
-            raise UserError(f"--{flag.replace('_', '-')} must be {rule}, got {getattr(a, flag)}")
+    checks = [(flag, getattr(a, flag) <= 0, "> 0")
+              for flag in ("dim", "n_layers", "n_heads", "n_kv_heads", "context", "corpus_chars")]
+    checks += [("eval_every", a.eval_every < 0, ">= 0"), ("save_every", a.save_every < 0, ">= 0"),
+               ("eval_n", a.eval_n < 0, ">= 0"), ("max_len", a.max_len is not None and a.max_len < 8, ">= 8"),
+               ("n_train", a.n_train is not None and a.n_train < 1, ">= 1")]
+    if message := bad_flag(checks, a):
+        raise UserError(message)
     store_config(vars(a), config_from(OptimConfig, vars(a), ""), "")
     if a.pretrain and a.init is not None:
         raise UserError("--pretrain trains a new model from scratch: it takes no --init")
