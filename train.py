@@ -111,11 +111,13 @@ def load_model_and_data(args, device, bf16, master):
 
 
 def log(metrics_file, record):
+    """One line of metrics.jsonl."""
     with open(metrics_file, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def print_start(args, run, ckpt, step, max_steps, order, n_train, global_batch, world, device, threads, bf16):
+    """What is trained on what, how long, where and how (and, resuming, from which step)."""
     what = "pretraining" if args.pretrain else f"tuning {Path(str(args.init)).name}"
     if ckpt is not None:
         print(f"resuming {run} at step {step} of {max_steps} (epoch {order.epoch}, example {order.pos})")
@@ -126,6 +128,7 @@ def print_start(args, run, ckpt, step, max_steps, order, n_train, global_batch, 
 
 
 def stop_not_finite(loss, grad_norm, step, ckpt_file):
+    """End the run (UserError) when a step's loss or gradient norm is not finite, saying which checkpoint is kept."""
     what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
     kept = (f"the last good checkpoint {ckpt_file} (step {load_checkpoint(ckpt_file)['step']}) is kept"
             if ckpt_file.exists() else "no checkpoint had been written yet")
@@ -133,7 +136,8 @@ def stop_not_finite(loss, grad_norm, step, ckpt_file):
                     f"lower --lr, --grad-clip or float32.")
 
 
-def print_end(args, run, model, tokenizer, first_step, step, losses, val_loss, seconds):
+def finish_run(args, run, model, tokenizer, first_step, step, losses, val_loss, seconds):
+    """The run's summary; after --pretrain the model is saved in Hugging Face format, else eval.py is suggested."""
     ran = step - first_step
     print(f"done: {ran} step{'s' * (ran != 1)} in this run"
           + (f" (steps {first_step + 1}-{step}; {step} in all)" if first_step else "")
@@ -270,7 +274,7 @@ def main(argv=None):
     bar.close()
 
     if master:
-        print_end(args, run, raw_model, tokenizer, first_step, step, losses, val_loss, time.time() - t_start)
+        finish_run(args, run, raw_model, tokenizer, first_step, step, losses, val_loss, time.time() - t_start)
     if started_group:
         torch.distributed.destroy_process_group()
     return {"run": str(run), "losses": losses, "val_loss": val_loss, "step": step}
