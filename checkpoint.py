@@ -45,6 +45,19 @@ def mod_on(settings):
     return bool(settings.get("mod_k"))  # None (not given) or 0 (older runs): off
 
 
+# The add-ons: prefix of their settings -> (config dataclass, whether a run's settings switch it on, the switch)
+ADDONS = {"mod": (MoDConfig, mod_on, "--mod"), "molex": (MoLExConfig, lambda s: bool(s.get("molex")), "--molex")}
+
+
+def run_configs(settings):
+    """A run's LoRA and add-on configs, built (and so checked) from its settings, the one place that reads them:
+    {"lora": LoRAConfig, "mod": MoDConfig or None, "molex": MoLExConfig or None} (None: the add-on is off). A
+    field the settings lack (an older run) takes its default; a bad value is a UserError naming the flag."""
+    return {"lora": config_from(LoRAConfig, settings, "lora"),
+            **{prefix: config_from(cls, settings, prefix) if on(settings) else None
+               for prefix, (cls, on, _) in ADDONS.items()}}
+
+
 def build_model(settings, device="cpu", dtype=torch.float32, verbose=True, with_addons=True):
     """The model a run trains or evaluates, from its settings (a dict: parsed flags or a run's args.json).
     dtype: of the frozen base weights (trainable parameters stay float32). with_addons=False: the base alone
@@ -61,15 +74,15 @@ def build_model(settings, device="cpu", dtype=torch.float32, verbose=True, with_
     freeze_base(model)
     if with_addons:
         torch.manual_seed(a["seed"])  # LoRA's A init
+        cfg = run_configs(a)
         try:
-            apply_lora(model, cfg=config_from(LoRAConfig, a, "lora"), verbose=verbose)
-            if mod_on(a):
-                attach_mod(model, config_from(MoDConfig, a, "mod"), verbose=verbose)
-            if a.get("molex"):
-                molex_cfg = config_from(MoLExConfig, a, "molex")
-                if molex_cfg.seed is None:  # the gate's seed: the run's unless --molex-seed is given
-                    molex_cfg.seed = a["seed"]
-                attach_molex(model, molex_cfg, verbose=verbose)
+            apply_lora(model, cfg=cfg["lora"], verbose=verbose)
+            if cfg["mod"] is not None:
+                attach_mod(model, cfg["mod"], verbose=verbose)
+            if cfg["molex"] is not None:
+                if cfg["molex"].seed is None:  # the gate's seed: the run's unless --molex-seed is given
+                    cfg["molex"].seed = a["seed"]
+                attach_molex(model, cfg["molex"], verbose=verbose)
         except ValueError as e:  # a setting that does not fit this model (e.g. --mod-k above its layers)
             raise UserError(str(e)) from None
     model.grad_checkpointing = bool(a.get("grad_checkpointing"))

@@ -5,7 +5,7 @@ values, and the paths a run saves (so that eval.py finds the same data and base 
 import argparse
 from pathlib import Path
 
-from checkpoint import checkpoint_path, load_checkpoint, mod_on
+from checkpoint import ADDONS, checkpoint_path, load_checkpoint, run_configs
 from cli import HelpFormatter, UserError, add_config_flags, add_device_flags, config_from, given_fields, store_config
 from data import BUILTIN_TASKS, resolve_path
 from data.builtin import DEFAULT_DIFFICULTY
@@ -125,9 +125,6 @@ def resumed_args(parser, args, argv):
     return args
 
 
-ADDONS = [(MoDConfig, "mod", mod_on, "--mod"), (MoLExConfig, "molex", lambda a: a["molex"], "--molex")]
-
-
 def switch_mod_on(a):
     """--mod and --mod-k N both switch MoD on (the run folder keeps mod_k, its switch); --mod-k 0 is refused."""
     if a.mod_k is not None and a.mod_k < 1:
@@ -139,7 +136,7 @@ def switch_mod_on(a):
 
 def check_switches(a):
     """An add-on's flags given without its switch are refused, naming the switch."""
-    for cls, prefix, on, switch in ADDONS:
+    for prefix, (cls, on, switch) in ADDONS.items():
         given = [f"--{prefix}-{n.replace('_', '-')}" for n in given_fields(vars(a), cls, prefix) if n != "k"]
         if given and not on(vars(a)):
             raise UserError(f"{', '.join(given)} given without {switch}: these flags set up "
@@ -171,14 +168,13 @@ def check_args(a):
             resolve_path(a.data, "train")
         except FileNotFoundError as e:
             raise UserError(f"--data: {e}") from None
-    # the add-ons' configs check their values, which are then saved complete
     settings = vars(a)
-    for cls, prefix, on, switch in ADDONS:
-        if on(settings):
-            if a.pretrain:
-                raise UserError(f"{switch} tunes a pretrained model: it cannot be combined with --pretrain")
-            store_config(settings, config_from(cls, settings, prefix), prefix)
-    store_config(settings, config_from(LoRAConfig, settings, "lora"), "lora")
+    for _, on, switch in ADDONS.values():
+        if on(settings) and a.pretrain:
+            raise UserError(f"{switch} tunes a pretrained model: it cannot be combined with --pretrain")
+    for prefix, cfg in run_configs(settings).items():  # each config checks its values; saved complete
+        if cfg is not None:
+            store_config(settings, cfg, prefix)
     if a.molex and a.prompt_loss and a.molex_vote == "prompt":
         raise UserError("--molex-vote prompt needs the prompt/answer boundary, which --prompt-loss removes from the "
                         "labels: use --molex-vote all")
