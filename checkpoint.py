@@ -10,7 +10,8 @@ A run folder (train.py --out) holds:
 and after --pretrain also config.json + model.safetensors (Hugging Face format), which from_pretrained loads.
 
 build_model(settings) makes the model of a run from its settings: the base (loaded, or new for --pretrain),
-frozen here and only here, then LoRA, then the add-ons (MoD's head hook, MoLEx's layer hook).
+frozen here and only here, then LoRA, then the add-ons (MoD's head hook, MoLEx's layer hook), whose configs
+run_configs reads from the settings.
 """
 import json
 from pathlib import Path
