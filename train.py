@@ -254,11 +254,11 @@ def main(argv=None):
         step += 1
         losses.append(loss)
         tokens_seen += n_tokens
-        if master:
+        if master:  # with what the add-ons computed (MoD's loss parts and g, MoLEx's balance loss)
+            addon_numbers = {k: v for addon in raw_model.addons() for k, v in addon.log_numbers().items()}
             log(metrics_file, {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                "tokens_per_s": n_tokens / (time.time() - t0), "time_s": time.time() - t_start,
-                               "epoch": order.epoch, **{k: v for a in raw_model.addons()
-                                                        for k, v in a.log_numbers().items()}})
+                               "epoch": order.epoch, **addon_numbers})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / (time.time() - t_start):.0f}", lr=f"{lr:.2e}")
 
