@@ -98,7 +98,7 @@ START_CASES = [MoDConfig(k=3), MoDConfig(k=4, router="sequence"), MoDConfig(k=2,
 
 @pytest.mark.parametrize("cfg", START_CASES, ids=str)
 def test_step0_is_exactly_the_base_model(cfg, tiny):
-    # the default start: the ensemble's share g is 0, so z is the final layer's logits, bit for bit
+    # the default start: the ensemble weight g is 0, so z is the final layer's logits, bit for bit
     model = tiny()
     freeze_base(model)
     apply_lora(model, rank=2, alpha=4, verbose=False)  # B = 0: LoRA starts at the base too
