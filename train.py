@@ -68,6 +68,7 @@ def validation_loss(model, examples, batch_size, pad_id, device, autocast):
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    examples = sorted(examples, key=lambda ex: len(ex[0]))  # batches of similar length: little padding
     for i in range(0, len(examples), batch_size):
         ids, labels = collate(examples[i:i + batch_size], pad_id, device)
         with autocast:
@@ -207,11 +208,12 @@ def main(argv=None):
     groups = param_groups(model, args)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
     params = [p for g in groups for p in g["params"]]
-    step, order = 0, DataOrder(len(train), args.seed)
+    lengths = [len(ids) for ids, _ in train] if args.length_groups else None
+    step, order = 0, DataOrder(len(train), args.seed, lengths, args.batch_size)
     if ckpt is not None:
         load_trainable(model, ckpt["model"], args.resume)
         optimizer.load_state_dict(ckpt["optimizer"])
-        step, order = ckpt["step"], DataOrder(len(train), args.seed, **ckpt["data"])
+        step, order = ckpt["step"], DataOrder(len(train), args.seed, lengths, args.batch_size, **ckpt["data"])
     torch.manual_seed(args.seed + rank)  # dropout: one RNG stream per rank, restored on resume (same world size)
     if ckpt is not None:
         restore_rng(ckpt, rank, world, device, master)

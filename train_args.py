@@ -43,6 +43,9 @@ def get_parser():
                    help="longest training sequence in tokens (longer examples lose the start of their prompt); "
                         "default: 128 with --pretrain, else the model's context")
     g.add_argument("--prompt-loss", action="store_true", help="include the prompt tokens in the loss")
+    g.add_argument("--length-groups", action=argparse.BooleanOptionalAction, default=True,
+                   help="batches of examples of similar length (seeded; less padding); --no-length-groups: "
+                        "random batches")
     g.add_argument("--eval-n", type=int, default=64,
                    help="validation loss on this many records of the test split (held-out text with --pretrain)")
     add_config_flags(p, LoRAConfig, "lora", "LoRA")
@@ -118,6 +121,7 @@ def resumed_args(parser, args, argv):
     if changed:
         raise UserError("--resume continues a run with its saved settings; these flags differ: " + ", ".join(changed))
     defaults = vars(parser.parse_args([]))  # flags newer than the checkpoint get their defaults
+    defaults["length_groups"] = False  # but a run saved before length grouping had random batches
     args = argparse.Namespace(**{**defaults, **saved, **{k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}})
     args.resume, args.out = str(ckpt_path), str(ckpt_path.parent)
     if "max_steps" in given or "epochs" in given:  # a new length replaces the saved one
