@@ -79,9 +79,13 @@ SHAPES = {  # FFN width by LLaMA's rule where not given: 1536 for dim 512, 11008
     "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
     "smollm2": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
                     rope_theta=100000.0, tie_embeddings=True),  # SmolLM2-135M (random weights, the same cost)
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, vocab_size=128256,
+                        rope_theta=500000.0, tie_embeddings=True,
+                        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }
 SHAPE_NAMES = {"small": "small", "tinyllama": "TinyLlama-1.1B-shaped", "7b": "LLaMA-2-7B-shaped",
-               "smollm2": "SmolLM2-135M-shaped"}
+               "smollm2": "SmolLM2-135M-shaped", "llama3.2-1b": "LLaMA-3.2-1B-shaped"}
 
 
 def bench_load_child(args):
@@ -456,7 +460,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{tokenizer,load,gguf,bpe,llama3-tokenizer,train}")
     shapes = ("small: 8 layers, dim 512; tinyllama: TinyLlama-1.1B; 7b: LLaMA-2-7B; smollm2: SmolLM2-135M, tied "
-              "embeddings (random weights)")
+              "embeddings; llama3.2-1b: LLaMA-3.2-1B, tied, vocabulary 128,256 (random weights)")
     p = sub.add_parser("tokenizer", help="encode throughput of tokenizer.py vs sentencepiece")
     p.add_argument("--text-mb", type=float, default=4.0, help="size of the generated varied text (MB)")
     p.add_argument("--model", default=str(SHARED / "llama2" / "tokenizer.model"),
