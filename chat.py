@@ -1,18 +1,19 @@
-"""Chat prompts for instruct models, in the format their special tokens imply (sample.py --chat). The two formats
-are written out by hand (no template engine) and tested against transformers' apply_chat_template:
+"""Chat prompts for instruct models, in the format their special tokens imply (sample.py --chat). The two
+formats are written out by hand (no template engine) and tested against transformers' apply_chat_template:
 
-    llama3   LLaMA-3.1 / 3.2 / 3.3 Instruct (<|start_header_id|> in the vocabulary):
-             <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: December 2023
-             \\nToday Date: 26 Jul 2024\\n\\n{system}<|eot_id|>, then for each message
-             <|start_header_id|>{role}<|end_header_id|>\\n\\n{content, stripped}<|eot_id|>, then the assistant's header.
-             The system block is always there (empty without a system message), as in Meta's template.
-    chatml   ChatML, e.g. SmolLM2-Instruct (<|im_start|> and <|im_end|> in the vocabulary):
-             <|im_start|>{role}\\n{content}<|im_end|>\\n for each message, then <|im_start|>assistant\\n.
-             SmolLM2's own template adds a default system message when none is given; here there is a system
-             message only when one is given (sample.py --system).
+  llama3  LLaMA-3.1 / 3.2 / 3.3 Instruct (<|start_header_id|> in the vocabulary):
+          <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n
+          Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{system}<|eot_id|>
+          then for each message <|start_header_id|>{role}<|end_header_id|>\n\n{content, stripped}<|eot_id|>,
+          then the assistant's header. The system block is always there (empty without a system message),
+          as in Meta's template.
+  chatml  ChatML, e.g. SmolLM2-Instruct (<|im_start|> and <|im_end|> in the vocabulary):
+          <|im_start|>{role}\n{content}<|im_end|>\n for each message, then <|im_start|>assistant\n.
+          SmolLM2's own template adds a default system message when none is given; here there is one only when
+          it is given (sample.py --system).
 
-The special tokens are inserted as ids and only the text between them is encoded (as plain text): a message that
-spells "<|eot_id|>" cannot end its turn early.
+The special tokens are inserted as ids and only the text between them is encoded, as plain text: a message
+that spells "<|eot_id|>" cannot end its turn early.
 """
 import time
 
@@ -21,15 +22,15 @@ LLAMA3_DATE_HEADER = "Cutting Knowledge Date: December 2023\nToday Date: {date}\
 
 def special_id(tokenizer, text):
     """The id of special token `text` in this tokenizer, or None (SentencePiece tokenizers have none)."""
-    added = getattr(tokenizer, "_added", {})
-    return added.get(text)
+    return tokenizer.added_id(text) if hasattr(tokenizer, "added_id") else None
 
 
 def chat_format(tokenizer):
     """'llama3' or 'chatml' by the special tokens the vocabulary has, else None."""
-    if all(special_id(tokenizer, t) is not None for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")):
+    has = lambda *names: all(special_id(tokenizer, t) is not None for t in names)  # noqa: E731
+    if has("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"):
         return "llama3"
-    if all(special_id(tokenizer, t) is not None for t in ("<|im_start|>", "<|im_end|>")):
+    if has("<|im_start|>", "<|im_end|>"):
         return "chatml"
     return None
 

@@ -55,7 +55,7 @@ def main(argv=None):
     if spec.endswith(("tokenizer.model", "tokenizer.json")) and Path(spec).is_file():
         shutil.copy(spec, out / Path(spec).name)  # the tokenizer travels with the weights
         if spec.endswith("tokenizer.json") and Path(spec).with_name("tokenizer_config.json").is_file():
-            shutil.copy(Path(spec).with_name("tokenizer_config.json"), out)  # its BOS / EOS / padding settings
+            shutil.copy(Path(spec).with_name("tokenizer_config.json"), out)  # its BOS / EOS / padding
     elif spec == "byte" or not spec.endswith(".gguf"):
         extra["tokenizer"] = spec or "byte"  # the name this project's loaders read
     else:

@@ -81,8 +81,8 @@ class RMSNorm(nn.Module):
 
 
 def llama3_scaled(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
-    """LLaMA-3.1's longer context: frequencies whose wavelength exceeds original / low_freq_factor positions turn
-    `factor` times slower, those below original / high_freq_factor stay, and those between blend the two."""
+    """LLaMA-3.1's longer context: frequencies whose wavelength exceeds original / low_freq_factor positions
+    turn `factor` times slower, those below original / high_freq_factor stay, and those between blend the two."""
     wavelen = 2 * math.pi / inv_freq
     slow = inv_freq / factor
     s = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)

@@ -9,9 +9,9 @@ Generate text from a base model or a tuned run, streamed to the terminal as it i
 Greedy by default (--temperature 0), so the same prompt always gives the same text: exactly what
 model.generate returns. A tuned run (--ckpt) is given its prompt in the template it was tuned with
 ("Question: ...\\nAnswer:"); --raw sends the text as it is. MoD and MoLEx runs generate through their add-ons.
---chat sends it as a user message in the chat format of an instruct model's special tokens (chat.py: LLaMA-3.x's
-header tokens or ChatML), with --system as the system message. Generation stops at any of the model's end tokens
-(EOS, and those its generation_config.json / config.json lists, e.g. LLaMA-3.x's <|eot_id|>).
+--chat sends it as a user message in the chat format of an instruct model's special tokens (chat.py:
+LLaMA-3.x's header tokens or ChatML), with --system as the system message. Generation stops at any of the
+model's end tokens (EOS, and those its generation_config.json / config.json lists, e.g. LLaMA-3.x's <|eot_id|>).
 
     python sample.py --init Llama-3.2-1B-Instruct --chat --system "Answer briefly." "Why is the sky blue?"
 """
@@ -38,8 +38,9 @@ def get_parser():
     p.add_argument("--tokenizer", default=None, help="default: the checkpoint's own, as train.py finds it")
     p.add_argument("--raw", action="store_true", help="with --ckpt: send the prompt as it is, not in the "
                                                       "'Question: ...\\nAnswer:' template the run was tuned with")
-    p.add_argument("--chat", action="store_true", help="send the prompt as a user message in the model's chat "
-                                                       "format (LLaMA-3.x instruct or ChatML, from its special tokens)")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message in the model's chat format (LLaMA-3.x instruct or "
+                        "ChatML, from its special tokens)")
     p.add_argument("--system", default=None, help="with --chat: the system message")
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens (or at EOS)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples from softmax(logits / T)")

@@ -237,13 +237,13 @@ def tokenizer_kind(file):
     if head[:1] == b"\x0a":  # field 1 (pieces), length-delimited
         return "sentencepiece"
     raise ValueError(f"{file}: not a tokenizer file this project reads (a SentencePiece model, tiktoken's "
-                     f"'base64 rank' lines as in LLaMA-3's tokenizer.model, a tokenizer.json or a GGUF file); it "
-                     f"starts with {head[:24]!r}")
+                     f"'base64 rank' lines as in LLaMA-3's tokenizer.model, a tokenizer.json or a GGUF "
+                     f"file); it starts with {head[:24]!r}")
 
 
 def load_tokenizer(path):
-    """"byte" -> the built-in byte tokenizer; a tokenizer.model (SentencePiece, or tiktoken's format as in Meta's
-    LLaMA-3 release), a tokenizer.json (byte-level BPE, bpe.py) or a .gguf file (the tokenizer it carries),
+    """"byte" -> the built-in byte tokenizer; a tokenizer.model (SentencePiece, or tiktoken's format as in
+    Meta's LLaMA-3 release), a tokenizer.json (byte-level BPE, bpe.py) or a .gguf file (the tokenizer it carries),
     told apart by their content; or a folder holding tokenizer.model, tokenizer.json or a single .gguf,
     preferred in that order."""
     if str(path) == "byte":
@@ -264,7 +264,7 @@ def load_tokenizer(path):
     kind = tokenizer_kind(file)
     if kind == "sentencepiece":
         return _read_model(file.read_bytes(), file)
-    from bpe import ByteLevelBPE, tokenizer_from_gguf  # bpe.py imports this module: import it only when needed
+    from bpe import ByteLevelBPE, tokenizer_from_gguf  # bpe.py imports this module: import it when needed
     if kind == "gguf":
         return tokenizer_from_gguf(file)
     if kind == "json":

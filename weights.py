@@ -131,7 +131,7 @@ def load_pickled(path):
 # ----------------------------------------------------------------------------------------------------------
 # The three formats: each yields its LlamaConfig, then (our name, tensor, where) for every weight
 
-# Meta's reference code for LLaMA-3.1 hard-codes its RoPE scaling; later params.json files may state the factors
+# Meta's reference code for LLaMA-3.1 hard-codes its RoPE scaling; later params.json files may state factors
 META_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                      "original_max_position_embeddings": 8192}
 
@@ -153,8 +153,8 @@ def config_from_meta(params):
 
 
 def rope_scaling_from_hf(c, path):
-    """LlamaConfig.rope_scaling from config.json's rope_scaling, or transformers 5's rope_parameters (which also
-    holds rope_theta). Any scaling but LLaMA-3's is refused by name."""
+    """LlamaConfig.rope_scaling from config.json's rope_scaling, or transformers 5's rope_parameters (which
+    also holds rope_theta). Any scaling but LLaMA-3's is refused by name."""
     key = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"
     scaling = c.get(key) or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -256,7 +256,7 @@ def iter_gguf(path, dtype):
 
 
 def end_token_ids(path, tokenizer):
-    """The ids that end a generation of the checkpoint at `path`: the tokenizer's (bpe.ByteLevelBPE.end_ids) and
+    """The ids that end a generation of the checkpoint at `path`: the tokenizer's (ByteLevelBPE.end_ids) and
     the eos_token_id of a Hugging Face folder's generation_config.json, else of its config.json (one id, or a
     list: LLaMA-3.x instruct models end a turn with <|end_of_text|>, <|eom_id|> or <|eot_id|>)."""
     ids = list(tokenizer.end_ids)

