@@ -79,8 +79,8 @@ SHAPES = {  # FFN width by LLaMA's rule where not given: 1536 for dim 512, 11008
     "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
     "smollm2": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
                     rope_theta=100000.0, tie_embeddings=True),  # SmolLM2-135M (random weights, the same cost)
-    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, vocab_size=128256,
-                        rope_theta=500000.0, tie_embeddings=True,
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5, vocab_size=128256,
+                        rope_theta=500000.0, tie_embeddings=True,  # FFN 8192, as Meta's params.json gives it
                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }
