@@ -287,9 +287,9 @@ class Llama(nn.Module):
                  generator=None, on_token=None):
         """prompts: list of token-id lists (any lengths; left-padded here). Returns the new tokens of each
         row, stopping at (and leaving out) eos_id: one id, or several (instruct models end a turn with any of
-        their end tokens). temperature 0 is greedy. use_cache=False recomputes the
-        whole sequence at every step (slow; the reference the cache is tested against). on_token(list of B
-        ids) is called after every step (streaming)."""
+        their end tokens). temperature 0 is greedy. use_cache=False recomputes the whole sequence at every
+        step (slow; the reference the cache is tested against). on_token(list of B ids) is called after every
+        step (streaming)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate() needs at least one prompt and no empty prompt (start with BOS)")
         device = self.embed.weight.device
