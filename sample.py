@@ -23,8 +23,9 @@ import torch
 
 from chat import chat_ids
 from checkpoint import base_folder, load_run
-from cli import HelpFormatter, Threads, UserError, pick_device, run_main, use_bf16
+from cli import HelpFormatter, UserError, add_device_flags, add_run_flags, pick_device, run_main, use_bf16
 from data.format import bos, prompt_text
+from threads import Threads
 from weights import end_token_ids
 
 
@@ -32,9 +33,7 @@ def get_parser():
     p = argparse.ArgumentParser(description="Generate text from a base model or a tuned run (streamed).",
                                 formatter_class=HelpFormatter)
     p.add_argument("prompt", help="the text to continue ('-': read it from standard input)")
-    p.add_argument("--ckpt", default=None, help="a run folder of train.py (or its ckpt.pt); default: no tuning")
-    p.add_argument("--init", default=None, help="base checkpoint (folder or .gguf): the model without --ckpt "
-                                                "(default: the built-in base); with --ckpt, where its base now is")
+    add_run_flags(p, "the model")
     p.add_argument("--tokenizer", default=None, help="default: the checkpoint's own, as train.py finds it")
     p.add_argument("--raw", action="store_true", help="with --ckpt: send the prompt as it is, not in the "
                                                       "'Question: ...\\nAnswer:' template the run was tuned with")
@@ -46,10 +45,7 @@ def get_parser():
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples from softmax(logits / T)")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (with --temperature > 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto = bfloat16 on a GPU that supports it, else float32")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = auto (cli.Threads)")
+    add_device_flags(p)
     return p
 
 
@@ -66,10 +62,10 @@ def main(argv=None, out=sys.stdout):
     bf16 = use_bf16(args.dtype, device)
     if device.type == "cpu":
         Threads(args.threads)
-    model, tokenizer, settings, ckpt = load_run(args.ckpt, args.init, args.tokenizer, device,
-                                         torch.bfloat16 if bf16 else torch.float32)
     if args.system is not None and not args.chat:
         raise UserError("--system is a chat's system message: add --chat")
+    model, tokenizer, settings, ckpt = load_run(args.ckpt, args.init, args.tokenizer, device,
+                                                torch.bfloat16 if bf16 else torch.float32)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
                    [{"role": "user", "content": text}]

@@ -208,8 +208,9 @@ def test_tiktoken_model_is_read_by_content(llama32, tmp_path):
 
 
 def test_tiktoken_model_ids_and_decode_equal_tokenizers(llama32):
-    from benchkit import varied_strings
     from test_bpe import make_strings
+
+    from benchkit import varied_strings
     ours, ref = llama32
     strings = make_strings(3000, seed=7) + varied_strings(3000) + ["tiếng Việt", " Việt"]
     ours_ids = ours.encode_batch(strings, num_threads=1)
