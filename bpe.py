@@ -270,7 +270,7 @@ class ByteLevelBPE:
                    add_bos=add_bos, add_eos=add_eos, prefix_space=prefix_space, source=str(path))
 
     @classmethod
-    def from_tiktoken_file(cls, path, data=None):
+    def from_tiktoken_file(cls, path):
         """Meta's LLaMA-3 tokenizer.model: tiktoken's format, one "base64(token bytes) rank" per line. As in
         Meta's tokenizer, the split is LLaMA-3's and 256 special tokens follow the ranks; their names are
         those of LLaMA-3.1 and later (3.0 calls some of 128002-128255 reserved, with the same ids). BOS
@@ -279,7 +279,7 @@ class ByteLevelBPE:
         import base64
         import binascii
         ranks = {}
-        lines = (Path(path).read_bytes() if data is None else data).splitlines()
+        lines = Path(path).read_bytes().splitlines()
         for n, line in enumerate(lines, 1):
             try:
                 token, rank = line.split()
