@@ -53,7 +53,7 @@ from data.format import (
     split_encode,
     target_text,
 )
-from mod import routing_stats, routing_weights
+from mod import ensemble_coefficients, routing_stats
 from molex import prompt_end_from_targets
 from report import markdown_report, overlap, write_plots
 from threads import Threads
@@ -280,7 +280,7 @@ def mod_routing(model, tokenizer, records, batch_size, autocast=nullcontext()):
         idx, labels = collate(examples[start:start + batch_size], 0, device)
         with autocast:  # right padding: the causal router never sees it at the scored positions
             _, hidden = model.forward_hidden(idx, prompt_end=prompt_end_from_targets(labels))
-        weights.append(routing_weights(model, hidden).flatten(0, 1).float().cpu())
+        weights.append(ensemble_coefficients(model, hidden).flatten(0, 1).float().cpu())
         masks.append((labels != IGNORE_INDEX).flatten().cpu())
     stats = routing_stats(torch.cat(weights), torch.cat(masks))
     n = model.config.n_layers
