@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import check_choices
+from model import check_choices, target_rows
 
 ROUTERS = ("token", "sequence", "vector")
 STARTS = ("final", "uniform")
@@ -192,7 +192,7 @@ class DepthEnsemble(nn.Module):
         final = F.one_hot(torch.tensor(self.k - 1, device=w.device), self.k).float()
         return g * w + (1 - g) * final
 
-    def forward(self, model, hidden, targets=None, cache=None, n_pad=None):
+    def forward(self, model, hidden, targets=None, cache=None, n_pad=None, where=None):
         """Without targets: (the ensemble logits (B, T, V) fp32, None). With targets: (None, loss), the readouts
         computed at the target positions only, by the fused path (self.fused, the default) or by
         ensemble_loss, its plain definition. last_losses gets the per-token means of the terms: ce, distill
@@ -201,6 +201,8 @@ class DepthEnsemble(nn.Module):
         B, T, dim = states[-1].shape
         if targets is None:  # summed layer by layer: one layer's logits besides z at a time
             coef = self.coefficients(model, hidden, cache, n_pad)
+            if where is not None:  # only these positions are read out (the router has seen them all)
+                coef, states = coef[where], [h[where] for h in states]
             return sum(coef[..., i:i + 1] * self.head(model, i, h) for i, h in enumerate(states)), None
         if targets.shape != (B, T):
             raise ValueError(f"MoD: targets of shape {tuple(targets.shape)} for hidden states of shape {(B, T)}")
@@ -218,14 +220,8 @@ class DepthEnsemble(nn.Module):
     def fused_loss(self, model, states, coef, targets):
         """ensemble_loss by mod_loss: states k (B, T, dim), coef (B, T, k), targets (B, T) with -100 on the
         positions that are not targets."""
-        B, T, dim = states[-1].shape
-        coef, cfg, row_weight = coef.reshape(B * T, self.k), self.cfg, None
-        y, states = targets.reshape(B * T), [h.reshape(B * T, dim) for h in states]
-        if torch.compiler.is_compiling():  # a data-dependent row selection would break the graph: weigh rows
-            row_weight, y = (y != -100).float(), y.clamp(min=0)
-        else:
-            rows = (y != -100).nonzero().squeeze(1)
-            states, coef, y = [h[rows] for h in states], coef[rows], y[rows]
+        (coef, *states), y, row_weight = target_rows(targets, coef, *states)  # as the plain loss selects them
+        cfg = self.cfg
         states = [self.normed(model, i, h) for i, h in enumerate(states)]
         return mod_loss(states, model.lm_head.weight, coef, y, cfg.distill_weight if self.k > 1 else 0.0,
                         cfg.distill_temp, cfg.distill_direction == "forward", cfg.layer_ce, cfg.chunk_size,

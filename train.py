@@ -81,6 +81,9 @@ def get_parser():
                    help="longest training sequence in tokens (longer examples lose the start of their prompt); "
                         "default: 128 with --pretrain, else the model's context")
     g.add_argument("--prompt-loss", action="store_true", help="include the prompt tokens in the loss")
+    g.add_argument("--length-groups", action=argparse.BooleanOptionalAction, default=True,
+                   help="batches of examples of similar length (seeded; less padding); --no-length-groups: "
+                        "random batches")
     g.add_argument("--eval-n", type=int, default=64,
                    help="validation loss on this many records of the test split (held-out text with --pretrain)")
     add_config_flags(p, LoRAConfig, "lora", "LoRA")
@@ -161,6 +164,7 @@ def resumed_args(parser, args, argv):
     if changed:
         raise UserError("--resume continues a run with its saved settings; these flags differ: " + ", ".join(changed))
     defaults = vars(parser.parse_args([]))  # flags newer than the checkpoint get their defaults
+    defaults["length_groups"] = False  # but a run saved before length grouping had random batches
     args = argparse.Namespace(**{**defaults, **saved, **{k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}})
     args.resume, args.out = str(ckpt_path), str(ckpt_path.parent)
     if "max_steps" in given or "epochs" in given:  # a new length replaces the saved one
@@ -238,6 +242,7 @@ def validation_loss(model, examples, batch_size, pad_id, device, autocast):
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    examples = sorted(examples, key=lambda ex: len(ex[0]))  # batches of similar length: little padding
     for i in range(0, len(examples), batch_size):
         ids, labels = collate(examples[i:i + batch_size], pad_id, device)
         with autocast:
@@ -315,12 +320,13 @@ def main(argv=None):
     groups = param_groups(model, args)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
     params = [p for g in groups for p in g["params"]]
-    step, order = 0, DataOrder(len(train), args.seed)
+    lengths = [len(ids) for ids, _ in train] if args.length_groups else None
+    step, order = 0, DataOrder(len(train), args.seed, lengths, args.batch_size)
     if ckpt is not None:
         load_trainable(model, ckpt["model"], args.resume)
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        order = DataOrder(len(train), args.seed, **ckpt["data"])
+        order = DataOrder(len(train), args.seed, lengths, args.batch_size, **ckpt["data"])
     first_step = step
     # dropout RNG: one stream per rank (restored exactly on resume with the same number of processes)
     torch.manual_seed(args.seed + rank)

@@ -18,8 +18,8 @@ import model as model_module
 import optim
 import train
 from data.batching import DataOrder
-from model import Llama
 from mod import MoDConfig
+from model import Llama
 from threads import Threads
 from weights import from_pretrained
 
@@ -400,3 +400,33 @@ def test_a_run_folder_from_before_the_base_start_keeps_its_settings(tiny_base, t
     model, _, settings, _ = checkpoint.load_run(run)
     assert {k: settings[k] for k in old} == old and model.mod.cfg.start == "uniform"
     assert train.main(["--resume", str(run), "--max-steps", "3"])["step"] == 3
+
+
+def test_length_groups_are_seeded_resumable_and_pad_less():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 200, (203,), generator=g).tolist()  # 203: epochs end inside a batch of 8
+    bs = 8
+
+    def batches(order, n):
+        return [order.take(bs) for _ in range(n)]
+
+    grouped = batches(DataOrder(203, 3, lengths, bs), 80)  # 640 examples: over three epochs
+    assert grouped == batches(DataOrder(203, 3, lengths, bs), 80)  # seeded
+    for stop in (1, 25, 26, 51):  # resume anywhere, also at and across an epoch's end
+        first = DataOrder(203, 3, lengths, bs)
+        head = batches(first, stop)
+        resumed = DataOrder(203, 3, lengths, bs, **first.state())
+        assert head + batches(resumed, 80 - stop) == grouped
+    for e in range(3):  # every epoch is a permutation: each example once
+        epoch = [i for b in grouped for i in b][e * 203:(e + 1) * 203]
+        assert sorted(epoch) == list(range(203))
+    plain = batches(DataOrder(203, 3), 80)
+
+    def padded(bs_list):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs_list)
+
+    assert padded(grouped) < 0.2 * padded(plain)
+    assert grouped[:3] != plain[:3]
+    assert grouped != batches(DataOrder(203, 4, lengths, bs), 80)  # the seed counts
+    # equal lengths (pretraining windows): the same order as without grouping
+    assert batches(DataOrder(203, 3, [7] * 203, bs), 80) == plain
