@@ -211,7 +211,7 @@ def generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, stops,
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, dynamic_ncols=True):
         rows = order[start:start + batch_size]
         with autocast:
-            new = model.generate([prompts[i] for i in rows], max_new_tokens, eos_id=tokenizer.eos_id)
+            new = model.generate([prompts[i] for i in rows], max_new_tokens, eos_id=tokenizer.end_ids)
         for i, ids in zip(rows, new):
             texts[i] = cut_at_stops(tokenizer.decode(ids), stops)
     return texts
