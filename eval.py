@@ -58,6 +58,7 @@ from data.format import (
     split_encode,
     target_text,
 )
+from errors import bad_flag
 from mod import ensemble_coefficients, routing_stats
 from molex import prompt_end_from_targets
 from report import markdown_report, overlap, write_plots
@@ -215,7 +216,7 @@ def generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, stops,
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, dynamic_ncols=True):
         rows = order[start:start + batch_size]
         with autocast:
-            new = model.generate([prompts[i] for i in rows], max_new_tokens, eos_id=tokenizer.eos_id)
+            new = model.generate([prompts[i] for i in rows], max_new_tokens, eos_id=tokenizer.end_ids)
         for i, ids in zip(rows, new):
             texts[i] = cut_at_stops(tokenizer.decode(ids), stops)
     return texts
@@ -427,13 +428,12 @@ def check_report_folder(stem, settings):
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
-    for flag, bad, rule in [("n", args.n is not None and args.n < 1, ">= 1"),
-                            ("batch_size", args.batch_size < 1, ">= 1"),
-                            ("max_new_tokens", args.max_new_tokens is not None and args.max_new_tokens < 1, ">= 1"),
-                            ("layers", args.layers != "all" and not args.layers.isdigit(), "a number of last layers "
-                                                                                             "or 'all'")]:
-        if bad:
-            parser.error(f"--{flag.replace('_', '-')} must be {rule}, got {getattr(args, flag)!r}")
+    message = bad_flag([("n", args.n is not None and args.n < 1, ">= 1"), ("batch_size", args.batch_size < 1, ">= 1"),
+                        ("max_new_tokens", args.max_new_tokens is not None and args.max_new_tokens < 1, ">= 1"),
+                        ("layers", args.layers != "all" and not args.layers.isdigit(),
+                         "a number of last layers or 'all'")], args)
+    if message:
+        parser.error(message)
     if args.ckpt is not None and not checkpoint_path(args.ckpt).is_file():
         parser.error(f"--ckpt {args.ckpt}: no checkpoint there (looked for {checkpoint_path(args.ckpt)})")
     if args.init is not None and not Path(args.init).exists():

@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
 
 @dataclass
 class LlamaConfig:
@@ -40,6 +42,9 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     tie_embeddings: bool = False  # the LM head is the embedding matrix (one Parameter), as in SmolLM2
+    # LLaMA-3.1+'s RoPE scaling in Hugging Face's spelling: {"rope_type": "llama3", "factor",
+    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}; None: plain RoPE
+    rope_scaling: dict | None = None
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -52,6 +57,14 @@ class LlamaConfig:
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or (self.dim // self.n_heads) % 2:
             raise ValueError(f"bad config: dim={self.dim} must split into n_heads={self.n_heads} heads of even "
                              f"size, and n_heads must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.rope_scaling is not None:
+            s = self.rope_scaling
+            if s.get("rope_type") != "llama3" or set(s) != {"rope_type", *LLAMA3_ROPE_KEYS}:
+                raise ValueError(f"bad config: rope_scaling {s} is not LLaMA-3's (rope_type 'llama3' with "
+                                 f"{', '.join(LLAMA3_ROPE_KEYS)})")
+            if not s["high_freq_factor"] > s["low_freq_factor"] > 0 or s["factor"] <= 0:
+                raise ValueError(f"bad config: rope_scaling {s} needs factor > 0 and "
+                                 f"high_freq_factor > low_freq_factor > 0")
 
     @property
     def head_dim(self):
@@ -71,9 +84,23 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_tables(head_dim, max_len, theta, device=None):
-    """cos and sin of every (position, frequency) angle, each (max_len, head_dim), in HF's half-split layout."""
+def llama3_scaled(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """LLaMA-3.1's longer context: frequencies whose wavelength exceeds original / low_freq_factor positions
+    turn `factor` times slower, those below original / high_freq_factor stay, and those between blend the two."""
+    wavelen = 2 * math.pi / inv_freq
+    slow = inv_freq / factor
+    s = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - s) * slow + s * inv_freq
+    out = torch.where(wavelen > original_max_position_embeddings / low_freq_factor, slow, blended)
+    return torch.where(wavelen < original_max_position_embeddings / high_freq_factor, inv_freq, out)
+
+
+def rope_tables(head_dim, max_len, theta, device=None, scaling=None):
+    """cos and sin of every (position, frequency) angle, each (max_len, head_dim), in HF's half-split layout.
+    scaling: LlamaConfig.rope_scaling (LLaMA-3's) or None."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    if scaling is not None:
+        inv_freq = llama3_scaled(inv_freq, *(scaling[k] for k in LLAMA3_ROPE_KEYS))
     angles = torch.outer(torch.arange(max_len, device=device).float(), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -186,7 +213,8 @@ class Llama(nn.Module):
 
     def build_rope(self, device=None):
         # not in checkpoints (persistent=False): rebuilt after loading onto the meta device
-        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta, device)
+        c = self.config
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, device, c.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -269,9 +297,10 @@ class Llama(nn.Module):
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, use_cache=True,
                  generator=None, on_token=None):
         """prompts: list of token-id lists (any lengths; left-padded here). Returns the new tokens of each
-        row, stopping at (and leaving out) eos_id. temperature 0 is greedy. use_cache=False recomputes the
-        whole sequence at every step (slow; the reference the cache is tested against). on_token(list of B
-        ids) is called after every step (streaming)."""
+        row, stopping at (and leaving out) eos_id: one id, or several (instruct models end a turn with any of
+        their end tokens). temperature 0 is greedy. use_cache=False recomputes the whole sequence at every
+        step (slow; the reference the cache is tested against). on_token(list of B ids) is called after every
+        step (streaming)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate() needs at least one prompt and no empty prompt (start with BOS)")
         device = self.embed.weight.device
@@ -287,6 +316,8 @@ class Llama(nn.Module):
             n_sites = self.config.n_layers * (2 if self.molex is not None else 1)
             cache = KVCache(self.config, n_sites, B, total, device, self.embed.weight.dtype)
             cache.n_pad = n_pad if bool(n_pad.any()) else None
+        stop = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else sorted(set(eos_id))
+        stop_t = torch.tensor(stop, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         new = []
         for step in range(max_new_tokens):
@@ -311,12 +342,12 @@ class Llama(nn.Module):
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             if on_token is not None:
                 on_token(nxt.tolist())
-            if eos_id is not None:
-                done |= nxt == eos_id
+            if stop:
+                done |= torch.isin(nxt, stop_t)
                 if bool(done.all()):
                     break
         rows = torch.stack(new, 1).tolist() if new else [[] for _ in prompts]
-        return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+        return [r[:min((r.index(i) for i in stop if i in r), default=len(r))] for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------------------

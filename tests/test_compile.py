@@ -37,8 +37,8 @@ def build(make_model, config):
                     p.normal_(0, 0.1)
     if config.startswith("mod"):
         attach_mod(model, MoDConfig(k=3, chunk_size=7 if "chunked" in config else None), verbose=False)
-        with torch.no_grad():  # the ensemble's share g = 0 at init would leave the router without a gradient
-            model.mod.share.fill_(0.3)
+        with torch.no_grad():  # the ensemble weight g = 0 at init would leave the router without a gradient
+            model.mod.ensemble_weight.fill_(0.3)
     model.grad_checkpointing = config.endswith("ckpt")
     return model
 

@@ -153,7 +153,7 @@ def test_option_logliks_and_answer_scores_of_mod_and_molex_runs_match_full_logit
     if addon == "mod":
         attach_mod(tiny, MoDConfig(k=2), verbose=False)
         with torch.no_grad():  # an ensemble that differs from the final layer
-            tiny.mod.share.fill_(0.7)
+            tiny.mod.ensemble_weight.fill_(0.7)
             tiny.mod.router.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
     else:
         attach_molex(tiny, MoLExConfig(alpha=0.6), verbose=False)  # expert share 0.4: experts count

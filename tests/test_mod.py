@@ -3,7 +3,6 @@ loss and its gradients, uncached generation, and the memory saved for backward. 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_llama
 
 from mod import MoDConfig, attach_mod, layer_logits, routing_stats
 from model import KVCache, LlamaConfig, apply_lora, freeze_base
@@ -12,10 +11,12 @@ CFG = LlamaConfig(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, hi
 V = CFG.vocab_size
 
 
-def tiny(seed=0):
-    # conftest's builder: norms that are not all ones, so copying the final norm is visible
-    return random_llama(seed, std=0.15, **{k: getattr(CFG, k) for k in (
-        "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len")})
+@pytest.fixture
+def tiny(make_model):
+    """Factory: tiny(seed=0), a random model of shape CFG (conftest's make_model: norms that are not all ones, so
+    copying the final norm is visible)."""
+    fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len")
+    return lambda seed=0: make_model(seed, std=0.15, **{k: getattr(CFG, k) for k in fields})
 
 
 def randomize_mod(model, seed=0, scale=1.0):
@@ -60,7 +61,7 @@ def hand_coefficients(model, hidden, cfg):
     w = hand_weights(model, hidden, cfg)
     if cfg.start == "uniform":
         return w
-    g = model.mod.share
+    g = model.mod.ensemble_weight
     return torch.cat([g * w[..., :-1], g * w[..., -1:] + 1 - g], -1)
 
 
@@ -96,8 +97,8 @@ START_CASES = [MoDConfig(k=3), MoDConfig(k=4, router="sequence"), MoDConfig(k=2,
 
 
 @pytest.mark.parametrize("cfg", START_CASES, ids=str)
-def test_step0_is_exactly_the_base_model(cfg):
-    # the default start: the ensemble's share g is 0, so z is the final layer's logits, bit for bit
+def test_step0_is_exactly_the_base_model(cfg, tiny):
+    # the default start: the ensemble weight g is 0, so z is the final layer's logits, bit for bit
     model = tiny()
     freeze_base(model)
     apply_lora(model, rank=2, alpha=4, verbose=False)  # B = 0: LoRA starts at the base too
@@ -114,7 +115,7 @@ def test_step0_is_exactly_the_base_model(cfg):
     torch.testing.assert_close(model.mod.last_losses["ce"], loss.detach(), rtol=1e-6, atol=0)
 
 
-def test_uniform_start_is_the_logit_lens_average():
+def test_uniform_start_is_the_logit_lens_average(tiny):
     model = tiny()
     idx, _ = batch()
     _, hidden = model.forward_hidden(idx)
@@ -125,11 +126,11 @@ def test_uniform_start_is_the_logit_lens_average():
     for i, l in enumerate(layer_logits(model, hidden)):  # each late layer alone: its plain logit lens
         torch.testing.assert_close(l, model.lm_head(model.norm(hidden[-k + i])))
     keys = {"mod.norms.0.weight", "mod.norms.1.weight", "mod.router.weight", "mod.router.bias"}
-    assert keys <= set(model.state_dict()) and "mod.share" not in model.state_dict()
+    assert keys <= set(model.state_dict()) and "mod.ensemble_weight" not in model.state_dict()
 
 
 @pytest.mark.parametrize("cfg", [MoDConfig(k=1), MoDConfig(k=1, router="sequence", chunk_size=5, start="uniform")])
-def test_plain_model_when_k1(cfg):
+def test_plain_model_when_k1(cfg, tiny):
     model = tiny()
     freeze_base(model)
     idx, y = batch()
@@ -143,7 +144,7 @@ def test_plain_model_when_k1(cfg):
     torch.testing.assert_close(mod_loss, (1 + cfg.layer_ce) * loss, rtol=1e-6, atol=0)
 
 
-def test_top_k_keeps_the_k_largest():
+def test_top_k_keeps_the_k_largest(tiny):
     model = tiny()
     for how in ["kept", "renormalized"]:
         cfg = MoDConfig(k=4, top_k=2, top_k_weights=how)
@@ -158,8 +159,7 @@ def test_top_k_keeps_the_k_largest():
         assert torch.allclose(sums, torch.ones_like(sums)) == (how == "renormalized")
 
 
-def trainable_setup(lora, cfg=None):
-    model = tiny()
+def trainable_setup(model, lora, cfg=None):
     freeze_base(model)  # as checkpoint.build_model does before LoRA and the add-ons
     if lora:
         apply_lora(model, rank=2, alpha=4, last_layers=None if lora == "all" else 3, verbose=False)
@@ -172,14 +172,14 @@ def trainable_setup(lora, cfg=None):
 
 
 @pytest.mark.parametrize("lora", [None, "all", "last"])
-def test_gradients_reach_router_norms_and_lora_only(lora):
-    model = trainable_setup(lora)
+def test_gradients_reach_router_norms_and_lora_only(lora, tiny):
+    model = trainable_setup(tiny(), lora)
     idx, y = batch()
     model(idx, y)[1].backward()  # step 0: g = 0, so the router has no gradient yet (as LoRA's A with B = 0) ...
-    assert model.mod.share.grad.abs() > 0 and model.mod.router.weight.grad.abs().sum() == 0
+    assert model.mod.ensemble_weight.grad.abs() > 0 and model.mod.router.weight.grad.abs().sum() == 0
     model.zero_grad()
     with torch.no_grad():
-        model.mod.share.fill_(0.3)  # ... and once g has moved, everything learns
+        model.mod.ensemble_weight.fill_(0.3)  # ... and once g has moved, everything learns
     model(idx, y)[1].backward()
     lora_layers = set()
     for name, p in model.named_parameters():
@@ -193,8 +193,8 @@ def test_gradients_reach_router_norms_and_lora_only(lora):
 
 
 @pytest.mark.parametrize("how", ["kept", "renormalized"])
-def test_top1_router_learns_only_with_kept_weights(how):
-    model = trainable_setup(None, MoDConfig(k=3, top_k=1, top_k_weights=how, start="uniform"))
+def test_top1_router_learns_only_with_kept_weights(how, tiny):
+    model = trainable_setup(tiny(), None, MoDConfig(k=3, top_k=1, top_k_weights=how, start="uniform"))
     randomize_mod(model, scale=0.3)
     idx, y = batch()
     model(idx, y)[1].backward()
@@ -203,13 +203,13 @@ def test_top1_router_learns_only_with_kept_weights(how):
 
 
 @pytest.mark.parametrize("router_input", ["scaled", "normed"])
-def test_router_step_does_not_scale_with_the_hidden_state(router_input):
+def test_router_step_does_not_scale_with_the_hidden_state(router_input, tiny):
     # one AdamW step of lr moves each weight by about lr; with the scaled input (L1 norm <= 1 per token) a score
     # moves by at most about 2 lr (weights + bias); the normed input (L1 norm ~ dim * gain) moves it far more
-    model = trainable_setup(None, MoDConfig(k=3, router_input=router_input))
+    model = trainable_setup(tiny(), None, MoDConfig(k=3, router_input=router_input))
     with torch.no_grad():
         model.norm.weight.mul_(4)  # a large final-norm gain, as pretrained models have
-        model.mod.share.fill_(0.5)
+        model.mod.ensemble_weight.fill_(0.5)
     idx, y = batch()
     _, hidden = model.forward_hidden(idx)
     before = hand_weights(model, hidden, model.mod.cfg).log()
@@ -230,9 +230,9 @@ CHUNK_CASES = [dict(distill_direction="forward"),
 
 
 @pytest.mark.parametrize("case", CHUNK_CASES, ids=str)
-def test_loss_and_gradients_match_reference(case):
+def test_loss_and_gradients_match_reference(case, tiny):
     cfg = MoDConfig(k=3, **case)
-    model = trainable_setup("all", cfg)
+    model = trainable_setup(tiny(), "all", cfg)
     randomize_mod(model, scale=0.5)
     idx, y = batch(T=13)  # 26 tokens
     params = [p for p in model.parameters() if p.requires_grad]
@@ -273,15 +273,15 @@ def test_loss_and_gradients_match_reference(case):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
 
 
-def test_loss_of_a_batch_without_targets_is_zero():
-    model = trainable_setup("all")
+def test_loss_of_a_batch_without_targets_is_zero(tiny):
+    model = trainable_setup(tiny(), "all")
     idx, y = batch()
     loss = model(idx, torch.full_like(y, -100))[1]
     loss.backward()
     assert loss.item() == 0 and all(p.grad.abs().sum() == 0 for p in model.parameters() if p.requires_grad)
 
 
-def test_sequence_router_is_causal():
+def test_sequence_router_is_causal(tiny):
     model = tiny()
     attach_mod(model, MoDConfig(k=3, router="sequence"), verbose=False)
     randomize_mod(model)
@@ -298,7 +298,7 @@ GEN_CASES = [MoDConfig(k=3), MoDConfig(k=4, top_k=2), MoDConfig(k=3, router="vec
 
 
 @pytest.mark.parametrize("cfg", GEN_CASES, ids=lambda c: f"{c.router}-k{c.k}-top{c.top_k}")
-def test_cached_generation_equals_full_forward(cfg):
+def test_cached_generation_equals_full_forward(cfg, tiny):
     model = tiny().eval()
     attach_mod(model, cfg, verbose=False)
     randomize_mod(model, scale=2.0)
@@ -337,8 +337,8 @@ def saved_for_backward(model, idx, y):
 
 
 @pytest.mark.parametrize("chunk_size", [None, 16])
-def test_no_vocab_size_tensor_is_saved_for_backward(chunk_size):
-    model = trainable_setup("all", MoDConfig(k=3, chunk_size=chunk_size))
+def test_no_vocab_size_tensor_is_saved_for_backward(chunk_size, tiny):
+    model = trainable_setup(tiny(), "all", MoDConfig(k=3, chunk_size=chunk_size))
     idx, y = batch(B=2, T=48)
     full = 2 * 48 * V  # one vocab-size logits tensor for the whole batch
     model.mod, saved = None, model.mod
@@ -377,7 +377,7 @@ def test_routing_stats_count_negative_coefficients_as_used():
     torch.testing.assert_close(torch.tensor(s["sparsity"]), torch.tensor([0.5, 0.0]))
 
 
-def test_only_layer_gives_that_layer_alone():
+def test_only_layer_gives_that_layer_alone(tiny):
     model = tiny()
     attach_mod(model, MoDConfig(k=3), verbose=False)
     randomize_mod(model)
@@ -392,7 +392,7 @@ def test_only_layer_gives_that_layer_alone():
         model(idx)[0]
 
 
-def test_bf16_model_trains():
+def test_bf16_model_trains(tiny):
     model = tiny().to(torch.bfloat16)
     apply_lora(model, rank=2, alpha=4, verbose=False)
     attach_mod(model, MoDConfig(k=2, chunk_size=5), verbose=False)
@@ -400,7 +400,7 @@ def test_bf16_model_trains():
     idx, y = batch()
     loss = model(idx, y)[1]
     loss.backward()
-    assert torch.isfinite(loss) and model.mod.share.grad.abs() > 0
+    assert torch.isfinite(loss) and model.mod.ensemble_weight.grad.abs() > 0
     assert model(idx)[0].dtype == torch.float32
 
 
@@ -415,6 +415,6 @@ def test_bad_config(kwargs, match):
         MoDConfig(**kwargs)
 
 
-def test_k_larger_than_the_model():
+def test_k_larger_than_the_model(tiny):
     with pytest.raises(ValueError, match="the model has 4 layers"):
         attach_mod(tiny(), MoDConfig(k=5), verbose=False)

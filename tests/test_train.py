@@ -6,6 +6,7 @@ task, so the whole file runs in well under a minute on 2 cores.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -396,13 +397,31 @@ def test_a_run_folder_from_before_the_base_start_keeps_its_settings(tiny_base, t
     flags = [x for k, v in old.items() for x in (f"--{k.replace('_', '-')}", v)]
     train.main(base_argv(tiny_base, run, "--max-steps", "2", "--mod-k", "2", "--molex", *flags))
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
-    assert "mod.share" not in ckpt["model"]
+    assert "mod.ensemble_weight" not in ckpt["model"]
     for key in old:
         del ckpt["args"][key]
     torch.save(ckpt, run / "ckpt.pt")
     model, _, settings, _ = checkpoint.load_run(run)
     assert {k: settings[k] for k in old} == old and model.mod.cfg.start == "uniform"
     assert train.main(["--resume", str(run), "--max-steps", "3"])["step"] == 3
+
+
+def test_a_run_folder_with_the_old_parameter_names_loads_and_resumes(tiny_base, tmp_path):
+    """MoD's g and MoLEx's m_t were saved as mod.share and molex.share: such a run loads them under their names now
+    (checkpoint.RENAMED), for evaluation and for --resume, which continues as the run with the new names does."""
+    run, old = tmp_path / "run", tmp_path / "old"
+    train.main(base_argv(tiny_base, run, "--max-steps", "2", "--mod-k", "2", "--molex"))
+    shutil.copytree(run, old)
+    ckpt = torch.load(old / "ckpt.pt", weights_only=True)
+    saved = {k: ckpt["model"][k] for k in ("mod.ensemble_weight", "molex.mix_weight")}
+    ckpt["model"] = {{"mod.ensemble_weight": "mod.share", "molex.mix_weight": "molex.share"}.get(k, k): v
+                     for k, v in ckpt["model"].items()}
+    torch.save(ckpt, old / "ckpt.pt")
+    model, _, _, _ = checkpoint.load_run(old)
+    assert torch.equal(model.mod.ensemble_weight.detach(), saved["mod.ensemble_weight"])
+    assert torch.equal(model.molex.mix_weight.detach(), saved["molex.mix_weight"])
+    expected = train.main(["--resume", str(run), "--max-steps", "4"])["losses"]
+    assert train.main(["--resume", str(old), "--max-steps", "4"])["losses"] == expected and len(expected) == 2
 
 
 def test_length_groups_are_seeded_resumable_and_pad_less():
