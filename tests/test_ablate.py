@@ -16,7 +16,7 @@ def test_ablation_table_and_continuation(tmp_path, monkeypatch, tiny_base):
             "--max-len", "96", "--batch-size", "2", "--eval-n", "0", "--lr", "1e-2"]
     results = ablate.main(argv)
     assert set(results) == {"lora", "mod2", "molex-seq"} and all(set(r) == {0, 1} for r in results.values())
-    ckpt = json.loads((tmp_path / "abl" / "molex-seq-seed1" / "eval-arith-test.json").read_text())
+    ckpt = json.loads((tmp_path / "abl" / "molex-seq-seed1" / "eval-arith-d1-test-n3-layers0.json").read_text())
     assert ckpt["molex"]["mixed_layers"] == [1, 2, 3]  # the run really had MoLEx on
     summary = json.loads((tmp_path / "abl" / "ablation.json").read_text())["mean_std"]
     table = (tmp_path / "abl" / "ablation.md").read_text()
