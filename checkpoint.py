@@ -20,6 +20,7 @@ from cli import UserError, config_from
 from mod import MoDConfig, attach_mod
 from model import Llama, LlamaConfig, LoRAConfig, apply_lora, freeze_base
 from molex import MoLExConfig, attach_molex
+from quant import QuantConfig
 from tokenizer import check_tokenizer_fits, load_tokenizer
 from weights import atomic_write, find_format, from_pretrained, plain_error, read_json
 
@@ -54,7 +55,8 @@ def build_model(settings, device="cpu", dtype=torch.float32, verbose=True, with_
                           vocab_size=a["vocab_size"], multiple_of=32, max_seq_len=a["context"])
         return Llama(cfg).init_weights(seed=a["seed"], std=0.02).to(device)
     try:
-        model = from_pretrained(base_folder(a["init"]), dtype=dtype, device=device)
+        model = from_pretrained(base_folder(a["init"]), dtype=dtype, device=device,
+                                base=config_from(QuantConfig, a, "base"))  # --base-bits: 4 or 8 bits
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"--init {a['init']}: {e}") from None
     freeze_base(model)

@@ -9,7 +9,8 @@ from_pretrained) loads it as a plain model.
 
 MoD and MoLEx change the forward pass in ways LlamaForCausalLM cannot express (MoD mixes the logits of several
 layers, MoLEx runs a second block per layer). Such a run is refused unless --drop-addons asks for what can be
-exported: the base with LoRA merged, without the add-on, which is NOT the tuned run's output.
+exported: the base with LoRA merged, without the add-on, which is NOT the tuned run's output. A run on a 4- or
+8-bit base (train.py --base-bits) is exported as its dequantized weights with LoRA merged.
 """
 import argparse
 import shutil
@@ -19,7 +20,7 @@ import torch
 
 from checkpoint import load_run
 from cli import HelpFormatter, UserError, run_main
-from weights import save_hf
+from weights import dequantize_model, save_hf
 
 
 def get_parser():
@@ -57,6 +58,7 @@ def main(argv=None):
         extra["tokenizer"] = spec or "byte"  # the name this project's loaders read
     else:
         extra["tokenizer"] = spec  # a GGUF file's tokenizer: there is no tokenizer.json to copy
+    dequantize_model(model)  # a run on a 4/8-bit base (--base-bits) is written as the float weights it computes with
     save_hf(model, out, dtype=getattr(torch, args.dtype) if args.dtype else None, extra_config=extra,
             bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     what = f"run {args.ckpt} (step {ckpt['step']}, LoRA merged)" if ckpt else f"base {settings['init']}"

@@ -37,6 +37,7 @@ from mod import MoDConfig
 from model import LoRAConfig
 from molex import MoLExConfig, prompt_end_from_targets
 from optim import CASE_DEFAULTS, OptimConfig, case_help, fill_case_defaults, lr_factor, param_groups
+from quant import QuantConfig
 from tokenizer import check_tokenizer_fits, load_tokenizer
 from weights import save_hf
 
@@ -84,6 +85,7 @@ def get_parser():
     g.add_argument("--prompt-loss", action="store_true", help="include the prompt tokens in the loss")
     g.add_argument("--eval-n", type=int, default=64,
                    help="validation loss on this many records of the test split (held-out text with --pretrain)")
+    add_config_flags(p, QuantConfig, "base", "the frozen base in 4 or 8 bits (quant.py)")
     add_config_flags(p, LoRAConfig, "lora", "LoRA")
     add_config_flags(p, MoDConfig, "mod", "MoD: Mixture-of-Depths ensemble of the last k layers (mod.py)")
     g = add_config_flags(p, MoLExConfig, "molex", "MoLEx (molex.py: each layer mixed with another layer picked by "
@@ -211,6 +213,9 @@ def check_args(a):
                 raise UserError(f"{switch} tunes a pretrained model: it cannot be combined with --pretrain")
             store_config(settings, config_from(cls, settings, prefix), prefix)
     store_config(settings, config_from(LoRAConfig, settings, "lora"), "lora")
+    store_config(settings, config_from(QuantConfig, settings, "base"), "base")
+    if a.pretrain and a.base_bits:
+        raise UserError("--base-bits holds a frozen base in 4 or 8 bits: --pretrain trains every weight")
     if a.molex and a.prompt_loss and a.molex_vote == "prompt":
         raise UserError("--molex-vote prompt needs the prompt/answer boundary, which --prompt-loss removes from the "
                         "labels: use --molex-vote all")
