@@ -79,7 +79,7 @@ def get_parser():
                    help="with --ckpt: also score the untuned base's output (one more row)")
     p.add_argument("--out", default=None,
                    help="folder for the reports; default: the run folder, else runs/eval-<model name>")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto = bfloat16 on a GPU that supports it, else float32")
     p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = auto (cli.Threads)")

@@ -35,7 +35,7 @@ def get_parser():
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples from softmax(logits / T)")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (with --temperature > 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto = bfloat16 on a GPU that supports it, else float32")
     p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = auto (cli.Threads)")

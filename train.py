@@ -28,7 +28,7 @@ from checkpoint import (BUILTIN_BASE, CHECKPOINT_FORMAT, REPO, build_model, chec
                         load_trainable, mod_on, resolve_tokenizer, rng_state, save_checkpoint, set_rng_state,
                         trainable_state)
 from cli import (HelpFormatter, Threads, UserError, add_config_flags, all_reduce_sum, config_from, given_fields,
-                 run_main, setup_distributed, store_config, use_bf16)
+                 run_main, setup_distributed, store_config, sum_dtype, use_bf16)
 from data import BUILTIN_TASKS, resolve_path
 from data.batching import DataOrder, collate, load_training_data
 from data.builtin import DEFAULT_DIFFICULTY
@@ -106,7 +106,7 @@ def get_parser():
         if any(action.dest in c for c in CASE_DEFAULTS.values()):
             action.help += case_help(action.dest)
     g = p.add_argument_group("system")
-    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    g.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype: auto = bfloat16 autocast on a GPU that supports it, else float32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -383,9 +383,9 @@ def main(argv=None):
         micro = [[train[i] for i in order.take(args.batch_size)][rank::world] for _ in range(args.grad_accum)]
         # normalize by the target tokens of the whole step on all ranks, so any split gives the same gradient
         n_local = torch.tensor([sum(sum(t != IGNORE_INDEX for t in y) for _, y in mb) for mb in micro],
-                               dtype=torch.float64, device=device)
+                               dtype=sum_dtype(device), device=device)
         n_global = float(all_reduce_sum(n_local.sum().clone()))
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sum = torch.zeros((), dtype=sum_dtype(device), device=device)
         n_tokens = torch.tensor(float(sum(len(x) for mb in micro for x, _ in mb)), device=device)
         for i, mb in enumerate(micro):
             ids, labels = collate(mb, pad_id, device)
@@ -395,7 +395,7 @@ def main(argv=None):
                     _, loss = model(ids, labels, prompt_end=prompt_end)  # mean over this micro-batch's targets
                 # the sum over our tokens / all tokens of the step; * world undoes DDP's gradient averaging
                 (loss * (n_local[i] * world / n_global)).backward()
-            loss_sum += loss.detach().double() * n_local[i]
+            loss_sum += loss.detach().to(loss_sum.dtype) * n_local[i]
         step_loss = float(all_reduce_sum(loss_sum)) / n_global
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         if not math.isfinite(step_loss) or not math.isfinite(float(grad_norm)):
