@@ -58,6 +58,9 @@ def quantize(w, fmt):
     values, nbytes = BLOCKS[fmt]
     if w.dim() != 2 or w.shape[1] % values:
         raise ValueError(f"cannot hold a {tuple(w.shape)} weight in {fmt}: its rows must be multiples of {values}")
+    rows = max(1, 2 ** 22 // w.shape[1])  # about 4M values at a time: the float32 temporaries stay small
+    if w.shape[0] > rows:
+        return torch.cat([quantize(part, fmt) for part in w.split(rows)])
     x = w.detach().float().reshape(-1, values)
     if fmt == "q8_0":
         d = x.abs().amax(1, keepdim=True) / 127

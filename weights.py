@@ -75,6 +75,25 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
+class MappedTensors(dict):
+    """read_safetensors' {name: tensor}, over a memory map of the file. release(name) gives the pages of one
+    tensor back to the OS (they are read from the file again if touched): quantizing a checkpoint tensor by
+    tensor then does not leave the whole file resident in this process."""
+
+    def __init__(self, tensors, buf, spans):
+        super().__init__(tensors)
+        self.buf, self.spans = buf, spans
+
+    def release(self, name):
+        if not isinstance(self.buf, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start, end = self.spans[name]
+        start, end = -(-start // page) * page, end // page * page  # only pages wholly inside this tensor
+        if end > start:
+            self.buf.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
 def read_safetensors(path):
     """{name: tensor} backed by a copy-on-write mmap of the file: nothing is read until it is used."""
     size = os.path.getsize(path)
@@ -91,7 +110,7 @@ def read_safetensors(path):
             raise ValueError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
     header.pop("__metadata__", None)
-    tensors = {}
+    tensors, spans = {}, {}
     for name, info in header.items():
         try:
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
@@ -106,7 +125,8 @@ def read_safetensors(path):
                              f"{[begin, end]} that do not fit its shape or the file ({size} bytes)")
         t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin) if count else torch.empty(0, dtype=dtype)
         tensors[name] = t.view(shape)
-    return tensors
+        spans[name] = (8 + n + begin, 8 + n + end)
+    return MappedTensors(tensors, buf, spans)
 
 
 def plain_error(e):
@@ -193,8 +213,9 @@ def permute_qk(name, w, cfg):
     return w
 
 
-def iter_hf(folder):
-    """config.json + safetensors or pytorch_model*.bin (through the index when there is one)."""
+def iter_hf(folder, release=False):
+    """config.json + safetensors or pytorch_model*.bin (through the index when there is one). release: each
+    safetensors tensor's pages are handed back once the loader has taken what it needs (a quantized copy)."""
     yield config_from_hf(read_json(folder / "config.json"), folder / "config.json")
     for index_name, single, reader in [("model.safetensors.index.json", "model.safetensors", read_safetensors),
                                        ("pytorch_model.bin.index.json", "pytorch_model.bin", load_pickled)]:
@@ -211,9 +232,12 @@ def iter_hf(folder):
         if not (folder / file).exists():
             raise FileNotFoundError(f"{folder / file}: shard named in {folder / index_name} is missing")
     for file in files:
-        for key, w in reader(folder / file).items():
+        tensors = reader(folder / file)
+        for key, w in tensors.items():
             if "rotary_emb.inv_freq" not in key:
                 yield rename(key, "hf", "ours"), w, f"{key} in {folder / file}"
+                if release and isinstance(tensors, MappedTensors):
+                    tensors.release(key)
 
 
 def iter_gguf(path, dtype, keep_blocks=False):
@@ -299,7 +323,8 @@ def from_pretrained(path, dtype=None, device="cpu", base=None):
     quantized (QuantizedLinear), each one quantized as it is read, or kept as a GGUF file's blocks."""
     kind, path = find_format(path)
     quantized = base is not None and base.bits is not None
-    stream = {"meta": iter_meta, "hf": iter_hf, "gguf": lambda p: iter_gguf(p, dtype, keep_blocks=quantized)}[kind](path)
+    stream = {"meta": iter_meta, "hf": lambda p: iter_hf(p, release=quantized),
+              "gguf": lambda p: iter_gguf(p, dtype, keep_blocks=quantized)}[kind](path)
     cfg = next(stream)
     with torch.device("meta"):
         model = Llama(cfg)

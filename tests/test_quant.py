@@ -40,6 +40,8 @@ def test_gguf_formats_quantize_and_dequantize_like_the_gguf_package(fmt, qtype):
         assert ours.dtype == torch.uint8 and ours.shape == (48, 256 // 32 * BLOCKS[fmt][1])
         np.testing.assert_array_equal(ours.numpy(), ref)  # byte for byte
         np.testing.assert_array_equal(dequantize(ours, fmt, w.shape).numpy(), gguf.quants.dequantize(ref, qtype))
+    tall = random_weight(5, rows=300, cols=16384)  # quantized in parts of 256 rows
+    np.testing.assert_array_equal(quantize(tall, fmt).numpy(), gguf.quants.quantize(tall.numpy(), qtype))
 
 
 def test_nf4_is_qlora_block_absmax_and_nearest_code_value():
