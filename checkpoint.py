@@ -175,9 +175,10 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.float32, verbose=False):
+def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.float32, verbose=False, base=None):
     """(model in eval mode, tokenizer, settings, checkpoint or None) of a tuned run folder (`ckpt`), or of a base
-    alone (`init`, default the built-in base) without tuning. `init` with `ckpt`: where the run's base is now."""
+    alone (`init`, default the built-in base) without tuning. `init` with `ckpt`: where the run's base is now.
+    base: {"base_bits", "base_format"} of a base alone (quant.QuantConfig's settings; a run keeps its own)."""
     if ckpt is not None:
         state = load_checkpoint(ckpt)
         settings = dict(state["args"])
@@ -185,7 +186,7 @@ def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.flo
             settings["init"] = init
     else:
         state, settings = None, {"init": init or "builtin", "pretrain": False, "seed": 0, "data": None,
-                                 "difficulty": None, "tokenizer": None}
+                                 "difficulty": None, "tokenizer": None, **(base or {})}
     if not settings["pretrain"] and settings["init"] in (None, "builtin") and not (BUILTIN_BASE / "config.json").is_file():
         raise UserError(f"the built-in base is not built yet ({BUILTIN_BASE}): run python train.py, which builds it "
                         f"first")

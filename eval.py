@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import REPO, build_model, checkpoint_path, load_run
-from cli import HelpFormatter, Threads, UserError, pick_device, run_main, use_bf16
+from cli import HelpFormatter, Threads, UserError, add_config_flags, pick_device, run_main, use_bf16
 from data import BUILTIN_TASKS, load_examples, task_kind
 from data.batching import collate
 from data.builtin import DEFAULT_DIFFICULTY
@@ -43,6 +43,7 @@ from data.format import (IGNORE_INDEX, bos, choice_continuations, encode_example
                          extract_choice, gold_answer, prompt_text, same_number, split_encode, target_text)
 from mod import routing_stats, routing_weights
 from molex import prompt_end_from_targets
+from quant import QuantConfig
 from report import markdown_report, overlap, write_plots
 
 GENERATION_METRICS = ("strict", "flexible")
@@ -79,6 +80,7 @@ def get_parser():
                    help="with --ckpt: also score the untuned base's output (one more row)")
     p.add_argument("--out", default=None,
                    help="folder for the reports; default: the run folder, else runs/eval-<model name>")
+    add_config_flags(p, QuantConfig, "base", "a base alone in 4 or 8 bits (quant.py; a run folder records its own)")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto = bfloat16 on a GPU that supports it, else float32")
@@ -374,8 +376,11 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     # the model: a run's base + its trained parameters, or a base alone
+    if args.ckpt is not None and args.base_bits is not None:
+        parser.error("--base-bits is for a base alone: a run folder (--ckpt) holds its base as it was trained")
     model, tokenizer, saved, ckpt = load_run(args.ckpt, args.init, args.tokenizer, device,
-                                             torch.bfloat16 if bf16 else torch.float32)
+                                             torch.bfloat16 if bf16 else torch.float32,
+                                             base={"base_bits": args.base_bits, "base_format": args.base_format})
     if ckpt is not None:
         run_dir = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
         title_model = f"{run_dir.name} (step {ckpt['step']})"

@@ -212,6 +212,8 @@ def test_run_folder_carries_base_bits_to_resume_eval_sample_and_export(tiny_base
     idx = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(exported(idx)[0], model(idx)[0], rtol=1e-5, atol=1e-5)
+    alone, _, _, _ = load_run(None, str(tiny_base), base={"base_bits": 8, "base_format": None})  # eval.py --init
+    assert alone.layers[0].mlp.up.fmt == "q8_0"
     with pytest.raises(SystemExit):
         train.main([*small, "--base-bits", "4", "--base-format", "q8_0"])
     assert "--base-format q8_0 is not a 4-bit format" in capsys.readouterr().err
