@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from model import Llama, LlamaConfig, LoRALinear, QuantizedLinear
-from quant import GGML_TYPES, QuantConfig, dequantize, quantize
+from quant import GGML_TYPES, dequantize, quantize
 
 # One row per weight: our name, Hugging Face's, Meta's, GGUF's ({i}: the layer). Every rename is derived from it.
 WEIGHT_NAMES = [
@@ -123,7 +123,10 @@ def read_safetensors(path):
         if not 0 <= begin <= end <= size - 8 - n or end - begin != count * dtype.itemsize:
             raise ValueError(f"{path}: tensor {name!r} ({info['dtype']} {shape}) has data offsets "
                              f"{[begin, end]} that do not fit its shape or the file ({size} bytes)")
-        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin) if count else torch.empty(0, dtype=dtype)
+        if not count:
+            t = torch.empty(0, dtype=dtype)
+        else:
+            t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin)
         tensors[name] = t.view(shape)
         spans[name] = (8 + n + begin, 8 + n + end)
     return MappedTensors(tensors, buf, spans)

@@ -3,10 +3,10 @@ loss and its gradients, uncached generation, and the memory saved for backward. 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import random_llama
-from model import KVCache, LlamaConfig, apply_lora, freeze_base
+
 from mod import MoDConfig, attach_mod, layer_logits, routing_stats
+from model import KVCache, LlamaConfig, apply_lora, freeze_base
 
 CFG = LlamaConfig(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=64, max_seq_len=64)
 V = CFG.vocab_size
@@ -394,7 +394,8 @@ def test_bf16_model_trains():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(k=0), "k"), (dict(k=3, top_k=4), "top_k"), (dict(k=3, top_k=0), "top_k"), (dict(router="layer"), "router"),
     (dict(distill_direction="both"), "distill_direction"), (dict(start="x"), "start"),
-    (dict(top_k_weights="x"), "top_k_weights"), (dict(router_input="x"), "router_input"), (dict(distill_temp=0.0), "distill_temp"),
+    (dict(top_k_weights="x"), "top_k_weights"), (dict(router_input="x"), "router_input"),
+    (dict(distill_temp=0.0), "distill_temp"),
     (dict(distill_weight=-1.0), "distill_weight"), (dict(chunk_size=0), "chunk_size")])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import checkpoint
-import cli
 import model as model_module
 import optim
 import train
 from data.batching import DataOrder
 from model import Llama
+from threads import Threads
 from weights import from_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -335,7 +335,7 @@ def test_bad_addon_flags_are_named(tiny_base, tmp_path, capsys, flags, needle):
 
 
 def test_auto_threads_make_room_for_a_load_that_starts_later():
-    threads = cli.Threads(0)  # decided now; re-checked by update() as the run goes
+    threads = Threads(0)  # decided now; re-checked by update() as the run goes
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         import time
@@ -344,7 +344,7 @@ def test_auto_threads_make_room_for_a_load_that_starts_later():
         assert threads.update(force=True) <= max(1, (os.cpu_count() or 1) - 1)
     finally:
         spinner.kill()
-    assert cli.Threads(3).update(force=True) == 3  # an explicit --threads wins
+    assert Threads(3).update(force=True) == 3  # an explicit --threads wins
     torch.set_num_threads(1)  # as conftest set it
 
 
