@@ -537,8 +537,7 @@ def bench_quant(args):
     if "smollm2" in args.parts:
         base = ["--init", str(gguf_path), "--max-len", "128", "--batch-size", "4", *common]
         quant_runs("SmolLM2-135M (its Q4_1 GGUF), LoRA on q,k,v,o,gate,up,down, batch 4 x <= 128 tokens, CPU",
-                   {"float32": base, "bfloat16": [*base, "--dtype", "bfloat16"],
-                    "--base-bits 4 (Q4_1 kept), float32": [*base, "--base-bits", "4"],
+                   {"float32": base, "--base-bits 4 (Q4_1 kept), float32": [*base, "--base-bits", "4"],
                     "--base-bits 4 --base-format nf4, float32": [*base, "--base-bits", "4", "--base-format", "nf4"]},
                    args.rounds, args.steps)
     if "tinyllama" in args.parts:
@@ -546,14 +545,16 @@ def bench_quant(args):
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             size = write_random_checkpoint(Path(tmp) / "hf", "hf", LlamaConfig(**SHAPES["tinyllama"]))
             print(f"\n(a random TinyLlama-1.1B-shaped bfloat16 checkpoint: {size / 2 ** 30:.2f} GiB)")
-            base = ["--init", f"{tmp}/hf", "--tokenizer", "byte", "--dtype", "bfloat16", "--max-len", "64",
+            base = ["--init", f"{tmp}/hf", "--tokenizer", str(SHARED / "llama2" / "tokenizer.model"),  # 32,000 tokens
+                    "--dtype", "bfloat16", "--max-len", "64",
                     "--batch-size", "1", *common]
             quant_runs("TinyLlama-1.1B-shaped bfloat16 Hugging Face folder, computing in bfloat16, batch 1 x <= 64 "
                        "tokens, CPU", {"bfloat16": base, "--base-bits 4 (nf4), bfloat16": [*base, "--base-bits", "4"]},
                        1, 0)
     if "7b" in args.parts:
         r = run_child(["quant-7b", "--layers", "0"])
-        print(f"\nLLaMA-2-7B-shaped base quantized as it is built (nf4; embedding and head bfloat16): "
+        print(f"\nLLaMA-2-7B-shaped base quantized as it is built (nf4; embedding and head bfloat16; one block built "
+              f"and quantized, the 32 blocks being the same tensors): "
               f"{r['bytes'] / 1e9:.3f} GB ({r['bytes'] / 2 ** 30:.3f} GiB) for {r['params'] / 1e9:.2f} B weights, "
               f"{r['matrix_bytes'] / 1e9:.3f} GB of it the block matrices; the float bfloat16 base: "
               f"{2 * r['params'] / 1e9:.2f} GB; built in {r['seconds']:.0f} s, peak RSS {r['peak_mib']:,.0f} MiB")
@@ -568,8 +569,9 @@ def bench_quant(args):
 
 def bench_quant_7b(args):
     """(internal) A LLaMA-2-7B-shaped model, its block matrices drawn and quantized to nf4 one at a time (never a
-    float copy of the whole model); --layers 0: all 32, counted and each layer dropped after counting (this machine
-    is shared); --step: build N layers, keep them, run one LoRA step and report its peak RSS."""
+    float copy of the whole model); --layers 0: the bytes of the whole base, from its embedding, head and one block
+    built for real (all 32 blocks hold the same tensors); --step: build N blocks, run one LoRA step and report
+    its peak RSS."""
     from model import Llama, LlamaConfig, QuantizedLinear, apply_lora
     from quant import nbytes, quantize
     from weights import QUANTIZABLE
@@ -603,11 +605,7 @@ def bench_quant_7b(args):
     layer_bytes = nbytes(model.layers[0])
     layer_matrix = sum(m.blocks.numel() for m in model.layers[0].modules() if isinstance(m, QuantizedLinear))
     outside = nbytes(model) - nbytes(model.layers)
-    if not args.step:  # one layer built for real; the other 31 are drawn and quantized the same way, one at a time
-        for _ in range(cfg.n_layers, n_layers):
-            for m in model.layers[0].modules():
-                if isinstance(m, QuantizedLinear):
-                    quantize(torch.randn(m.out_features, m.in_features, generator=g) * 0.02, "nf4")
+    if not args.step:  # one layer built for real; the other 31 are the same tensors' sizes
         total = outside + n_layers * layer_bytes
         matrices = n_layers * layer_matrix
         params = (2 * cfg.vocab_size * cfg.dim + cfg.dim + n_layers * (2 * cfg.dim + 4 * cfg.dim * cfg.dim
