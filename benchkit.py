@@ -369,6 +369,7 @@ def pool_rounds(rounds):
     return dict(rounds[0], rounds=len(rounds), ms=1e3 * statistics.median(wall), ms_min=1e3 * min(wall),
                 ms_max=1e3 * max(wall), cpu_ms=1e3 * statistics.median(cpu) if cpu else None,
                 peak_mib=max(r["peak_mib"] for r in rounds), peaks=[r["peak_mib"] for r in rounds],
+                added_mib=max(r["added_mib"] for r in rounds),
                 warmup_s=[r["warmup_s"] for r in rounds], load_after=rounds[-1]["load_after"],
                 expert_blocks=statistics.mean(r["expert_blocks"] for r in rounds))
 
@@ -388,8 +389,9 @@ def build_row(row, cfg, device, dtype, lora, mod_k, mod_chunk, grad_checkpointin
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         hf = peft.get_peft_model(hf, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
                                                      target_modules=[f"{t}_proj" for t in targets]))
-        # HF shifts the labels itself: labels = the input ids gives the same loss as our shifted targets
-        return hf.train(), lambda m, idx, targets: m(input_ids=idx, labels=idx, use_cache=False).loss
+        # HF shifts the labels itself: label i is predicted at position i - 1, our target i - 1
+        labels = lambda targets: torch.cat([torch.full_like(targets[:, :1], -100), targets[:, :-1]], 1)  # noqa: E731
+        return hf.train(), lambda m, idx, targets: m(input_ids=idx, labels=labels(targets), use_cache=False).loss
     apply_lora(model, rank, alpha, 0.0, targets=targets, verbose=False)
     model.grad_checkpointing = grad_checkpointing
     if row in ("mod", "mod-chunked"):

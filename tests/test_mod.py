@@ -102,7 +102,7 @@ def test_step0_is_exactly_the_base_model(cfg):
     freeze_base(model)
     apply_lora(model, rank=2, alpha=4, verbose=False)  # B = 0: LoRA starts at the base too
     idx, y = batch()
-    logits, loss = model(idx, y)
+    logits, (_, loss) = model(idx)[0], model(idx, y)  # with targets the model returns no logits
     attach_mod(model, cfg, verbose=False)
     assert torch.equal(model(idx)[0], logits)
     prompts = [[1, 5, 9], [1, 2, 3, 4, 5, 6]]
@@ -133,7 +133,7 @@ def test_plain_model_when_k1(cfg):
     model = tiny()
     freeze_base(model)
     idx, y = batch()
-    logits, loss = model(idx, y)
+    logits, (_, loss) = model(idx)[0], model(idx, y)  # with targets the model returns no logits
     attach_mod(model, cfg, verbose=False)
     assert torch.equal(model(idx)[0], logits)
     mod_logits, mod_loss = model(idx, y)
@@ -243,8 +243,9 @@ def test_loss_and_gradients_match_reference(case):
             _, hidden = model.forward_hidden(idx)
             terms = reference_loss(model, hidden, y, cfg)
             loss, parts = terms[0], dict(zip(["ce", "distill", "layer_ce"], terms[1:]))
-        else:
-            model.mod.cfg.chunk_size = chunk_size
+        else:  # "definition": mod.ensemble_loss, the plain autograd loss; otherwise the fused path
+            model.mod.fused = chunk_size != "definition"
+            model.mod.cfg.chunk_size = None if chunk_size == "definition" else chunk_size
             logits, loss = model(idx, y)
             assert logits is None
             parts = model.mod.last_losses
@@ -252,7 +253,8 @@ def test_loss_and_gradients_match_reference(case):
         return loss.detach(), parts, [p.grad.clone() for p in params]
 
     ref_loss, ref_parts, ref_grads = loss_and_grads("ref")
-    for chunk_size in [None, 7, 4, 21, 100]:  # 21 target tokens; 7: chunks of 7, 7, 7
+    # the definition against the hand-written reference, then the fused path (21 target tokens; 7: chunks of 7)
+    for chunk_size in ["definition", None, 7, 4, 21, 100]:
         loss, parts, grads = loss_and_grads(chunk_size)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
         for name in ref_parts:  # (with distill_weight 0 the distillation is not computed at all)
@@ -262,6 +264,13 @@ def test_loss_and_gradients_match_reference(case):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
     with torch.no_grad():  # a validation loss: no gradients worked out
         torch.testing.assert_close(model(idx, y)[1], ref_loss, rtol=1e-5, atol=0)
+    # the fused path against the definition: the loss to 1e-6, the gradients (sums that cancel) to 1e-5
+    def_loss, def_parts, def_grads = loss_and_grads("definition")
+    for chunk_size in [None, 7]:
+        loss, parts, grads = loss_and_grads(chunk_size)
+        torch.testing.assert_close(loss, def_loss, rtol=1e-6, atol=0)
+        for g, r in zip(grads, def_grads):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
 
 
 def test_loss_of_a_batch_without_targets_is_zero():
@@ -333,17 +342,21 @@ def test_no_vocab_size_tensor_is_saved_for_backward(chunk_size):
     idx, y = batch(B=2, T=48)
     full = 2 * 48 * V  # one vocab-size logits tensor for the whole batch
     model.mod, saved = None, model.mod
-    plain = saved_for_backward_plain(model, idx, y)
-    assert max(plain) >= full  # the measurement sees the plain model's logits
+    naive = saved_for_backward_plain(model, idx, y, naive=True)
+    assert max(naive) >= full  # the measurement sees the logits of the naive loss (the LM head everywhere)
     model.mod = saved
     sizes = saved_for_backward(model, idx, y)
     assert max(sizes) < 48 * V, max(sizes)  # the gradients of the k readouts: (tokens, dim) each
 
 
-def saved_for_backward_plain(model, idx, y):
+def saved_for_backward_plain(model, idx, y, naive=False):
     sizes = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-        loss = model(idx, y)[1]
+        if naive:
+            logits = model(idx)[0]
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+        else:
+            loss = model(idx, y)[1]
     loss.backward()
     return sizes
 

@@ -151,8 +151,10 @@ def test_task_mode_keeps_values_and_aux_free_bias(make_model):
             molex.select_bias.copy_(bias)
         model.train()
         molex.collect_stats = True
-        logits, loss = model(idx, idx)
+        hidden = model.trunk(idx, None, None, None, keep_all=False)  # model(idx, idx), keeping the last layer
+        _, loss = model.output(hidden, idx, None, None)
         loss.backward()
+        logits = model.output(hidden, None, None, None)[0].detach()  # with targets the model makes no logits
         return model, molex, logits, molex.gate_weight.grad
 
     idx = torch.randint(0, 96, (3, 8), generator=torch.Generator().manual_seed(4))

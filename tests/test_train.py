@@ -18,6 +18,7 @@ import model as model_module
 import optim
 import train
 from data.batching import DataOrder
+from mod import MoDConfig
 from model import Llama
 from threads import Threads
 from weights import from_pretrained
@@ -194,6 +195,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_base, tmp_path, 
 
 # ---------------------------------------------------------------- bad input: clear message, nonzero exit
 
+def test_mod_switch():
+    # --mod switches MoD on with the default k; --mod-k N alone switches it on too; neither: off
+    assert train.parse_args(["--mod"]).mod_k == MoDConfig.k == 4
+    assert train.parse_args(["--mod-k", "2"]).mod_k == 2 and train.parse_args(["--mod-k", "2"]).mod
+    assert train.parse_args(["--mod", "--mod-k", "3"]).mod_k == 3
+    args = train.parse_args([])
+    assert args.mod_k is None and not args.mod and not checkpoint.mod_on(vars(args))
+
+
 @pytest.mark.parametrize("flags, needle", [
     (["--lora-rank", "0"], "--lora-rank"),
     (["--data", "no-such-task"], "--data"),
@@ -287,6 +297,9 @@ def test_mod_and_molex_run_resumes_exactly_and_saves_their_parameters(tiny_base,
     full = train.main(base_argv(tiny_base, tmp_path / "full", *extra))
     out = capsys.readouterr().out
     assert "MoD over the last 2 of 3 layers" in out and "MoLEx on layers all of 3" in out and "trainable" in out
+    logged = metrics(tmp_path / "full")  # what the add-ons compute reaches metrics.jsonl (model.addons)
+    assert all({"mod_ce", "mod_distill", "mod_layer_ce", "mod_g", "molex_balance_loss"} <= r.keys() for r in logged)
+    assert all(r["mod_ce"] > 0 and r["mod_layer_ce"] > 0 and math.isfinite(r["mod_g"]) for r in logged)
     run_until_crash(monkeypatch, 2, base_argv(tiny_base, tmp_path / "cut", *extra))  # last checkpoint: step 2
     resumed = train.main(["--resume", str(tmp_path / "cut")])
     assert resumed["losses"] == full["losses"][2:]
@@ -327,6 +340,9 @@ def test_mod_router_lr_gives_the_router_its_own_group(tiny_base, tmp_path):
     (["--molex", "--prompt-loss"], "--molex-vote"),
     (["--mod-k", "9"], "--mod-k"),
     (["--mod-k", "2", "--mod-top-k", "3"], "--mod-top-k"),
+    (["--mod-k", "0"], "--mod-k must be >= 1"),
+    (["--mod-k", "0", "--mod-top-k", "1"], "--mod-k must be >= 1"),
+    (["--mod-top-k", "1"], "given without --mod"),
 ])
 def test_bad_addon_flags_are_named(tiny_base, tmp_path, capsys, flags, needle):
     with pytest.raises(SystemExit) as e:
@@ -384,3 +400,33 @@ def test_a_run_folder_from_before_the_base_start_keeps_its_settings(tiny_base, t
     model, _, settings, _ = checkpoint.load_run(run)
     assert {k: settings[k] for k in old} == old and model.mod.cfg.start == "uniform"
     assert train.main(["--resume", str(run), "--max-steps", "3"])["step"] == 3
+
+
+def test_length_groups_are_seeded_resumable_and_pad_less():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 200, (203,), generator=g).tolist()  # 203: epochs end inside a batch of 8
+    bs = 8
+
+    def batches(order, n):
+        return [order.take(bs) for _ in range(n)]
+
+    grouped = batches(DataOrder(203, 3, lengths, bs), 80)  # 640 examples: over three epochs
+    assert grouped == batches(DataOrder(203, 3, lengths, bs), 80)  # seeded
+    for stop in (1, 25, 26, 51):  # resume anywhere, also at and across an epoch's end
+        first = DataOrder(203, 3, lengths, bs)
+        head = batches(first, stop)
+        resumed = DataOrder(203, 3, lengths, bs, **first.state())
+        assert head + batches(resumed, 80 - stop) == grouped
+    for e in range(3):  # every epoch is a permutation: each example once
+        epoch = [i for b in grouped for i in b][e * 203:(e + 1) * 203]
+        assert sorted(epoch) == list(range(203))
+    plain = batches(DataOrder(203, 3), 80)
+
+    def padded(bs_list):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs_list)
+
+    assert padded(grouped) < 0.2 * padded(plain)
+    assert grouped[:3] != plain[:3]
+    assert grouped != batches(DataOrder(203, 4, lengths, bs), 80)  # the seed counts
+    # equal lengths (pretraining windows): the same order as without grouping
+    assert batches(DataOrder(203, 3, [7] * 203, bs), 80) == plain
