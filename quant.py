@@ -28,7 +28,7 @@ GGML_TYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 8}  # the GGUF formats' ggml type id
 # QLoRA's NF4 code: the 16 values (bitsandbytes' table), quantiles of N(0, 1) scaled to [-1, 1] with an exact 0
 NF4_CODE = torch.tensor([-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
                          0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0])
-DEFAULT_FORMAT = {4: "nf4", 8: "q8_0"}  # what a float checkpoint becomes (BENCHMARKS.md: the 4-bit formats compared)
+DEFAULT_FORMAT = {4: "nf4", 8: "q8_0"}  # what a float checkpoint becomes (docs/design.md#4-bit-bases: why nf4)
 
 
 @dataclass
