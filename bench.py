@@ -610,20 +610,29 @@ def bench_generate(args):
 
 def train_py_run(argv):
     """A whole `python train.py argv` in a fresh process: (peak RSS in MiB of that process, its per-step seconds
-    from metrics.jsonl, the final loss). Peak RSS from wait4's ru_maxrss: everything, the ~700 MiB of the
-    interpreter, torch and the data pipeline included."""
+    from metrics.jsonl, the final loss). The peak is everything, the ~700 MiB of the interpreter, torch and the
+    data pipeline included: the child's VmHWM, read every 0.1 s until it exits (wait4's ru_maxrss would do, but
+    Linux carries it over from the parent through fork and exec, so a parent holding a model would set its floor)."""
     import subprocess
     out = Path(argv[argv.index("--out") + 1])
+    err = tempfile.TemporaryFile("w+")  # not a pipe: the child's progress bars never fill it and block it
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "train.py"), *argv],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+                            stdout=subprocess.DEVNULL, stderr=err, text=True)
+    peak = 0.0
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                peak = max(peak, next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmHWM:")))
+        except (OSError, StopIteration):
+            pass
+        time.sleep(0.1)
     if proc.returncode:
-        sys.exit(f"train.py {' '.join(argv)} failed ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        err.seek(0)
+        sys.exit(f"train.py {' '.join(argv)} failed ({proc.returncode}): {err.read()[-2000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     times = [r["time_s"] for r in records if "time_s" in r]
     steps = [b - a for a, b in zip(times, times[1:])]  # from step 2 on (step 1 includes the first-call costs)
-    return usage.ru_maxrss / 1024, steps, [r["loss"] for r in records if "loss" in r]
+    return peak, steps, [r["loss"] for r in records if "loss" in r]
 
 
 def quant_runs(name, runs, rounds, time_steps):
