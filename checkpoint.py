@@ -30,6 +30,7 @@ from cli import UserError, all_reduce_sum, config_from
 from mod import MoDConfig, attach_mod
 from model import Llama, LlamaConfig, LoRAConfig, apply_lora, freeze_base
 from molex import MoLExConfig, attach_molex
+from quant import QuantConfig
 from tokenizer import check_tokenizer_fits, load_tokenizer
 from weights import atomic_write, find_format, from_pretrained, plain_error, read_json
 
@@ -81,7 +82,8 @@ def build_model(settings, device="cpu", dtype=torch.float32, verbose=True, with_
                             f"{e}") from None
         return Llama(cfg).init_weights(seed=a["seed"], std=0.02).to(device)
     try:
-        model = from_pretrained(base_folder(a["init"]), dtype=dtype, device=device)
+        model = from_pretrained(base_folder(a["init"]), dtype=dtype, device=device,
+                                base=config_from(QuantConfig, a, "base"))  # --base-bits: 4 or 8 bits
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"--init {a['init']}: {e}") from None
     model.base_fingerprint = base_fingerprint(model)
@@ -326,9 +328,10 @@ def open_run_folder(run, settings, resume_from, step, overwrite=False):
         truncate_metrics(run / "metrics.jsonl", step)
 
 
-def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.float32, verbose=False):
+def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.float32, verbose=False, base=None):
     """(model in eval mode, tokenizer, settings, checkpoint or None) of a tuned run folder (`ckpt`), or of a base
-    alone (`init`, default the built-in base) without tuning. `init` with `ckpt`: where the run's base is now."""
+    alone (`init`, default the built-in base) without tuning. `init` with `ckpt`: where the run's base is now.
+    base: {"base_bits", "base_format"} of a base alone (quant.QuantConfig's settings; a run keeps its own)."""
     if ckpt is not None:
         state = load_checkpoint(ckpt)
         settings = dict(state["args"])
@@ -337,7 +340,7 @@ def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.flo
         check_base_is_there(settings, f"the run {checkpoint_path(ckpt).parent}")
     else:
         state, settings = None, {"init": init or "builtin", "pretrain": False, "seed": 0, "data": None,
-                                 "difficulty": None, "tokenizer": None}
+                                 "difficulty": None, "tokenizer": None, **(base or {})}
     builtin = not settings["pretrain"] and settings["init"] in (None, "builtin")
     if builtin and not (BUILTIN_BASE / "config.json").is_file():
         raise UserError(f"the built-in base is not built yet ({BUILTIN_BASE}): run python train.py, which builds it "

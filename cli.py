@@ -98,7 +98,7 @@ def add_run_flags(parser, base_use):
 
 def add_device_flags(parser, dtype_help="auto = bfloat16 on a GPU that supports it, else float32"):
     """--device, --dtype and --threads (read with pick_device, use_bf16 and threads.Threads)."""
-    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help=dtype_help)
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch; 0 = auto: the cores other programs leave idle, re-checked as "
@@ -108,22 +108,38 @@ def add_device_flags(parser, dtype_help="auto = bfloat16 on a GPU that supports 
 # ----------------------------------------------------------------------------------------------------------
 # Device and dtype
 
+def mps_available():
+    """Whether torch reports an Apple GPU (Metal Performance Shaders)."""
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def pick_device(flag):
-    """--device: auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
+    """--device: auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N or mps (Apple GPUs: untested
+    here, no machine of the project has one)."""
     if flag == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if flag != "cpu" and not flag.startswith("cuda"):
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {flag!r}")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
+    if flag not in ("cpu", "mps") and not flag.startswith("cuda"):
+        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {flag!r}")
     if flag.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {flag}: CUDA is not available on this machine")
+    if flag == "mps" and not mps_available():
+        raise UserError("--device mps: torch reports no MPS device (an Apple GPU with a torch built for it) here")
     return torch.device(flag)
 
 
 def use_bf16(flag, device):
-    """--dtype: auto = bfloat16 on a GPU that supports it, else float32."""
+    """--dtype: auto = bfloat16 on a GPU that supports it, else float32. MPS computes in bfloat16 from macOS 14 on
+    only; auto keeps float32 there (bfloat16 on MPS is untested here)."""
     if flag == "auto":
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if flag == "bfloat16" and device.type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
+        raise UserError("--dtype bfloat16 on --device mps needs macOS 14 or newer: use --dtype float32")
     return flag == "bfloat16"
+
+
+def sum_dtype(device):
+    """The dtype of exact running sums (token counts, a step's loss): float64, which MPS lacks (float32 there)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -135,6 +151,8 @@ def setup_distributed(device_flag):
         return 0, 1, pick_device(device_flag), False
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     use_cuda = device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
+    if device_flag == "mps" or (device_flag == "auto" and not use_cuda and mps_available()):
+        raise UserError("torchrun on --device mps is not supported (one Apple GPU per machine): run train.py alone")
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)

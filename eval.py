@@ -40,7 +40,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import REPO, build_model, checkpoint_path, load_run
-from cli import HelpFormatter, UserError, add_device_flags, add_run_flags, pick_device, run_main, use_bf16
+from cli import (
+    HelpFormatter,
+    UserError,
+    add_config_flags,
+    add_device_flags,
+    add_run_flags,
+    pick_device,
+    run_main,
+    use_bf16,
+)
 from data import BUILTIN_TASKS, load_examples, task_kind
 from data.batching import collate
 from data.builtin import DEFAULT_DIFFICULTY
@@ -61,6 +70,7 @@ from data.format import (
 from errors import bad_flag
 from mod import ensemble_coefficients, routing_stats
 from molex import prompt_end_from_targets
+from quant import QuantConfig
 from report import markdown_report, overlap, write_plots
 from threads import Threads
 
@@ -95,6 +105,7 @@ def get_parser():
                    help="with --ckpt: also score the untuned base's output (one more row)")
     p.add_argument("--out", default=None,
                    help="folder for the reports; default: the run folder, else runs/eval-<model name>")
+    add_config_flags(p, QuantConfig, "base", "a base alone in 4 or 8 bits (quant.py; a run folder records its own)")
     add_device_flags(p)
     return p
 
@@ -451,8 +462,11 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     # the model: a run's base + its trained parameters, or a base alone
+    if args.ckpt is not None and args.base_bits is not None:
+        parser.error("--base-bits is for a base alone: a run folder (--ckpt) holds its base as it was trained")
     model, tokenizer, saved, ckpt = load_run(args.ckpt, args.init, args.tokenizer, device,
-                                             torch.bfloat16 if bf16 else torch.float32)
+                                             torch.bfloat16 if bf16 else torch.float32,
+                                             base={"base_bits": args.base_bits, "base_format": args.base_format})
     if ckpt is not None:
         title_model = f"{run_dir.name} (step {ckpt['step']})"
     else:

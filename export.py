@@ -10,7 +10,8 @@ from_pretrained) loads it as a plain model. The base's RoPE scaling (LLaMA-3.1+)
 
 MoD and MoLEx change the forward pass in ways LlamaForCausalLM cannot express (MoD mixes the logits of several
 layers, MoLEx runs a second block per layer). Such a run is refused unless --drop-addons asks for what can be
-exported: the base with LoRA merged, without the add-on, which is NOT the tuned run's output.
+exported: the base with LoRA merged, without the add-on, which is NOT the tuned run's output. A run on a 4- or
+8-bit base (train.py --base-bits) is exported as its dequantized weights with LoRA merged.
 
 The folder gets an exported.json (what was exported, the files written). --out must be a new or empty folder, or an
 earlier export of the same run or base (then its files are replaced, none is left stale); anything else is refused.
@@ -24,7 +25,7 @@ import torch
 
 from checkpoint import base_folder, load_run
 from cli import HelpFormatter, UserError, add_run_flags, run_main
-from weights import end_token_ids, save_hf
+from weights import dequantize_model, end_token_ids, save_hf
 
 
 def get_parser():
@@ -66,6 +67,7 @@ def main(argv=None):
     else:
         extra["tokenizer"] = spec  # a GGUF file's tokenizer: there is no tokenizer.json to copy
     ends = end_token_ids(base_folder(settings["init"]), tokenizer)  # all of them: LLaMA-3.x's <|eot_id|> too
+    dequantize_model(model)  # a run on a 4/8-bit base (--base-bits) is written as the float weights it computes with
     save_hf(model, out, dtype=getattr(torch, args.dtype) if args.dtype else None, extra_config=extra,
             bos_id=tokenizer.bos_id, eos_id=ends if len(ends) > 1 else tokenizer.eos_id)
     what = f"run {args.ckpt} (step {ckpt['step']}, LoRA merged)" if ckpt else f"base {settings['init']}"

@@ -185,8 +185,15 @@ class GGUFFile:
         elif info.type == 30:
             out = torch.from_numpy(raw.view("<i2")).view(torch.bfloat16)
         else:
-            out = _dequantize_blocks(torch.from_numpy(raw.reshape(-1, BLOCKS[info.type][1])), info.type)
+            out = dequantize_blocks(torch.from_numpy(raw.reshape(-1, BLOCKS[info.type][1])), info.type)
         return out.reshape(info.shape).to(dtype)
+
+    def raw(self, name):
+        """Tensor `name`'s bytes as stored (quantized blocks left as they are): a uint8 copy of shape (rows, bytes
+        per row), rows in torch order."""
+        info = self.tensors[name]
+        raw = np.frombuffer(self._map, np.uint8, info.nbytes, info.offset).copy()
+        return torch.from_numpy(raw).view(info.shape[0] if len(info.shape) == 2 else 1, -1)
 
     def close(self):
         if getattr(self, "_map", None) is not None:
@@ -203,7 +210,7 @@ class GGUFFile:
         return f"GGUFFile({str(self.path)!r}, version {self.version}, {len(self.tensors)} tensors)"
 
 
-def _dequantize_blocks(blocks, ggml_type):
+def dequantize_blocks(blocks, ggml_type):
     """(n, block bytes) uint8 -> (n, 32) float32. The same float32 operations as llama.cpp's reference
     (x = d*q, d*(q - 8), d*q + m), so the results match the gguf package's dequantize bit for bit."""
     d = blocks[:, :2].contiguous().view(torch.float16).float()

@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from quant import dequantize
+
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -134,6 +136,39 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class DequantizeMatmul(torch.autograd.Function):
+    """y = x W^T with W held in quantized blocks: W is dequantized here, and again in the backward pass for the
+    input's gradient, so nothing of full size is saved between the two (only the blocks, which the layer holds)."""
+
+    @staticmethod
+    def forward(ctx, x, blocks, fmt, shape, dtype):
+        ctx.fmt, ctx.shape, ctx.dtype = fmt, shape, dtype
+        ctx.save_for_backward(blocks)
+        return F.linear(x, dequantize(blocks, fmt, shape, dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (blocks,) = ctx.saved_tensors
+        w = dequantize(blocks, ctx.fmt, ctx.shape, ctx.dtype)
+        return (grad_y.to(w.dtype) @ w).to(grad_y.dtype), None, None, None, None  # the frozen W gets none
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen nn.Linear (no bias) whose weight is held as 4- or 8-bit blocks (quant.py), dequantized to `dtype`
+    one layer at a time as the forward pass reaches it."""
+
+    def __init__(self, blocks, fmt, in_features, out_features, dtype=torch.float32):
+        super().__init__()
+        self.register_buffer("blocks", blocks)  # uint8 (out_features, bytes per row)
+        self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
+
+    def forward(self, x):
+        return DequantizeMatmul.apply(x, self.blocks, self.fmt, (self.out_features, self.in_features), self.dtype)
+
+    def dequantized(self):
+        return dequantize(self.blocks, self.fmt, (self.out_features, self.in_features), self.dtype)
 
 
 class MLP(nn.Module):
@@ -428,20 +463,26 @@ class _HeadLoss(torch.autograd.Function):
 # LoRA: y = W x + (alpha / r) * B A dropout(x), with W frozen, A Kaiming-uniform and B zero (so it starts at W)
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank, alpha, dropout=0.0):
+    def __init__(self, base: nn.Linear | QuantizedLinear, rank, alpha, dropout=0.0):
         super().__init__()
-        self.weight = base.weight  # the same Parameter, so the state-dict key of the base weight is unchanged
-        self.weight.requires_grad_(False)
+        if isinstance(base, QuantizedLinear):
+            self.quantized = base  # a 4/8-bit frozen weight: its forward dequantizes it
+            device = base.blocks.device
+        else:
+            self.quantized = None
+            self.weight = base.weight  # the same Parameter, so the state-dict key of the base weight is unchanged
+            self.weight.requires_grad_(False)
+            device = base.weight.device
         # adapters are fp32 even on a bf16 base: the optimizer needs the precision
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
         self.merged = False
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight) if self.quantized is None else self.quantized(x)
         if self.merged:
             return y
         delta = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
@@ -452,6 +493,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
+        if self.quantized is not None:
+            raise ValueError("LoRA cannot be merged into a quantized base: dequantize it first "
+                             "(weights.dequantize_model)")
         if not self.merged:
             self.weight += self.delta_weight().to(self.weight.dtype)
             self.merged = True

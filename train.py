@@ -41,7 +41,7 @@ from checkpoint import (
     save_checkpoint,
     tokenizer_label,
 )
-from cli import UserError, all_reduce_sum, run_main, setup_distributed, use_bf16
+from cli import UserError, all_reduce_sum, run_main, setup_distributed, sum_dtype, use_bf16
 from data.batching import DataOrder, collate, load_training_data
 from data.format import IGNORE_INDEX
 from molex import prompt_end_from_targets
@@ -172,9 +172,9 @@ def train_step(model, optimizer, micro, params, grad_clip, pad_id, device, autoc
     tokens of the step on all ranks). A loss or gradient norm that is not finite is not applied (main stops)."""
     # normalize by the target tokens of the whole step on all ranks, so any split gives the same gradient
     n_local = torch.tensor([sum(sum(t != IGNORE_INDEX for t in y) for _, y in mb) for mb in micro],
-                           dtype=torch.float64, device=device)
+                           dtype=sum_dtype(device), device=device)
     n_global = float(all_reduce_sum(n_local.sum().clone()))
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=sum_dtype(device), device=device)
     for i, mb in enumerate(micro):
         ids, labels = collate(mb, pad_id, device)
         with model.no_sync() if world > 1 and i < len(micro) - 1 else nullcontext():
@@ -183,7 +183,7 @@ def train_step(model, optimizer, micro, params, grad_clip, pad_id, device, autoc
                 _, loss = model(ids, labels, prompt_end=prompt_end_from_targets(labels))
             # the sum over our tokens / all tokens of the step; * world undoes DDP's gradient averaging
             (loss * (n_local[i] * world / n_global)).backward()
-        loss_sum += loss.detach().double() * n_local[i]
+        loss_sum += loss.detach().to(loss_sum.dtype) * n_local[i]
     step_loss = float(all_reduce_sum(loss_sum)) / n_global
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
     if math.isfinite(step_loss) and math.isfinite(grad_norm):

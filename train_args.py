@@ -14,6 +14,7 @@ from mod import MoDConfig
 from model import LoRAConfig
 from molex import MoLExConfig
 from optim import CASE_DEFAULTS, OptimConfig, case_help, fill_case_defaults
+from quant import QuantConfig
 
 # Settings that --resume may change (checkpoint.py: the run's length and logging, where it goes, where its base
 # now is: --init only for a run with a base fingerprint, which checks it); any other must equal the saved value.
@@ -48,6 +49,7 @@ def get_parser():
                         "random batches")
     g.add_argument("--eval-n", type=int, default=64,
                    help="validation loss on this many records of the test split (held-out text with --pretrain)")
+    add_config_flags(p, QuantConfig, "base", "the frozen base in 4 or 8 bits (quant.py)")
     add_config_flags(p, LoRAConfig, "lora", "LoRA")
     g = add_config_flags(p, MoDConfig, "mod", "MoD: Mixture-of-Depths ensemble of the last k layers (mod.py; the "
                                               "--mod-* flags need --mod or --mod-k)")
@@ -185,6 +187,9 @@ def check_args(a):
     for prefix, cfg in run_configs(settings).items():  # each config checks its values; saved complete
         if cfg is not None:
             store_config(settings, cfg, prefix)
+    store_config(settings, config_from(QuantConfig, settings, "base"), "base")
+    if a.pretrain and a.base_bits:
+        raise UserError("--base-bits holds a frozen base in 4 or 8 bits: --pretrain trains every weight")
     if a.molex and a.prompt_loss and a.molex_vote == "prompt":
         raise UserError("--molex-vote prompt needs the prompt/answer boundary, which --prompt-loss removes from the "
                         "labels: use --molex-vote all")

@@ -16,10 +16,12 @@ import os
 import pickle
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from model import LLAMA3_ROPE_KEYS, Llama, LlamaConfig, LoRALinear
+from model import LLAMA3_ROPE_KEYS, Llama, LlamaConfig, LoRALinear, QuantizedLinear
+from quant import GGML_TYPES, dequantize, quantize
 
 # One row per weight: our name, Hugging Face's, Meta's, GGUF's ({i}: the layer). Every rename is derived from it.
 WEIGHT_NAMES = [
@@ -73,6 +75,25 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
+class MappedTensors(dict):
+    """read_safetensors' {name: tensor}, over a memory map of the file. release(name) gives the pages of one
+    tensor back to the OS (they are read from the file again if touched): quantizing a checkpoint tensor by
+    tensor then does not leave the whole file resident in this process."""
+
+    def __init__(self, tensors, buf, spans):
+        super().__init__(tensors)
+        self.buf, self.spans = buf, spans
+
+    def release(self, name):
+        if not isinstance(self.buf, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start, end = self.spans[name]
+        start, end = -(-start // page) * page, end // page * page  # only pages wholly inside this tensor
+        if end > start:
+            self.buf.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
 def read_safetensors(path):
     """{name: tensor} backed by a copy-on-write mmap of the file: nothing is read until it is used."""
     size = os.path.getsize(path)
@@ -89,7 +110,7 @@ def read_safetensors(path):
             raise ValueError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
     header.pop("__metadata__", None)
-    tensors = {}
+    tensors, spans = {}, {}
     for name, info in header.items():
         try:
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
@@ -107,7 +128,8 @@ def read_safetensors(path):
         else:
             t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin)
         tensors[name] = t.view(shape)
-    return tensors
+        spans[name] = (8 + n + begin, 8 + n + end)
+    return MappedTensors(tensors, buf, spans)
 
 
 def plain_error(e):
@@ -264,8 +286,9 @@ def permute_qk(name, w, cfg):
     return w
 
 
-def iter_hf(folder):
-    """config.json + safetensors or pytorch_model*.bin (through the index when there is one)."""
+def iter_hf(folder, release=False):
+    """config.json + safetensors or pytorch_model*.bin (through the index when there is one). release: each
+    safetensors tensor's pages are handed back once the loader has taken what it needs (a quantized copy)."""
     yield config_from_hf(read_json(folder / "config.json"), folder / "config.json")
     for index_name, single, reader in [("model.safetensors.index.json", "model.safetensors", read_safetensors),
                                        ("pytorch_model.bin.index.json", "pytorch_model.bin", load_pickled)]:
@@ -283,24 +306,74 @@ def iter_hf(folder):
             raise FileNotFoundError(f"{folder / file}: shard named in {folder / index_name} is missing")
     seen = {}  # tensor name -> the shard that held it: a tensor in two shards is an error, not "the last one wins"
     for file in files:
-        for key, w in reader(folder / file).items():
+        tensors = reader(folder / file)
+        for key, w in tensors.items():
             if key in seen:
                 raise ValueError(f"{folder}: tensor {key!r} is in two shards, {seen[key]} and {file}: which one is "
                                  f"meant is unknown")
             seen[key] = file
             if "rotary_emb.inv_freq" not in key:
                 yield rename(key, "hf", "ours"), w, f"{key} in {folder / file}"
+                if release and isinstance(tensors, MappedTensors):
+                    tensors.release(key)
 
 
-def iter_gguf(path, dtype):
-    """A llama.cpp GGUF file: the config from its llama.* metadata, each tensor dequantized when it is used."""
+def iter_gguf(path, dtype, keep_blocks=False):
+    """A llama.cpp GGUF file: the config from its llama.* metadata, each tensor dequantized when it is used
+    (keep_blocks: the block matrices in q4_0 / q4_1 / q8_0 come as their bytes, a Blocks)."""
     from gguf_file import GGUFFile, llama_config_from_gguf
     f = GGUFFile(path)
     cfg = LlamaConfig(**llama_config_from_gguf(f.metadata, path), tie_embeddings="output.weight" not in f.tensors)
     yield cfg
-    for key in f.tensors:
+    formats = {t: fmt for fmt, t in GGML_TYPES.items()}
+    for key, info in f.tensors.items():
         name = rename(key, "gguf", "ours")
-        yield name, permute_qk(name, f.tensor(key, dtype or torch.float32), cfg), f"{key} in {path}"
+        if keep_blocks and info.type in formats and name and QUANTIZABLE.fullmatch(name):
+            w = Blocks(permute_qk(name, f.raw(key), cfg), formats[info.type], info.shape)
+        else:
+            w = permute_qk(name, f.tensor(key, dtype or torch.float32), cfg)
+        yield name, w, f"{key} in {path}"
+
+
+# The weights --base-bits holds quantized: the 7 projections of every block (not the embedding, norms or head)
+QUANTIZABLE = re.compile(r"layers\.\d+\.(attn\.[qkvo]|mlp\.(gate|up|down))\.weight")
+
+
+class Blocks(NamedTuple):
+    """A GGUF tensor's quantized blocks as loaded: uint8 (rows, bytes per row), its quant.py format, its shape."""
+    data: torch.Tensor
+    fmt: str
+    shape: tuple
+
+
+def quantized_linear(w, base, dtype, device):
+    """The QuantizedLinear holding weight w (a float tensor, or a GGUF file's Blocks) as `base` (a QuantConfig)
+    says: GGUF blocks kept as loaded unless --base-format names another format; float weights quantized."""
+    if isinstance(w, Blocks):
+        dtype = dtype or torch.float32
+        if base.format in (None, w.fmt):
+            blocks, fmt = w.data.to(device), w.fmt
+        else:
+            blocks, fmt = quantize(dequantize(w.data.to(device), w.fmt, w.shape), base.format), base.format
+    else:
+        dtype = dtype or w.dtype
+        blocks, fmt = quantize(w.to(device), base.float_format), base.float_format
+    return QuantizedLinear(blocks, fmt, w.shape[1], w.shape[0], dtype)
+
+
+def dequantize_model(model):
+    """Replace every quantized layer with the float one of the same dequantized weight (in place; returns the
+    model): what export.py writes, and the float model a quantized one is compared with."""
+    for module in list(model.modules()):
+        if isinstance(module, LoRALinear) and module.quantized is not None:  # LoRA holds the float weight itself
+            module.weight = torch.nn.Parameter(module.quantized.dequantized(), requires_grad=False)
+            module.quantized = None
+        for attr, child in list(module.named_children()):
+            if isinstance(child, QuantizedLinear):
+                float_layer = torch.nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
+                float_layer.weight = torch.nn.Parameter(child.dequantized(), requires_grad=False)
+                setattr(module, attr, float_layer)
+    return model
 
 
 def end_token_ids(path, tokenizer):
@@ -341,33 +414,45 @@ def find_format(path):
                      f"(config.json + *.safetensors or pytorch_model*.bin) nor one .gguf file; it holds {found}")
 
 
-def from_pretrained(path, dtype=None, device="cpu"):
+def from_pretrained(path, dtype=None, device="cpu", base=None):
     """Load a LLaMA checkpoint: Meta's or Hugging Face's folder, or a GGUF file. dtype None keeps the file's
-    (float32 for quantized GGUF tensors)."""
+    (float32 for quantized GGUF tensors). base (a quant.QuantConfig) with bits set: the block matrices are held
+    quantized (QuantizedLinear), each one quantized as it is read, or kept as a GGUF file's blocks."""
     kind, path = find_format(path)
-    stream = {"meta": iter_meta, "hf": iter_hf, "gguf": lambda p: iter_gguf(p, dtype)}[kind](path)
+    quantized = base is not None and base.bits is not None
+    stream = {"meta": iter_meta, "hf": lambda p: iter_hf(p, release=quantized),
+              "gguf": lambda p: iter_gguf(p, dtype, keep_blocks=quantized)}[kind](path)
     cfg = next(stream)
     with torch.device("meta"):
         model = Llama(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = {}
+    state, layers = {}, {}
     for name, w, where in stream:
         if name is None or name not in expected:
             raise ValueError(f"unexpected tensor {where}: not a LLaMA weight")
-        if w.shape != expected[name]:
+        if tuple(w.shape) != tuple(expected[name]):
             raise ValueError(f"shape mismatch for {name} ({where}): checkpoint has {tuple(w.shape)}, the config "
                              f"implies {tuple(expected[name])}")
-        state[name] = w.to(device=device, dtype=dtype or w.dtype)
+        if quantized and QUANTIZABLE.fullmatch(name):
+            try:
+                layers[name.removesuffix(".weight")] = quantized_linear(w, base, dtype, device)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+        else:
+            state[name] = w.to(device=device, dtype=dtype or w.dtype)
     if "lm_head.weight" not in state and "embed.weight" in state:  # tied: the head is the embedding
         if not cfg.tie_embeddings:
             cfg.tie_embeddings = True
             with torch.device("meta"):
                 model = Llama(cfg)
         state["lm_head.weight"] = state["embed.weight"]
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(state) - {k + ".weight" for k in layers})
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    model.load_state_dict(state, assign=True)
+    for name, layer in layers.items():
+        parent, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), attr, layer)
+    model.load_state_dict(state, assign=True, strict=not layers)
     if cfg.tie_embeddings:  # assign=True set both names: make them one Parameter again
         model.lm_head.weight = model.embed.weight
     model.build_rope(device)
