@@ -32,7 +32,7 @@ from cli import (HelpFormatter, Threads, UserError, add_config_flags, all_reduce
 from data import BUILTIN_TASKS, resolve_path
 from data.batching import DataOrder, collate, load_training_data
 from data.builtin import DEFAULT_DIFFICULTY
-from data.format import IGNORE_INDEX
+from data.format import CHOICE_TARGETS, IGNORE_INDEX
 from mod import MoDConfig
 from model import LoRAConfig
 from molex import MoLExConfig, prompt_end_from_targets
@@ -82,6 +82,10 @@ def get_parser():
                    help="longest training sequence in tokens (longer examples lose the start of their prompt); "
                         "default: 128 with --pretrain, else the model's context")
     g.add_argument("--prompt-loss", action="store_true", help="include the prompt tokens in the loss")
+    g.add_argument("--choice-target", default="text", choices=CHOICE_TARGETS,
+                   help="what a multiple-choice record teaches: its gold option's text after the prompt without the "
+                        "options (what acc / acc_norm score), its label after the prompt with them (what acc_gen "
+                        "reads), or both (two examples per record)")
     g.add_argument("--eval-n", type=int, default=64,
                    help="validation loss on this many records of the test split (held-out text with --pretrain)")
     add_config_flags(p, LoRAConfig, "lora", "LoRA")
@@ -158,6 +162,7 @@ def resumed_args(parser, args, argv):
     if changed:
         raise UserError("--resume continues a run with its saved settings; these flags differ: " + ", ".join(changed))
     defaults = vars(parser.parse_args([]))  # flags newer than the checkpoint get their defaults
+    defaults["choice_target"] = "label"  # except this one: a run saved before it trained on labels
     args = argparse.Namespace(**{**defaults, **saved, **{k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}})
     args.resume, args.out = str(ckpt_path), str(ckpt_path.parent)
     if "max_steps" in given or "epochs" in given:  # a new length replaces the saved one
