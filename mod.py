@@ -9,7 +9,10 @@ the k layers, and the ensemble logits are
     start "uniform" (paper):  z = sum_i w_i l_i                              (g = 1: the router's uniform start)
 
 so by default a tuned model starts exactly at its base, as LoRA's zero B does, and g has a gradient at 0 (the
-ensemble grows in; a saturated softmax on the final layer would give the other layers none). Training loss,
+ensemble grows in; a saturated softmax on the final layer would give the other layers none). With share
+"bounded" g stays in [0, 1], so z stays an interpolation between the final layer and the router mix: a smooth map
+onto [0, 1] has a zero derivative where it reaches 0, so g is not squashed but clamped, at use (clamp passes the
+gradient at the bounds: 1 at g = 0) and after each optimizer step (project_share: projected gradient descent). Training loss,
 averaged over the target tokens (targets != -100):
 
     CE(z, y) + distill_weight * mean_{i < k} T^2 * KL(p_final.detach() || p_i)  + mean_{all k} CE(l_i, y)
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 
 ROUTERS = ("token", "sequence", "vector")
 STARTS = ("final", "uniform")
+SHARES = ("free", "bounded")
 ROUTER_INPUTS = ("scaled", "normed")
 TOP_K_WEIGHTS = ("kept", "renormalized")
 DIRECTIONS = ("forward", "reverse")
@@ -48,6 +52,10 @@ class MoDConfig:
     start: str = field(default="final", metadata={"choices": STARTS, "help": (
         "final: z = l_final + g * (router mix - l_final) with a learned g from 0, so step 0 is the base model; "
         "uniform: z = the router mix, which starts as the average of the k layers (the paper)")})
+    share: str = field(default="free", metadata={"choices": SHARES, "help": (
+        "with start final, the share g: free = any real number (it grew to about 3 on the built-in task: an "
+        "extrapolation past the final layer); bounded = kept in [0, 1], so z interpolates between the final "
+        "layer and the router mix (clamped, with its gradient at 0)")})
     # sequence: causal, so cached generation equals the full forward (needs model.forward's cache= and n_pad=)
     router: str = field(default="token", metadata={"choices": ROUTERS, "help": (
         "routing weights: token = a zero-initialized linear layer on each token's final hidden state; sequence = "
@@ -79,7 +87,7 @@ class MoDConfig:
     def __post_init__(self):
         if self.k < 1:
             raise ValueError(f"MoD k (--mod-k) must be >= 1, got {self.k}")
-        for name, allowed in [("start", STARTS), ("router", ROUTERS), ("router_input", ROUTER_INPUTS),
+        for name, allowed in [("start", STARTS), ("share", SHARES), ("router", ROUTERS), ("router_input", ROUTER_INPUTS),
                               ("top_k_weights", TOP_K_WEIGHTS), ("distill_direction", DIRECTIONS)]:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown MoD {name} (--mod-{name.replace('_', '-')}) {getattr(self, name)!r}; "
@@ -175,7 +183,15 @@ class DepthEnsemble(nn.Module):
         if self.share is None:
             return w
         final = F.one_hot(torch.tensor(self.k - 1, device=w.device), self.k).float()
-        return self.share * w + (1 - self.share) * final
+        g = self.share.clamp(0, 1) if self.cfg.share == "bounded" else self.share
+        return g * w + (1 - g) * final
+
+    @torch.no_grad()
+    def project_share(self):
+        """With share "bounded": put g back into [0, 1] after an optimizer step, so that at a bound it keeps the
+        gradient the clamp passes there (a g left below 0 would get none and never come back)."""
+        if self.share is not None and self.cfg.share == "bounded":
+            self.share.clamp_(0, 1)
 
     def forward(self, model, hidden, targets=None, cache=None, n_pad=None):
         """Without targets: (the ensemble logits (B, T, V) fp32, None). With targets: (None, loss), the readouts

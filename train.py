@@ -409,6 +409,8 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         if raw_model.molex is not None:
             raw_model.molex.update_bias()  # aux_free's selection bias (nothing in the other modes)
+        if raw_model.mod is not None:
+            raw_model.mod.project_share()  # --mod-share bounded: g back into [0, 1] (nothing otherwise)
         step += 1
         losses.append(step_loss)
 

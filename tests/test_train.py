@@ -384,3 +384,13 @@ def test_a_run_folder_from_before_the_base_start_keeps_its_settings(tiny_base, t
     model, _, settings, _ = checkpoint.load_run(run)
     assert {k: settings[k] for k in old} == old and model.mod.cfg.start == "uniform"
     assert train.main(["--resume", str(run), "--max-steps", "3"])["step"] == 3
+
+
+def test_bounded_mod_share_stays_in_0_1_through_training(tiny_base, tmp_path):
+    shares = {}
+    for share in ("free", "bounded"):  # a large lr: a few AdamW steps move g by about lr each
+        train.main(base_argv(tiny_base, tmp_path / share, "--max-steps", "4", "--mod-k", "2", "--mod-share", share,
+                             "--lr", "0.5", "--warmup-steps", "1", "--eval-n", "0"))
+        shares[share] = float(ckpt_params(tmp_path / share)["mod.share"])
+    assert not 0 <= shares["free"] <= 1  # the free share leaves [0, 1] here ...
+    assert 0 <= shares["bounded"] <= 1  # ... the bounded one is projected back after every step
