@@ -20,9 +20,29 @@ from pathlib import Path
 
 import torch
 
-from benchkit import (RESULT_TAG, StepTimer, bpe_reference, build_row, explain, facts, gsm8k_documents, matmul_rate,
-                      measure_load, pool_rounds, print_explained, reset_peak_rss, rss_mib, run_child, smollm2_file,
-                      timed, train_flops, varied_documents, varied_strings, warm_meta, write_random_checkpoint)
+from benchkit import (
+    RESULT_TAG,
+    StepTimer,
+    bpe_reference,
+    build_row,
+    explain,
+    facts,
+    gsm8k_documents,
+    matmul_rate,
+    measure_load,
+    pool_rounds,
+    print_explained,
+    reset_peak_rss,
+    rss_mib,
+    run_child,
+    smollm2_file,
+    timed,
+    train_flops,
+    varied_documents,
+    varied_strings,
+    warm_meta,
+    write_random_checkpoint,
+)
 
 SHARED = Path(__file__).resolve().parent.parent / "shared"  # read-only data beside the repo, when present
 
@@ -43,7 +63,8 @@ def bench_tokenizer(args):
 
     print(f"repeat={args.repeat} (median after 1 warm-up), batch threads={threads}, cpus={os.cpu_count()}, "
           f"load average before: {os.getloadavg()[0]:.2f}\n")
-    print("| text | MB | mode | tokenizer | wall s | CPU s | MB/s | tokens/s | MB/s by CPU time | speed-up | ids equal |")
+    print("| text | MB | mode | tokenizer | wall s | CPU s | MB/s | tokens/s | MB/s by CPU time | speed-up "
+          "| ids equal |")
     print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|")
     for name, docs in corpora.items():
         whole = "\n".join(docs)
@@ -159,8 +180,8 @@ def bench_bpe(args):
     import importlib.util
     if "tokenizers" in sys.modules or not importlib.util.find_spec("tokenizers"):
         sys.exit("needs Hugging Face tokenizers (pip install tokenizers), not imported before RAYON_NUM_THREADS")
-    from bpe import tokenizer_from_gguf
     from gguf_file import GGUFFile
+    from tokenizer import tokenizer_from_gguf
     path = smollm2_file(args.path)
     if min(args.strings, args.repeat) < 1:
         sys.exit("--strings and --repeat must be >= 1")
@@ -211,7 +232,8 @@ def bench_load(args):
             rows.append((fmt, size, r["load_s"], r["after_load"] * 2 ** 20, r["after_touch"] * 2 ** 20))
             shutil.rmtree(folder)
     print(f"\nLoading a {cfg.n_layers}-layer dim-{cfg.dim} ({SHAPE_NAMES[args.shape]}) random bf16 checkpoint\n")
-    print("| format | file size | load time | peak RSS during load | ratio | peak RSS after touching every weight | ratio |")
+    print("| format | file size | load time | peak RSS during load | ratio "
+          "| peak RSS after touching every weight | ratio |")
     print("|---|---|---|---|---|---|---|")
     gib = 2 ** 30
     for fmt, size, load_s, a, b in rows:
@@ -222,7 +244,8 @@ def bench_load(args):
 
 # ---- training step: ours (LoRA, MoD, MoLEx) against transformers + PEFT ------------------------------------
 
-TRAIN_ROWS = {"hf": "transformers + PEFT, LoRA", "lora": "ours, LoRA", "mod": "ours, LoRA + MoD k={k}, fused loss (all tokens at once)",
+TRAIN_ROWS = {"hf": "transformers + PEFT, LoRA", "lora": "ours, LoRA",
+              "mod": "ours, LoRA + MoD k={k}, fused loss (all tokens at once)",
               "mod-chunked": "ours, LoRA + MoD k={k}, fused loss in chunks of {chunk} tokens",
               "molex": "ours, LoRA + MoLEx, all layers"}
 LORA_RANK, LORA_ALPHA, LORA_TARGETS = 8, 16, ("q", "k", "v", "o")
@@ -232,6 +255,7 @@ def run_row(args):
     """One row in this (sub)process: build, warm up, time `steps` training steps; print the JSON result."""
     import importlib
     import importlib.util
+
     from model import LlamaConfig
     device, dtype, row = torch.device(args.device), getattr(torch, args.dtype), args.row
     # Everything a row's process loads once, whatever the row, happens before the memory baseline: the imports

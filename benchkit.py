@@ -56,14 +56,17 @@ WORDS = ("the of and to a in is was for that with as on by he she it at from his
          "line end member law car city community name president team minute idea kid body information back "
          "parent face others level office door health person art war history party result change morning reason "
          "research girl guy moment air teacher force education model layer training tokenizer gradient").split()
-SCRIPTS = ["中文文本的一个例子，我们在这里测试分词器的速度。", "日本語の文章です。これはテストです。", "한국어 문장입니다. 테스트입니다.",
+SCRIPTS = ["中文文本的一个例子，我们在这里测试分词器的速度。", "日本語の文章です。これはテストです。",
+           "한국어 문장입니다. 테스트입니다.",
            "Это пример текста на русском языке.", "هذا مثال على نص باللغة العربية.", "Ένα παράδειγμα κειμένου.",
            "यह हिंदी में एक उदाहरण है।", "Ça coûte 12,50 € à São Paulo, naïve façade."]
 EMOJI = ["😀", "👍🏽", "👨‍👩‍👧‍👦", "🇫🇷", "❤️", "🚀", "✅", "…", "—", "“quoted”"]
 CODE = ["def forward(self, x):", "return torch.cat([a, b], dim=-1)", "if x is None:",
-        "for i, batch in enumerate(loader):", "loss = F.cross_entropy(logits, y)", "# TODO: handle the  edge case", "}", "print(f\"{step:>6d} {loss:.4f}\")"]
+        "for i, batch in enumerate(loader):", "loss = F.cross_entropy(logits, y)", "# TODO: handle the  edge case", "}",
+        "print(f\"{step:>6d} {loss:.4f}\")"]
 MORE_SCRIPTS = ["שלום עולם, זה טקסט בעברית.", "สวัสดีชาวโลก นี่คือข้อความภาษาไทย", "Xin chào thế giới, tiếng Việt.",
-                "Türkçe: çalışkan öğrenci, ığdır.", "Straße, Œuvre, Ærø, Łódź, İstanbul", "ᚠᛇᚻ ⴰⵣⴰ 𝔘𝔫𝔦 ① ＡＢＣ １２３ ½ ²",
+                "Türkçe: çalışkan öğrenci, ığdır.", "Straße, Œuvre, Ærø, Łódź, İstanbul",
+                "ᚠᛇᚻ ⴰⵣⴰ 𝔘𝔫𝔦 ① ＡＢＣ １２３ ½ ²",
                 "ሰላም ለዓለም", "Բարեւ աշխարհ", "გამარჯობა მსოფლიო", "தமிழ் உரை", "বাংলা লেখা"]
 SPACES = [" ", "  ", "   ", " " * 9, "\t", "\t\t", "\n", "\n\n", "\r\n", " \n\t ", "\u3000", "\xa0"]
 
@@ -334,6 +337,7 @@ def hf_from_ours(ours):
     """transformers' LlamaForCausalLM holding our weights (the same tensors, assigned: no copy), with SDPA; a tied
     model's head is its embedding Parameter, as in ours."""
     import transformers
+
     from weights import rename
     c = ours.config
     hf_cfg = transformers.LlamaConfig(

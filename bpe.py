@@ -1,6 +1,6 @@
 """Byte-level BPE (GPT-2 style: SmolLM2, LLaMA-3, GPT-2) on tiktoken's BPE core, giving exactly the ids of
 Hugging Face `tokenizers` for the same vocabulary, merges and pre-tokenizer. Same interface as
-tokenizer.Tokenizer.
+tokenizer.Tokenizer; tokenizer.load_tokenizer and tokenizer.tokenizer_from_gguf pick between the two.
 
     tok = ByteLevelBPE.from_tokenizer_json("tokenizer.json")   # or .from_gguf(metadata, path)
     ids = tok.encode("Hello world")                            # SmolLM2: [19556, 905]
@@ -37,7 +37,8 @@ from pathlib import Path
 
 import tiktoken
 
-from tokenizer import BYTE, CONTROL, NORMAL, SPACE, UNKNOWN, UNUSED, USER_DEFINED, Tokenizer
+# GGUF's token types (tokenizer.ggml.token_type; SentencePiece's numbering, as in tokenizer.py)
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
 
 GPT2_SPLIT = r"'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # SmolLM2: `tokenizers` first isolates every digit (Digits(individual_digits=True)), then applies GPT-2's regex
@@ -352,38 +353,3 @@ def _template(post, path):
     first = special(single[0]) if single else None
     last = special(single[-1]) if len(single) > 1 else None
     return first, last, first is not None, last is not None
-
-
-def tokenizer_from_gguf(gguf):
-    """The tokenizer a GGUF file carries (a GGUFFile or a path): ByteLevelBPE for tokenizer.ggml.model "gpt2",
-    tokenizer.Tokenizer (SentencePiece) for "llama"."""
-    if isinstance(gguf, (str, Path)):
-        from gguf_file import GGUFFile
-        with GGUFFile(gguf) as f:
-            return tokenizer_from_gguf(f)
-    meta, path = gguf.metadata, gguf.path
-    kind = meta.get("tokenizer.ggml.model")
-    if kind == "gpt2":
-        return ByteLevelBPE.from_gguf(meta, path)
-    if kind != "llama":
-        raise ValueError(f"{path}: tokenizer.ggml.model {kind!r} is not supported (only 'gpt2', byte-level BPE, and "
-                         f"'llama', SentencePiece)")
-    tokens = _need(meta, "tokenizer.ggml.tokens", path)
-    scores = _need(meta, "tokenizer.ggml.scores", path)
-    types = meta.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))  # same numbering as SentencePiece
-    if not len(tokens) == len(scores) == len(types):
-        raise ValueError(f"{path}: tokenizer.ggml.tokens, scores and token_type differ in length")
-    ids = dict(unk_id=meta.get("tokenizer.ggml.unknown_token_id", 0), bos_id=meta.get("tokenizer.ggml.bos_token_id", 1),
-               eos_id=meta.get("tokenizer.ggml.eos_token_id", 2), pad_id=meta.get("tokenizer.ggml.padding_token_id"))
-    problems = [msg for bad, msg in [
-        (sum(t == BYTE for t in types) != 256, "it lacks the 256 byte pieces <0x00>..<0xFF>"),
-        (any(t not in (NORMAL, UNKNOWN, CONTROL, UNUSED, BYTE) for t in types), "it has user-defined pieces"),
-        (any(not 0 <= i < len(tokens) for i in ids.values() if i is not None), "special ids out of range"),
-        (any(SPACE in p.lstrip(SPACE) for p, t in zip(tokens, types) if t == NORMAL), "a piece has '▁' inside"),
-    ] if bad]
-    if problems:
-        raise ValueError(f"{path}: unsupported SentencePiece vocabulary: {'; '.join(problems)}")
-    tok = Tokenizer(list(zip(tokens, scores, types)), **ids,
-                    add_dummy_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
-    tok.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))  # llama.cpp's default for SentencePiece
-    return tok

@@ -24,13 +24,13 @@ from tokenizer import check_tokenizer_fits, load_tokenizer
 from weights import atomic_write, find_format, from_pretrained, plain_error, read_json
 
 REPO = Path(__file__).resolve().parent
-# gitignored; built by the first `python train.py` (the name says its shape: an older 4-layer base is not reused)
+# gitignored; built by the first `python train.py`; the name says its shape (8 layers of dim 64)
 BUILTIN_BASE = REPO / "checkpoints" / "builtin-base-8x64"
 CHECKPOINT_FORMAT = "llama-layers train.py checkpoint v1"
 
 
-# Settings added after run folders were first written, with the value that reproduces what those runs did
-# (a newer run folder saves every setting, so these apply to older ones only).
+# Settings a run folder may lack, with the value that reproduces the run that wrote it (a run folder that
+# saves every setting never needs these).
 BEFORE_DEFAULTS = {"mod_start": "uniform", "mod_router_input": "normed", "mod_top_k_weights": "renormalized",
                    "molex_gate_init": "uniform"}
 

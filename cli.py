@@ -1,6 +1,7 @@
 """
-What the commands share: flags made from config dataclasses, user errors, device / dtype / thread choice, and
-torchrun's process group.
+What the commands share: flags made from config dataclasses, the shared flag groups (device / dtype / threads,
+--ckpt / --init), the device and dtype choice, and torchrun's process group. User errors are errors.UserError;
+the CPU-thread governor is threads.Threads.
 
 A config dataclass (model.LoRAConfig, mod.MoDConfig, molex.MoLExConfig) is the one place a setting is written:
 its field gives the flag's type, default and help (`metadata={"help": ..., "choices": ...}`), its __post_init__
@@ -10,17 +11,14 @@ run's saved settings (a field an older run did not save takes its default).
 import argparse
 import dataclasses
 import os
-import time
 import types
 import typing
 
 import torch
 import torch.distributed as dist
 
-
-class UserError(SystemExit):
-    """Bad input from the user (a flag, a file, data). A SystemExit: uncaught, it ends the command with its message
-    and exit status 1, never a traceback; run_main puts the command's name in front."""
+from errors import UserError
+from threads import Threads  # noqa: F401 - train.py imports it from here until it imports threads itself
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -85,7 +83,27 @@ def store_config(settings, cfg, prefix):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Device, dtype, threads
+# Flag groups the commands share
+
+def add_run_flags(parser, base_use):
+    """--ckpt (a tuned run) and --init (a base checkpoint); base_use says what the base is without --ckpt."""
+    parser.add_argument("--ckpt", default=None, help="a run folder of train.py (or its ckpt.pt); default: no tuning")
+    parser.add_argument("--init", default=None,
+                        help=f"base checkpoint (folder or .gguf): {base_use} without --ckpt (default: the built-in "
+                             "base); with --ckpt, where its base now is (default: the path saved in the run)")
+
+
+def add_device_flags(parser, dtype_help="auto = bfloat16 on a GPU that supports it, else float32"):
+    """--device, --dtype and --threads (read with pick_device, use_bf16 and threads.Threads)."""
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help=dtype_help)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch; 0 = auto: the cores other programs leave idle, re-checked as "
+                             "the command runs (threads.Threads)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device and dtype
 
 def pick_device(flag):
     """--device: auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
@@ -103,59 +121,6 @@ def use_bf16(flag, device):
     if flag == "auto":
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
     return flag == "bfloat16"
-
-
-class Threads:
-    """CPU threads for torch, re-decided while a command runs. --threads N > 0: always N. 0 (auto): the cores
-    that other programs leave idle, split between this machine's processes of the run, at least 1 and at most
-    torch's own setting. Why re-decide: torch's threads spin while they wait for each other, so 2 threads with
-    another busy process on 2 cores made a training step of the built-in model 10x slower than 1 thread, and a
-    load that starts after we did would otherwise stay oversubscribed. Other programs' load is the machine's
-    busy CPU time (/proc/stat) minus this process's own (/proc/self/stat) since the last check."""
-
-    def __init__(self, flag, world=1, every_s=5.0):
-        self.flag, self.world, self.every_s = flag, world, every_s
-        self.max = torch.get_num_threads()
-        self.last = self.sample()
-        if flag > 0:
-            torch.set_num_threads(flag)
-        else:
-            time.sleep(0.3)  # a first reading of the load before we add to it
-            self.update(force=True)
-
-    @staticmethod
-    def sample():
-        try:
-            with open("/proc/stat") as f:
-                values = [int(v) for v in f.readline().split()[1:]]
-            with open("/proc/self/stat") as f:
-                ours = sum(int(v) for v in f.read().rsplit(")", 1)[1].split()[11:13])  # utime + stime
-            return time.monotonic(), sum(values), values[3] + values[4], ours
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def limit(self, n):
-        """At most n threads from now on (auto only: an explicit --threads N stays N)."""
-        self.max = max(1, min(self.max, n))
-        if self.flag <= 0 and torch.get_num_threads() > self.max:
-            torch.set_num_threads(self.max)
-
-    def update(self, force=False):
-        """Re-check the load (at most every every_s seconds); returns the thread count now in use."""
-        if self.flag > 0 or self.last is None:
-            return torch.get_num_threads()
-        now = self.sample()
-        if now is None or (not force and now[0] - self.last[0] < self.every_s):
-            return torch.get_num_threads()
-        (_, total0, idle0, ours0), (_, total1, idle1, ours1) = self.last, now
-        self.last = now
-        cores = os.cpu_count() or 1
-        ticks = max(1, total1 - total0)
-        busy = cores * ((ticks - (idle1 - idle0)) - (ours1 - ours0)) / ticks  # others' busy cores
-        threads = max(1, min(self.max, int((cores - round(max(0.0, busy))) // self.world)))
-        if threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
-        return threads
 
 
 # ----------------------------------------------------------------------------------------------------------

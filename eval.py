@@ -19,9 +19,9 @@ Per-layer readout: the hidden state after layer i through a norm and the LM head
 (for generation, every generated token comes from that layer). The norm is MoD's trained norm for the layers of a
 MoD ensemble (--mod-k), the model's final norm otherwise (the plain logit lens). With MoD the report also has the
 routing weights on the test answers (mean per layer, sparsity, how often each layer weighs most) and a plot; with
-MoLEx the (layer x chosen expert) fractions of the test prompts, as numbers and as a heat map. The overlap of the problems each layer
-solves is counted by exact subset (like a Venn diagram) for up to 5 layers, and always as a pairwise matrix with
-"solved by any / by all / only by this layer".
+MoLEx the (layer x chosen expert) fractions of the test prompts, as numbers and as a heat map. The overlap of the
+problems each layer solves is counted by exact subset (like a Venn diagram) for up to 5 layers, and always as a
+pairwise matrix with "solved by any / by all / only by this layer".
 
 Writes eval-<data>-<split>.json (scores, overlap, every output) and .md (tables) into the run folder (or --out),
 and .png plots when matplotlib is installed.
@@ -37,15 +37,28 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import REPO, build_model, checkpoint_path, load_run
-from cli import HelpFormatter, Threads, UserError, pick_device, run_main, use_bf16
+from cli import HelpFormatter, UserError, add_device_flags, add_run_flags, pick_device, run_main, use_bf16
 from data import BUILTIN_TASKS, load_examples, task_kind
 from data.batching import collate
 from data.builtin import DEFAULT_DIFFICULTY
-from data.format import (IGNORE_INDEX, bos, choice_continuations, encode_example, encode_prompt, extract_answer,
-                         extract_choice, gold_answer, prompt_text, same_number, split_encode, target_text)
-from mod import routing_stats, routing_weights
+from data.format import (
+    IGNORE_INDEX,
+    bos,
+    choice_continuations,
+    encode_example,
+    encode_prompt,
+    extract_answer,
+    extract_choice,
+    gold_answer,
+    prompt_text,
+    same_number,
+    split_encode,
+    target_text,
+)
+from mod import ensemble_coefficients, routing_stats
 from molex import prompt_end_from_targets
 from report import markdown_report, overlap, write_plots
+from threads import Threads
 
 GENERATION_METRICS = ("strict", "flexible")
 CHOICE_METRICS = ("acc", "acc_norm", "acc_gen")
@@ -55,10 +68,7 @@ STOPS = {"generation": ("Question:", "\n\n"), "choice": ("\n",)}
 def get_parser():
     p = argparse.ArgumentParser(description="Evaluate a base model or a tuned run, per layer.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", default=None, help="a run folder of train.py (or its ckpt.pt); default: no tuning")
-    p.add_argument("--init", default=None,
-                   help="base checkpoint (folder or .gguf): the model to evaluate without --ckpt (default: the "
-                        "built-in base); with --ckpt, where its base now is (default: the path saved in the run)")
+    add_run_flags(p, "the model to evaluate")
     p.add_argument("--tokenizer", default=None, help="'byte', a tokenizer.model / tokenizer.json / .gguf; default: "
                                                      "the checkpoint's own, as train.py finds it")
     p.add_argument("--data", default=None,
@@ -84,10 +94,7 @@ def get_parser():
                    help="with --ckpt: also score the untuned base's output (one more row)")
     p.add_argument("--out", default=None,
                    help="folder for the reports; default: the run folder, else runs/eval-<model name>")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto = bfloat16 on a GPU that supports it, else float32")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = auto (cli.Threads)")
+    add_device_flags(p)
     return p
 
 
@@ -279,7 +286,7 @@ def mod_routing(model, tokenizer, records, batch_size, autocast=nullcontext()):
         idx, labels = collate(examples[start:start + batch_size], 0, device)
         with autocast:  # right padding: the causal router never sees it at the scored positions
             _, hidden = model.forward_hidden(idx, prompt_end=prompt_end_from_targets(labels))
-        weights.append(routing_weights(model, hidden).flatten(0, 1).float().cpu())
+        weights.append(ensemble_coefficients(model, hidden).flatten(0, 1).float().cpu())
         masks.append((labels != IGNORE_INDEX).flatten().cpu())
     stats = routing_stats(torch.cat(weights), torch.cat(masks))
     n = model.config.n_layers
@@ -371,7 +378,8 @@ def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=No
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
-    for flag, bad, rule in [("n", args.n is not None and args.n < 1, ">= 1"), ("batch_size", args.batch_size < 1, ">= 1"),
+    for flag, bad, rule in [("n", args.n is not None and args.n < 1, ">= 1"),
+                            ("batch_size", args.batch_size < 1, ">= 1"),
                             ("max_new_tokens", args.max_new_tokens is not None and args.max_new_tokens < 1, ">= 1"),
                             ("layers", args.layers != "all" and not args.layers.isdigit(), "a number of last layers "
                                                                                              "or 'all'")]:

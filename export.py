@@ -18,16 +18,14 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_run
-from cli import HelpFormatter, UserError, run_main
+from cli import HelpFormatter, UserError, add_run_flags, run_main
 from weights import save_hf
 
 
 def get_parser():
     p = argparse.ArgumentParser(description="Export a tuned run (LoRA merged) or a base to Hugging Face's format.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", default=None, help="a run folder of train.py (or its ckpt.pt); default: a base alone")
-    p.add_argument("--init", default=None, help="base checkpoint (folder or .gguf): what to export without --ckpt "
-                                                "(default: the built-in base); with --ckpt, where its base now is")
+    add_run_flags(p, "what to export")
     p.add_argument("--out", required=True, help="folder to write (created; refused if it holds a model already)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written weights; default: the base checkpoint's")

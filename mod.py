@@ -12,8 +12,8 @@ so by default a tuned model starts exactly at its base, as LoRA's zero B does, a
 ensemble grows in; a saturated softmax on the final layer would give the other layers none). With share
 "bounded" g stays in [0, 1], so z stays an interpolation between the final layer and the router mix: a smooth map
 onto [0, 1] has a zero derivative where it reaches 0, so g is not squashed but clamped, at use (clamp passes the
-gradient at the bounds: 1 at g = 0) and after each optimizer step (project_share: projected gradient descent). Training loss,
-averaged over the target tokens (targets != -100):
+gradient at the bounds: 1 at g = 0) and after each optimizer step (after_step: projected gradient descent).
+Training loss, averaged over the target tokens (targets != -100):
 
     CE(z, y) + distill_weight * mean_{i < k} T^2 * KL(p_final.detach() || p_i)  + mean_{all k} CE(l_i, y)
 
@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model import check_choices
 
 ROUTERS = ("token", "sequence", "vector")
 STARTS = ("final", "uniform")
@@ -87,11 +89,7 @@ class MoDConfig:
     def __post_init__(self):
         if self.k < 1:
             raise ValueError(f"MoD k (--mod-k) must be >= 1, got {self.k}")
-        for name, allowed in [("start", STARTS), ("share", SHARES), ("router", ROUTERS), ("router_input", ROUTER_INPUTS),
-                              ("top_k_weights", TOP_K_WEIGHTS), ("distill_direction", DIRECTIONS)]:
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown MoD {name} (--mod-{name.replace('_', '-')}) {getattr(self, name)!r}; "
-                                 f"choose from {allowed}")
+        check_choices(self, "MoD", "mod")
         if self.top_k is not None and not 1 <= self.top_k <= self.k:
             raise ValueError(f"MoD top_k (--mod-top-k) must be between 1 and k={self.k}, got {self.top_k}")
         if self.distill_temp <= 0 or self.distill_weight < 0:
@@ -122,7 +120,23 @@ class DepthEnsemble(nn.Module):
         # g, the ensemble's share: 0 = the final layer alone (start "final"); None = fixed at 1 (start "uniform")
         self.share = nn.Parameter(torch.zeros((), device=device)) if cfg.start == "final" else None
         self.only_layer = None  # evaluation: an index 0..k-1 uses that late layer alone (k-1 = the final layer)
-        self.last_losses = {}  # the loss terms of the last call with targets, detached tensors (for logging)
+        self.fused = True  # the fused mod_loss (False: the plain ensemble_loss; the same numbers)
+        self.last_losses = {}  # the loss terms of the last call with targets, detached (log_numbers)
+
+    @torch.no_grad()
+    def after_step(self):
+        """The add-on interface (model.addons), after each optimizer step: with share "bounded", g is put back
+        into [0, 1] (projected gradient descent), so that at a bound it keeps the gradient the clamp passes there;
+        a g left below 0 would get none and never come back."""
+        if self.share is not None and self.cfg.share == "bounded":
+            self.share.clamp_(0, 1)
+
+    def log_numbers(self):
+        """The add-on interface: the last training loss's parts and the ensemble's share g, for metrics.jsonl."""
+        numbers = {f"mod_{name}": float(value) for name, value in self.last_losses.items()}
+        if self.share is not None:
+            numbers["mod_g"] = float(self.share.detach())
+        return numbers
 
     def head(self, model, i, h):
         """Late layer i's logits (fp32): its own norm (the model's final norm for i = k-1), then the LM head."""
@@ -171,64 +185,102 @@ class DepthEnsemble(nn.Module):
             return F.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
         return F.softmax(scores, dim=-1) * keep
 
-    def coefficients(self, model, hidden, cache=None, n_pad=None):
-        """(B, T, k) coefficients c of the readouts in the ensemble, z = sum_i c_i l_i: g * w + (1 - g) on the
-        final layer (start "final"), w itself (start "uniform"), one-hot with only_layer."""
+    def mixing(self, model, hidden, cache=None, n_pad=None):
+        """(w, g): the (B, T, k) router weights and the ensemble's share g (None: start "uniform", g = 1);
+        with only_layer, w is one-hot on that layer and g None."""
         if self.only_layer is not None:
             if not 0 <= self.only_layer < self.k:
-                raise ValueError(f"MoD only_layer={self.only_layer}: must be 0..{self.k - 1} (k-1 = the final layer)")
+                raise ValueError(f"MoD only_layer={self.only_layer}: must be 0..{self.k - 1} "
+                                 "(k-1 = the final layer)")
             B, T, _ = hidden[-1].shape
-            return F.one_hot(torch.tensor(self.only_layer, device=hidden[-1].device), self.k).float().expand(B, T, -1)
-        w = self.routing_weights(model, hidden, cache, n_pad)
-        if self.share is None:
+            one_hot = F.one_hot(torch.tensor(self.only_layer, device=hidden[-1].device), self.k)
+            return one_hot.float().expand(B, T, -1), None
+        g = self.share.clamp(0, 1) if self.share is not None and self.cfg.share == "bounded" else self.share
+        return self.routing_weights(model, hidden, cache, n_pad), g
+
+    def coefficients(self, model, hidden, cache=None, n_pad=None):
+        """(B, T, k) coefficients c of the readouts, z = sum_i c_i l_i: c = g w + (1 - g) on the final layer."""
+        w, g = self.mixing(model, hidden, cache, n_pad)
+        if g is None:
             return w
         final = F.one_hot(torch.tensor(self.k - 1, device=w.device), self.k).float()
-        g = self.share.clamp(0, 1) if self.cfg.share == "bounded" else self.share
         return g * w + (1 - g) * final
-
-    @torch.no_grad()
-    def project_share(self):
-        """With share "bounded": put g back into [0, 1] after an optimizer step, so that at a bound it keeps the
-        gradient the clamp passes there (a g left below 0 would get none and never come back)."""
-        if self.share is not None and self.cfg.share == "bounded":
-            self.share.clamp_(0, 1)
 
     def forward(self, model, hidden, targets=None, cache=None, n_pad=None):
         """Without targets: (the ensemble logits (B, T, V) fp32, None). With targets: (None, loss), the readouts
-        computed at the target positions only. last_losses gets the per-token means of the terms: ce, distill
+        computed at the target positions only, by the fused path (self.fused, the default) or by
+        ensemble_loss, its plain definition. last_losses gets the per-token means of the terms: ce, distill
         (before distill_weight, T^2 included), layer_ce."""
-        hs = hidden[-self.k:]
-        B, T, dim = hs[-1].shape
-        c = self.coefficients(model, hidden, cache, n_pad)
+        states = hidden[-self.k:]
+        B, T, dim = states[-1].shape
         if targets is None:  # summed layer by layer: one layer's logits besides z at a time
-            return sum(c[..., i:i + 1] * self.head(model, i, h) for i, h in enumerate(hs)), None
+            coef = self.coefficients(model, hidden, cache, n_pad)
+            return sum(coef[..., i:i + 1] * self.head(model, i, h) for i, h in enumerate(states)), None
         if targets.shape != (B, T):
             raise ValueError(f"MoD: targets of shape {tuple(targets.shape)} for hidden states of shape {(B, T)}")
-        y, c, cfg = targets.reshape(B * T), c.reshape(B * T, self.k), self.cfg
-        xs, real = [h.reshape(B * T, dim) for h in hs], None
-        if torch.compiler.is_compiling():  # a data-dependent row selection would break the graph: weigh rows
-            real, y = (y != -100).float(), y.clamp(min=0)
+        if not self.fused:  # the definition, on the target positions
+            w, g = self.mixing(model, hidden, cache, n_pad)
+            keep = targets.reshape(B * T) != -100
+            logits = [self.head(model, i, h.reshape(B * T, dim)[keep]) for i, h in enumerate(states)]
+            loss, parts = ensemble_loss(logits, w.reshape(B * T, self.k)[keep], g, targets.reshape(B * T)[keep],
+                                        self.cfg)
         else:
-            rows = (y != -100).nonzero().squeeze(1)
-            xs, c, y = [x[rows] for x in xs], c[rows], y[rows]
-        xs = [self.normed(model, i, x) for i, x in enumerate(xs)]
-        loss, parts = mod_loss(xs, model.lm_head.weight, c, y, cfg.distill_weight if self.k > 1 else 0.0,
-                               cfg.distill_temp, cfg.distill_direction == "forward", cfg.layer_ce, cfg.chunk_size,
-                               real)
+            loss, parts = self.fused_loss(model, states, self.coefficients(model, hidden, cache, n_pad), targets)
         self.last_losses = dict(zip(("ce", "distill", "layer_ce"), parts))
         return None, loss
 
+    def fused_loss(self, model, states, coef, targets):
+        """ensemble_loss by mod_loss: states k (B, T, dim), coef (B, T, k), targets (B, T) with -100 on the
+        positions that are not targets."""
+        B, T, dim = states[-1].shape
+        coef, cfg, row_weight = coef.reshape(B * T, self.k), self.cfg, None
+        y, states = targets.reshape(B * T), [h.reshape(B * T, dim) for h in states]
+        if torch.compiler.is_compiling():  # a data-dependent row selection would break the graph: weigh rows
+            row_weight, y = (y != -100).float(), y.clamp(min=0)
+        else:
+            rows = (y != -100).nonzero().squeeze(1)
+            states, coef, y = [h[rows] for h in states], coef[rows], y[rows]
+        states = [self.normed(model, i, h) for i, h in enumerate(states)]
+        return mod_loss(states, model.lm_head.weight, coef, y, cfg.distill_weight if self.k > 1 else 0.0,
+                        cfg.distill_temp, cfg.distill_direction == "forward", cfg.layer_ce, cfg.chunk_size,
+                        row_weight)
 
-def mod_loss(xs, weight, c, y, distill_weight, temp, forward_kl, layer_ce, chunk_size=None, real=None):
-    """(loss, (ce, distill, layer_ce)) over n target tokens: xs = k (n, dim) normed states, weight = the frozen
-    LM head (V, dim), c (n, k) the ensemble coefficients, y (n,); real (n,) 0/1 weighs the rows (None: all
-    count). The loss is [CE(z) + distill_weight * distill + layer_ce] / (counted rows); the parts are per-token
+
+def ensemble_loss(logits, w, g, y, cfg):
+    """The MoD loss as the paper writes it, with autograd: the definition the fused mod_loss is tested equal to.
+    logits: the k readouts l_1 .. l_k (n, V) (l_k = l_final), w (n, k) router weights, g the ensemble's share
+    (None: z = sum_i w_i l_i), y (n,) the targets. Returns (loss, (ce, distill, layer_ce) detached)."""
+    k, T = len(logits), cfg.distill_temp
+    l_final = logits[-1]
+    mix = sum(w[:, i:i + 1] * l for i, l in enumerate(logits))  # sum_i w_i l_i
+    z = mix if g is None else l_final + g * (mix - l_final)  # z = l_final + g (sum_i w_i l_i - l_final)
+    ce = F.cross_entropy(z, y)  # CE(z, y)
+    log_p_final = F.log_softmax(l_final.detach() / T, -1)  # the teacher: log softmax(l_final / T), no gradient
+    kls = []
+    for l in logits[:-1]:
+        log_p = F.log_softmax(l / T, -1)  # log p_i = log softmax(l_i / T)
+        a, b = (log_p_final, log_p) if cfg.distill_direction == "forward" else (log_p, log_p_final)
+        kls.append((a.exp() * (a - b)).sum(-1).mean())  # forward: KL(p_final || p_i); reverse: KL(p_i || p_final)
+    distill = T * T * torch.stack(kls).mean() if kls else z.new_zeros(())  # T^2 mean_{i < k} KL
+    layer_ce = z.new_zeros(())
+    if cfg.layer_ce:
+        layer_ce = torch.stack([F.cross_entropy(l, y) for l in logits]).mean()  # mean_{all k} CE(l_i, y)
+    distill_weight = cfg.distill_weight if k > 1 else 0.0
+    loss = ce + distill_weight * distill + layer_ce
+    return loss, (ce.detach(), distill.detach(), layer_ce.detach())
+
+
+def mod_loss(states, weight, coef, y, distill_weight, temp, forward_kl, layer_ce, chunk_size=None,
+             row_weight=None):
+    """ensemble_loss, fused: (loss, (ce, distill, layer_ce)) over n target tokens: states = k (n, dim) normed
+    states, weight = the frozen LM head (V, dim), coef (n, k) the ensemble coefficients, y (n,); row_weight (n,)
+    0/1 weighs the rows (None: all count). The loss is [CE(z) + distill_weight * distill + layer_ce] / (counted rows); the parts are per-token
     means (detached)."""
-    need_grad = torch.is_grad_enabled() and (c.requires_grad or any(x.requires_grad for x in xs))
+    need_grad = torch.is_grad_enabled() and (coef.requires_grad or any(x.requires_grad for x in states))
     if need_grad and weight.requires_grad:
         raise ValueError("MoD's loss does not train the LM head: freeze the base first (model.freeze_base)")
-    return _ModLoss.apply(c, y, weight, real, (distill_weight, temp, forward_kl, layer_ce, chunk_size, need_grad),
-                          *xs)
+    opts = (distill_weight, temp, forward_kl, layer_ce, chunk_size, need_grad)
+    return _ModLoss.apply(coef, y, weight, row_weight, opts, *states)
 
 
 class _ModLoss(torch.autograd.Function):
@@ -236,31 +288,33 @@ class _ModLoss(torch.autograd.Function):
     them): the k (chunk, V) logits tensors are freed after each chunk, and no softmax is saved for backward."""
 
     @staticmethod
-    def forward(ctx, c, y, weight, real, opts, *xs):
+    def forward(ctx, coef, y, weight, row_weight, opts, *states):
         distill_weight, temp, forward_kl, layer_ce, chunk_size, need_grad = opts
-        n, k = c.shape
+        n, k = coef.shape
         step = chunk_size or max(n, 1)
-        sums = torch.zeros(3, dtype=torch.float32, device=c.device)
-        grad_c, grad_xs = torch.zeros_like(c), [torch.zeros_like(x) for x in xs]
+        sums = torch.zeros(3, dtype=torch.float32, device=coef.device)
+        grad_coef, grad_states = torch.zeros_like(coef), [torch.zeros_like(x) for x in states]
         for s in range(0, n, step):
             rows = slice(s, s + step)
-            part = _chunk(c[rows], y[rows], weight, [x[rows] for x in xs], distill_weight, temp, forward_kl,
-                          layer_ce, need_grad, None if real is None else real[rows])
+            part = _chunk(coef[rows], y[rows], weight, [x[rows] for x in states], distill_weight, temp,
+                          forward_kl, layer_ce, need_grad, None if row_weight is None else row_weight[rows])
             sums += part[0]
             if need_grad:
-                grad_c[rows] = part[1]
-                for g, gx in zip(grad_xs, part[2]):
-                    g[rows] = gx
-        count = (real.sum() if real is not None else torch.tensor(float(n), device=c.device)).clamp(min=1)
+                grad_coef[rows] = part[1]
+                for grad, grad_state in zip(grad_states, part[2]):
+                    grad[rows] = grad_state
+        count = row_weight.sum() if row_weight is not None else torch.tensor(float(n), device=coef.device)
+        count = count.clamp(min=1)
         means = sums / count  # no target at all: 0, not NaN
-        ctx.save_for_backward(grad_c / count, *(g / count.to(g.dtype) for g in grad_xs))
+        ctx.save_for_backward(grad_coef / count, *(g / count.to(g.dtype) for g in grad_states))
         ctx.mark_non_differentiable(means)
         return means[0] + distill_weight * means[1] + means[2], means
 
     @staticmethod
     def backward(ctx, grad_loss, _):
-        grad_c, *grad_xs = ctx.saved_tensors
-        return (grad_c * grad_loss, None, None, None, None, *(g * grad_loss.to(g.dtype) for g in grad_xs))
+        grad_coef, *grad_states = ctx.saved_tensors
+        grad_states = [g * grad_loss.to(g.dtype) for g in grad_states]
+        return (grad_coef * grad_loss, None, None, None, None, *grad_states)
 
 
 def rowdot(a, b):
@@ -268,17 +322,17 @@ def rowdot(a, b):
     return torch.bmm(a[:, None, :], b[:, :, None]).view(-1)
 
 
-def _chunk(c, y, weight, xs, distill_weight, temp, forward_kl, layer_ce, need_grad, real):
+def _chunk(coef, y, weight, states, distill_weight, temp, forward_kl, layer_ce, need_grad, row_weight):
     """One chunk of mod_loss: the summed terms (ce, distill, layer_ce), and with need_grad the gradients of
-    ce + distill_weight * distill + layer_ce with respect to c and each x; rows weighed by real if given. Each
-    (n, V) pass costs about a tenth of a readout's matmul on a CPU, so the tensors are reused in place."""
-    k, T, distilled = len(xs), temp, distill_weight > 0
+    ce + distill_weight * distill + layer_ce with respect to coef and each state; rows weighed by row_weight if
+    given. Each (n, V) pass costs about a tenth of a readout's matmul on a CPU, so the tensors are reused in place."""
+    k, T, distilled = len(states), temp, distill_weight > 0
     rows = torch.arange(len(y), device=y.device)
-    total = (lambda t: t.sum()) if real is None else (lambda t: (t * real).sum())  # noqa: E731
-    logits = [(x @ weight.T).float() for x in xs]
-    z = logits[0] * c[:, :1]
+    total = (lambda t: t.sum()) if row_weight is None else (lambda t: (t * row_weight).sum())  # noqa: E731
+    logits = [(x @ weight.T).float() for x in states]
+    z = logits[0] * coef[:, :1]
     for i in range(1, k):
-        z.addcmul_(logits[i], c[:, i:i + 1])
+        z.addcmul_(logits[i], coef[:, i:i + 1])
     lse_z = torch.logsumexp(z, -1)
     ce = total(lse_z - z[rows, y])
     lse = [torch.logsumexp(l, -1) for l in logits]
@@ -288,7 +342,8 @@ def _chunk(c, y, weight, xs, distill_weight, temp, forward_kl, layer_ce, need_gr
         logp_final = logits[-1] - lse[-1][:, None] if T == 1 else F.log_softmax(logits[-1] / T, -1)
         p_final = logp_final.exp()
         for i, l in enumerate(logits[:-1]):
-            if forward_kl:  # KL(p_f || p_i) = sum p_f log p_f - sum p_f l_i / T + logsumexp(l_i / T): no log-softmax
+            # forward KL(p_f || p_i) = sum p_f log p_f - sum p_f l_i / T + logsumexp(l_i / T): no log-softmax
+            if forward_kl:
                 lse_t = lse[i] if T == 1 else torch.logsumexp(l / T, -1)
                 kls.append(rowdot(p_final, logp_final) - rowdot(p_final, l) / T + lse_t)
             else:  # KL(p_i || p_f)
@@ -298,34 +353,37 @@ def _chunk(c, y, weight, xs, distill_weight, temp, forward_kl, layer_ce, need_gr
     sums = torch.stack([ce, distill, layer])
     if not need_grad:
         return sums, None, None
-    g_z = z.sub_(lse_z[:, None]).exp_()  # d CE(z) / d z = softmax(z) - onehot(y), and z = sum_i c_i l_i
+    g_z = z.sub_(lse_z[:, None]).exp_()  # dCE(z)/dz = softmax(z) - onehot(y); z = sum_i c_i l_i
     g_z[rows, y] -= 1
-    grad_c = torch.stack([rowdot(g_z, l) for l in logits], 1)
+    grad_coef = torch.stack([rowdot(g_z, l) for l in logits], 1)
     w_layer, w_distill = (1 / k if layer_ce else 0.0), distill_weight * T / max(k - 1, 1)
-    grad_xs = []
+    grad_states = []
     for i, l in enumerate(logits):  # each l becomes its own gradient, in place
-        student = distilled and i < k - 1
-        fast = student and forward_kl and T == 1  # d KL / d l_i = softmax(l_i) - p_f: shares softmax(l_i)
-        d = None
-        if student and not fast:  # d (T^2 KL) / d l_i = T * d KL / d (l_i / T)
+        is_student = distilled and i < k - 1
+        # dKL/dl_i = softmax(l_i) - p_f: reuses the softmax(l_i) of the layer CE
+        shares_softmax = is_student and forward_kl and T == 1
+        grad_kl = None
+        if is_student and not shares_softmax:  # d(T^2 KL)/dl_i = T dKL/d(l_i / T)
             logp_t = F.log_softmax(l / T, -1)
             p_t = logp_t.exp()
-            d = p_t - p_final if forward_kl else p_t * (logp_t - logp_final - kls[i][:, None])
-        if layer_ce or fast:
-            l.sub_(lse[i][:, None]).exp_().mul_(w_layer + (w_distill if fast else 0.0))  # softmax(l_i), weighted
-            if fast:
+            grad_kl = p_t - p_final if forward_kl else p_t * (logp_t - logp_final - kls[i][:, None])
+        if layer_ce or shares_softmax:
+            weight_i = w_layer + (w_distill if shares_softmax else 0.0)
+            l.sub_(lse[i][:, None]).exp_().mul_(weight_i)  # softmax(l_i), weighted
+            if shares_softmax:
                 l.sub_(p_final, alpha=w_distill)
-            if layer_ce:  # d CE(l_i) / d l_i = softmax(l_i) - onehot(y), mean over the k layers
+            if layer_ce:  # dCE(l_i)/dl_i = softmax(l_i) - onehot(y), mean over the k layers
                 l[rows, y] -= w_layer
         else:
             l.zero_()
-        if d is not None:
-            l.add_(d, alpha=w_distill)
-        l.addcmul_(g_z, c[:, i:i + 1])
-        grad_xs.append((l.to(weight.dtype) @ weight).to(xs[i].dtype))
-    if real is not None:  # rows that do not count: no gradient (zeroed after the matmuls: (n, dim), not (n, V))
-        grad_c, grad_xs = grad_c * real[:, None], [g * real[:, None].to(g.dtype) for g in grad_xs]
-    return sums, grad_c, grad_xs
+        if grad_kl is not None:
+            l.add_(grad_kl, alpha=w_distill)
+        l.addcmul_(g_z, coef[:, i:i + 1])
+        grad_states.append((l.to(weight.dtype) @ weight).to(states[i].dtype))
+    if row_weight is not None:  # rows that do not count: no gradient (zeroed after the matmuls: (n, dim))
+        grad_coef = grad_coef * row_weight[:, None]
+        grad_states = [g * row_weight[:, None].to(g.dtype) for g in grad_states]
+    return sums, grad_coef, grad_states
 
 
 def attach_mod(model, cfg: MoDConfig, verbose=True):
@@ -347,7 +405,7 @@ def layer_logits(model, hidden):
     return [model.mod.head(model, i, h) for i, h in enumerate(hidden[-model.mod.k:])]
 
 
-def routing_weights(model, hidden, n_pad=None):
+def ensemble_coefficients(model, hidden, n_pad=None):
     """(B, T, k) routing weights of the ensemble: the coefficients c of z = sum_i c_i l_i (start "final": the
     share g of the router's weights plus 1 - g on the final layer)."""
     return model.mod.coefficients(model, hidden, n_pad=n_pad)

@@ -12,7 +12,7 @@ Two hooks let the add-ons change the forward pass without this file knowing them
                  out one layer)
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 
 import torch
@@ -197,6 +197,11 @@ class Llama(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g, device=p.device) * std)
         return self
 
+    def addons(self):
+        """The add-ons attached (model.mod, model.molex): each offers after_step() and log_numbers(), which
+        train.py calls without naming them."""
+        return [addon for addon in (self.mod, self.molex) if addon is not None]
+
     def forward(self, idx, targets=None, *, cache=None, n_pad=None, prompt_end=None):
         """idx (B, T) -> (logits (B, T, vocab), loss or None); the loss needs targets (-100 = ignored).
         n_pad (B,): left-padding length of each row. prompt_end (B,) or int: the columns before it hold each
@@ -344,6 +349,16 @@ class LoRALinear(nn.Module):
 
 LORA_TARGETS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o",
                 "gate": "mlp.gate", "up": "mlp.up", "down": "mlp.down"}
+
+
+def check_choices(cfg, method, prefix):
+    """Each field of a config dataclass whose metadata lists "choices" holds one of them (else a ValueError
+    naming the flag); the add-ons' configs call it from __post_init__."""
+    for f in fields(cfg):
+        allowed, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"unknown {method} {f.name} (--{prefix}-{f.name.replace('_', '-')}) {value!r}; "
+                             f"choose from {allowed}")
 
 
 @dataclass

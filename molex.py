@@ -43,6 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from model import check_choices
+
 SHARES = ("shared", "per_layer")
 RULES = ("paper", "sequence")
 GATE_MODES = ("balance", "task", "aux_free")
@@ -97,11 +99,7 @@ class MoLExConfig:
     def __post_init__(self):
         if self.balance_weight is None:
             self.balance_weight = 0.0 if self.gate_mode == "aux_free" else 0.01
-        for name, allowed in [("share", SHARES), ("rule", RULES), ("gate_mode", GATE_MODES), ("vote", VOTES),
-                              ("gate_init", GATE_INITS)]:
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown MoLEx {name} (--molex-{name.replace('_', '-')}) {getattr(self, name)!r}; "
-                                 f"choose from {allowed}")
+        check_choices(self, "MoLEx", "molex")
         mixed_layers(self.layers, None)
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"MoLEx alpha (--molex-alpha) must be in [0, 1], got {self.alpha}")
@@ -159,7 +157,7 @@ class MoLEx(nn.Module):
         self.collect_stats = False  # when True, stats[t, j] counts the sequences whose layer t used expert j
         self.stats = torch.zeros(L, L, dtype=torch.long)
         self._aux = None  # this pass's balance loss: (sum over mixed layers, their number), without its weight
-        self.last_aux = None  # what aux_loss() last returned (for logging: model.forward adds it to the loss)
+        self.last_aux = None  # what aux_loss() last returned (log_numbers; model.forward adds it to the loss)
 
     def gate_parameters(self):
         """Everything MoLEx trains (gate and alpha): the parameters of its own optimizer group."""
@@ -263,6 +261,14 @@ class MoLEx(nn.Module):
         return self.last_aux
 
     @torch.no_grad()
+    def after_step(self):
+        """The add-on interface (model.addons): after each optimizer step, aux_free's bias update."""
+        self.update_bias()
+
+    def log_numbers(self):
+        """The add-on interface: the last balance loss (weighted, as added to the training loss)."""
+        return {} if self.last_aux is None else {"molex_balance_loss": float(self.last_aux.detach())}
+
     def update_bias(self):
         """aux_free: after each optimizer step, b_e += u * sign(mean load - load_e) per mixed layer (else nothing)."""
         if self.cfg.gate_mode == "aux_free":

@@ -17,17 +17,16 @@ from contextlib import nullcontext
 import torch
 
 from checkpoint import load_run
-from cli import HelpFormatter, Threads, UserError, pick_device, run_main, use_bf16
+from cli import HelpFormatter, UserError, add_device_flags, add_run_flags, pick_device, run_main, use_bf16
 from data.format import bos, prompt_text
+from threads import Threads
 
 
 def get_parser():
     p = argparse.ArgumentParser(description="Generate text from a base model or a tuned run (streamed).",
                                 formatter_class=HelpFormatter)
     p.add_argument("prompt", help="the text to continue ('-': read it from standard input)")
-    p.add_argument("--ckpt", default=None, help="a run folder of train.py (or its ckpt.pt); default: no tuning")
-    p.add_argument("--init", default=None, help="base checkpoint (folder or .gguf): the model without --ckpt "
-                                                "(default: the built-in base); with --ckpt, where its base now is")
+    add_run_flags(p, "the model")
     p.add_argument("--tokenizer", default=None, help="default: the checkpoint's own, as train.py finds it")
     p.add_argument("--raw", action="store_true", help="with --ckpt: send the prompt as it is, not in the "
                                                       "'Question: ...\\nAnswer:' template the run was tuned with")
@@ -35,10 +34,7 @@ def get_parser():
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples from softmax(logits / T)")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (with --temperature > 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto = bfloat16 on a GPU that supports it, else float32")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = auto (cli.Threads)")
+    add_device_flags(p)
     return p
 
 

@@ -5,9 +5,9 @@ tiny byte-level one for the built-in model. No sentencepiece or protobuf at run 
     ids = tok.encode("Hello world", bos=True)         # [1, 15043, 3186]
     tok.decode(ids)                                   # "Hello world"
 
-What SentencePiece BPE does (docs/design.md#llama-2s-sentencepiece-model): every " " becomes "▁" (U+2581) and one "▁" is prepended; starting
-from Unicode characters it repeatedly merges the adjacent pair whose concatenation is a piece with the highest
-score (ties: leftmost); a character that is no piece becomes its UTF-8 bytes as byte pieces.
+What SentencePiece BPE does (docs/design.md#llama-2s-sentencepiece-model): every " " becomes "▁" (U+2581) and
+one "▁" is prepended; starting from Unicode characters it repeatedly merges the adjacent pair whose concatenation
+is a piece with the highest score (ties: leftmost); a character that is no piece becomes its UTF-8 bytes as byte pieces.
 
 tiktoken does BPE on bytes, merging the pair whose concatenation has the lowest rank, and a token's rank is
 also what it outputs. Making it do the above:
@@ -33,6 +33,9 @@ from itertools import chain
 from pathlib import Path
 
 import tiktoken
+
+from bpe import ByteLevelBPE
+from gguf_file import GGUFFile
 
 SPACE = "\u2581"  # SentencePiece's visible space
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece piece types
@@ -240,9 +243,43 @@ def load_tokenizer(path):
         raise FileNotFoundError(f"no tokenizer at {path}: no such file or folder (give 'byte', a tokenizer.model, "
                                 f"tokenizer.json or .gguf file, or a folder containing one)")
     if file.suffix.lower() == ".gguf":
-        from bpe import tokenizer_from_gguf  # bpe.py imports this module: import it only when needed
         return tokenizer_from_gguf(file)
     if file.suffix.lower() == ".json":
-        from bpe import ByteLevelBPE
         return ByteLevelBPE.from_tokenizer_json(file)
     return _read_model(file.read_bytes(), file)
+
+
+def tokenizer_from_gguf(gguf):
+    """The tokenizer a GGUF file carries (a GGUFFile or a path): ByteLevelBPE for tokenizer.ggml.model "gpt2",
+    Tokenizer (SentencePiece) for "llama"."""
+    if isinstance(gguf, (str, Path)):
+        with GGUFFile(gguf) as f:
+            return tokenizer_from_gguf(f)
+    meta, path = gguf.metadata, gguf.path
+    kind = meta.get("tokenizer.ggml.model")
+    if kind == "gpt2":
+        return ByteLevelBPE.from_gguf(meta, path)
+    if kind != "llama":
+        raise ValueError(f"{path}: tokenizer.ggml.model {kind!r} is not supported (only 'gpt2', byte-level BPE, and "
+                         f"'llama', SentencePiece)")
+    missing = [key for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores") if key not in meta]
+    if missing:
+        raise ValueError(f"{path}: missing metadata key {missing[0]!r}")
+    tokens, scores = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"]
+    types = meta.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))  # same numbering as SentencePiece
+    if not len(tokens) == len(scores) == len(types):
+        raise ValueError(f"{path}: tokenizer.ggml.tokens, scores and token_type differ in length")
+    ids = dict(unk_id=meta.get("tokenizer.ggml.unknown_token_id", 0), bos_id=meta.get("tokenizer.ggml.bos_token_id", 1),
+               eos_id=meta.get("tokenizer.ggml.eos_token_id", 2), pad_id=meta.get("tokenizer.ggml.padding_token_id"))
+    problems = [msg for bad, msg in [
+        (sum(t == BYTE for t in types) != 256, "it lacks the 256 byte pieces <0x00>..<0xFF>"),
+        (any(t not in (NORMAL, UNKNOWN, CONTROL, UNUSED, BYTE) for t in types), "it has user-defined pieces"),
+        (any(not 0 <= i < len(tokens) for i in ids.values() if i is not None), "special ids out of range"),
+        (any(SPACE in p.lstrip(SPACE) for p, t in zip(tokens, types) if t == NORMAL), "a piece has '▁' inside"),
+    ] if bad]
+    if problems:
+        raise ValueError(f"{path}: unsupported SentencePiece vocabulary: {'; '.join(problems)}")
+    tok = Tokenizer(list(zip(tokens, scores, types)), **ids,
+                    add_dummy_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
+    tok.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))  # llama.cpp's default for SentencePiece
+    return tok

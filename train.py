@@ -4,7 +4,7 @@ Tune a LLaMA model with LoRA, or pretrain the tiny built-in base, in one plain t
     python train.py                                    # build the built-in base if missing, then tune it on "arith"
     python train.py --init /path/to/llama-2-7b --data data/gsm8k --lr 3e-4 --batch-size 16 --grad-accum 4
     python train.py --init model.gguf --data data/arc-easy   # a GGUF file (e.g. SmolLM2), its own tokenizer
-    python train.py --mod-k 4                          # + MoD: ensemble of the last 4 layers (mod.py)
+    python train.py --mod-k 4                          # + MoD: ensemble of the last 4 layers (mod.py; --mod: k=4)
     python train.py --molex                            # + MoLEx: every layer mixed with a gated layer expert (molex.py)
     python train.py --resume runs/arith-20250101-120000   # continue a stopped run exactly where it stopped
     torchrun --standalone --nproc_per_node 2 train.py ...  # data parallel: each rank takes its share of each batch
@@ -40,9 +40,8 @@ from optim import CASE_DEFAULTS, OptimConfig, case_help, fill_case_defaults, lr_
 from tokenizer import check_tokenizer_fits, load_tokenizer
 from weights import save_hf
 
-# The built-in base: 8 layers of dim 64 (so that MoD's "last k layers" are late layers; the earlier base had 4 of
-# dim 128 at about the same step time, dim 96 was 1.5x slower), 4 query heads sharing 2 KV heads, byte tokenizer,
-# context 512, pretrained on data.builtin's corpus for 700 steps of 8 x 128 tokens, then tuned for 700 on the
+# The built-in base: 8 layers of dim 64 (so that MoD's "last k layers" are late layers), 4 query heads sharing
+# 2 KV heads, byte tokenizer, context 512, pretrained on data.builtin's corpus for 700 steps of 8 x 128 tokens, then tuned for 700 on the
 # built-in tasks' default difficulty 1: about 3 CPU-minutes in all (BENCHMARKS.md).
 BUILTIN_BASE_ARGV = ["--pretrain", "--dim", "64", "--n-layers", "8", "--n-heads", "4", "--n-kv-heads", "2",
                      "--context", "512", "--tokenizer", "byte", "--data", "corpus", "--corpus-chars", "400000",
@@ -89,7 +88,10 @@ def get_parser():
     g.add_argument("--eval-n", type=int, default=64,
                    help="validation loss on this many records of the test split (held-out text with --pretrain)")
     add_config_flags(p, LoRAConfig, "lora", "LoRA")
-    add_config_flags(p, MoDConfig, "mod", "MoD: Mixture-of-Depths ensemble of the last k layers (mod.py)")
+    g = add_config_flags(p, MoDConfig, "mod", "MoD: Mixture-of-Depths ensemble of the last k layers (mod.py; the "
+                                              "--mod-* flags need --mod or --mod-k)")
+    g.add_argument("--mod", action="store_true",
+                   help=f"MoD with k = {MoDConfig.k} unless --mod-k is given (--mod-k N alone also switches it on)")
     g = add_config_flags(p, MoLExConfig, "molex", "MoLEx (molex.py: each layer mixed with another layer picked by "
                                                   "a gate; the --molex-* flags need --molex)")
     g.add_argument("--molex", action="store_true",
@@ -136,6 +138,7 @@ def parse_args(argv=None):
         if args.resume is not None:
             args = resumed_args(parser, args, argv)
         else:
+            switch_mod_on(args)
             check_switches(args)
             case = "pretrain" if args.pretrain else "builtin" if args.init in (None, "builtin") else "init"
             fill_case_defaults(vars(args), case)
@@ -170,7 +173,16 @@ def resumed_args(parser, args, argv):
     return args
 
 
-ADDONS = [(MoDConfig, "mod", mod_on, "--mod-k"), (MoLExConfig, "molex", lambda a: a["molex"], "--molex")]
+ADDONS = [(MoDConfig, "mod", mod_on, "--mod"), (MoLExConfig, "molex", lambda a: a["molex"], "--molex")]
+
+
+def switch_mod_on(a):
+    """--mod and --mod-k N both switch MoD on (the run folder keeps mod_k, its switch); --mod-k 0 is refused."""
+    if a.mod_k is not None and a.mod_k < 1:
+        raise UserError(f"--mod-k must be >= 1, got {a.mod_k} (leave out --mod and --mod-k for no MoD)")
+    if a.mod and a.mod_k is None:
+        a.mod_k = MoDConfig.k
+    a.mod = a.mod_k is not None
 
 
 def check_switches(a):
@@ -234,7 +246,7 @@ def validation_loss(model, examples, batch_size, pad_id, device, autocast):
     for i in range(0, len(examples), batch_size):
         ids, labels = collate(examples[i:i + batch_size], pad_id, device)
         with autocast:
-            prompt_end = prompt_end_from_targets(labels) if model.molex is not None else None  # MoLEx routing
+            prompt_end = prompt_end_from_targets(labels)  # where an add-on's routing may look (MoLEx's vote)
             _, loss = model(ids, labels, prompt_end=prompt_end)
         n = int((labels != IGNORE_INDEX).sum())
         total, count = total + float(loss) * n, count + n
@@ -391,8 +403,8 @@ def main(argv=None):
             ids, labels = collate(mb, pad_id, device)
             with model.no_sync() if world > 1 and i < len(micro) - 1 else nullcontext():
                 with autocast:
-                    prompt_end = prompt_end_from_targets(labels) if raw_model.molex is not None else None
-                    _, loss = model(ids, labels, prompt_end=prompt_end)  # mean over this micro-batch's targets
+                    # mean over this micro-batch's targets; prompt_end: where an add-on's routing may look
+                    _, loss = model(ids, labels, prompt_end=prompt_end_from_targets(labels))
                 # the sum over our tokens / all tokens of the step; * world undoes DDP's gradient averaging
                 (loss * (n_local[i] * world / n_global)).backward()
             loss_sum += loss.detach().double() * n_local[i]
@@ -407,19 +419,18 @@ def main(argv=None):
                             f"lower --lr, --grad-clip or float32.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if raw_model.molex is not None:
-            raw_model.molex.update_bias()  # aux_free's selection bias (nothing in the other modes)
-        if raw_model.mod is not None:
-            raw_model.mod.project_share()  # --mod-share bounded: g back into [0, 1] (nothing otherwise)
+        for addon in raw_model.addons():
+            addon.after_step()
         step += 1
         losses.append(step_loss)
 
         tokens_seen_step = float(all_reduce_sum(n_tokens))
         tokens_seen += tokens_seen_step
         lr = args.lr * factor
+        addon_numbers = {k: v for addon in raw_model.addons() for k, v in addon.log_numbers().items()}
         log({"step": step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
              "tokens_per_s": tokens_seen_step / (time.time() - t0), "time_s": time.time() - t_start,
-             "epoch": order.epoch})
+             "epoch": order.epoch, **addon_numbers})
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_seen / (time.time() - t_start):.0f}", lr=f"{lr:.2e}")
 

@@ -102,7 +102,10 @@ def read_safetensors(path):
         if not 0 <= begin <= end <= size - 8 - n or end - begin != count * dtype.itemsize:
             raise ValueError(f"{path}: tensor {name!r} ({info['dtype']} {shape}) has data offsets "
                              f"{[begin, end]} that do not fit its shape or the file ({size} bytes)")
-        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin) if count else torch.empty(0, dtype=dtype)
+        if not count:
+            t = torch.empty(0, dtype=dtype)
+        else:
+            t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin)
         tensors[name] = t.view(shape)
     return tensors
 

@@ -30,7 +30,8 @@ def resolve_path(name, split):
             file = path / f"{split}.jsonl"
             if not file.is_file():
                 present = sorted(p.name for p in path.glob("*.jsonl"))
-                raise FileNotFoundError(f"{path} has no {split}.jsonl (it has: {', '.join(present) or 'no .jsonl files'})")
+                raise FileNotFoundError(f"{path} has no {split}.jsonl "
+                                        f"(it has: {', '.join(present) or 'no .jsonl files'})")
             return file
         if path.is_file():
             return path
@@ -53,7 +54,8 @@ def load_examples(name, split, n=None, seed=0, difficulty=None):
 
         difficulty = builtin.DEFAULT_DIFFICULTY if difficulty is None else difficulty
         if split not in builtin.SPLITS:
-            raise ValueError(f"unknown split {split!r} for built-in task {name!r}: choose one of {', '.join(builtin.SPLITS)}")
+            raise ValueError(f"unknown split {split!r} for built-in task {name!r}: "
+                             f"choose one of {', '.join(builtin.SPLITS)}")
         return builtin.make_split(name, split, n or builtin.DEFAULT_SIZES[split], seed, difficulty)
     if difficulty is not None:
         raise ValueError(f"difficulty only applies to the built-in tasks ({', '.join(BUILTIN_TASKS)}), not to {name!r}")

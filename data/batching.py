@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError
+from errors import UserError
 
 from . import BUILTIN_TASKS, load_examples
 from .builtin import make_corpus

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SPLITS = ("train", "test")
-DEFAULT_DIFFICULTY = 1  # two operations, amounts up to 10: what 500 LoRA steps of the main command learn (BENCHMARKS.md)
+# two operations, amounts up to 10: what 500 LoRA steps of the main command learn (BENCHMARKS.md)
+DEFAULT_DIFFICULTY = 1
 DEFAULT_SIZES = {"train": 4000, "test": 200}
 TEST_PER_MILLE = 200  # share of arithmetic skeletons that belong to the test split
 

@@ -98,9 +98,10 @@ def encode_example(tokenizer, record, prompt_loss=False, max_len=None, choice_ta
     """(ids, labels) for one training example, both of length len(ids). A choice record's target is its gold
     option's text after the prompt without the options (choice_target="text") or its label ("label").
 
-    ids = [bos] + prompt ids + target ids + [eos] (bos only if the tokenizer adds one); labels[i] = ids[i + 1] (the token position i must
-    predict), labels[-1] = -100, and the positions whose next token is still prompt are -100 unless
-    prompt_loss=True. So the last prompt position is trained to predict the first target token.
+    ids = [bos] + prompt ids + target ids + [eos] (bos only if the tokenizer adds one);
+    labels[i] = ids[i + 1] (the token position i must predict), labels[-1] = -100, and the positions whose next
+    token is still prompt are -100 unless prompt_loss=True. So the last prompt position is trained to predict the
+    first target token.
 
     Truncation when len(ids) > max_len: bos always stays; the prompt is cut from the LEFT (its end,
     next to the answer, matters most) so that the whole target and eos fit. If even the target does not

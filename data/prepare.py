@@ -35,7 +35,8 @@ LLM_ADAPTERS_URL = "https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapte
 # name -> (layout, file extension, {split: download url})
 DATASETS = {
     "gsm8k": ("gsm8k", ".jsonl", {s: GSM8K_URL.format(split=s) for s in ("train", "test")}),
-    "arc-challenge": ("arc", ".json", {s: LLM_ADAPTERS_URL.format(folder="ARC-Challenge", split=s) for s in ("train", "test")}),
+    "arc-challenge": ("arc", ".json",
+                      {s: LLM_ADAPTERS_URL.format(folder="ARC-Challenge", split=s) for s in ("train", "test")}),
     "arc-easy": ("arc", ".json", {s: LLM_ADAPTERS_URL.format(folder="ARC-Easy", split=s) for s in ("train", "test")}),
     "aqua": ("aqua", ".json", {"test": LLM_ADAPTERS_URL.format(folder="AQuA", split="test")}),
 }
@@ -175,7 +176,8 @@ def download(url):
             return None
         raise RuntimeError(f"downloading {url} failed (HTTP {e.code}); download it by hand and pass --src") from None
     except (urllib.error.URLError, TimeoutError, OSError) as e:
-        raise RuntimeError(f"cannot download {url} ({e}); are you offline? Pass the files with --src FILE_OR_DIR") from None
+        raise RuntimeError(f"cannot download {url} ({e}); are you offline? "
+                           "Pass the files with --src FILE_OR_DIR") from None
 
 
 def prepare(name, src=None, out=None, keep_calculator=False):

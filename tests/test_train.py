@@ -14,12 +14,13 @@ import pytest
 import torch
 
 import checkpoint
-import cli
 import model as model_module
 import optim
 import train
 from data.batching import DataOrder
 from model import Llama
+from mod import MoDConfig
+from threads import Threads
 from weights import from_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,6 +195,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_base, tmp_path, 
 
 # ---------------------------------------------------------------- bad input: clear message, nonzero exit
 
+def test_mod_switch():
+    # --mod switches MoD on with the default k; --mod-k N alone switches it on too; neither: off
+    assert train.parse_args(["--mod"]).mod_k == MoDConfig.k == 4
+    assert train.parse_args(["--mod-k", "2"]).mod_k == 2 and train.parse_args(["--mod-k", "2"]).mod
+    assert train.parse_args(["--mod", "--mod-k", "3"]).mod_k == 3
+    args = train.parse_args([])
+    assert args.mod_k is None and not args.mod and not checkpoint.mod_on(vars(args))
+
+
 @pytest.mark.parametrize("flags, needle", [
     (["--lora-rank", "0"], "--lora-rank"),
     (["--data", "no-such-task"], "--data"),
@@ -287,6 +297,9 @@ def test_mod_and_molex_run_resumes_exactly_and_saves_their_parameters(tiny_base,
     full = train.main(base_argv(tiny_base, tmp_path / "full", *extra))
     out = capsys.readouterr().out
     assert "MoD over the last 2 of 3 layers" in out and "MoLEx on layers all of 3" in out and "trainable" in out
+    logged = metrics(tmp_path / "full")  # what the add-ons compute reaches metrics.jsonl (model.addons)
+    assert all({"mod_ce", "mod_distill", "mod_layer_ce", "mod_g", "molex_balance_loss"} <= r.keys() for r in logged)
+    assert all(r["mod_ce"] > 0 and r["mod_layer_ce"] > 0 and math.isfinite(r["mod_g"]) for r in logged)
     run_until_crash(monkeypatch, 2, base_argv(tiny_base, tmp_path / "cut", *extra))  # last checkpoint: step 2
     resumed = train.main(["--resume", str(tmp_path / "cut")])
     assert resumed["losses"] == full["losses"][2:]
@@ -327,6 +340,9 @@ def test_mod_router_lr_gives_the_router_its_own_group(tiny_base, tmp_path):
     (["--molex", "--prompt-loss"], "--molex-vote"),
     (["--mod-k", "9"], "--mod-k"),
     (["--mod-k", "2", "--mod-top-k", "3"], "--mod-top-k"),
+    (["--mod-k", "0"], "--mod-k must be >= 1"),
+    (["--mod-k", "0", "--mod-top-k", "1"], "--mod-k must be >= 1"),
+    (["--mod-top-k", "1"], "given without --mod"),
 ])
 def test_bad_addon_flags_are_named(tiny_base, tmp_path, capsys, flags, needle):
     with pytest.raises(SystemExit) as e:
@@ -335,7 +351,7 @@ def test_bad_addon_flags_are_named(tiny_base, tmp_path, capsys, flags, needle):
 
 
 def test_auto_threads_make_room_for_a_load_that_starts_later():
-    threads = cli.Threads(0)  # decided now; re-checked by update() as the run goes
+    threads = Threads(0)  # decided now; re-checked by update() as the run goes
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         import time
@@ -344,7 +360,7 @@ def test_auto_threads_make_room_for_a_load_that_starts_later():
         assert threads.update(force=True) <= max(1, (os.cpu_count() or 1) - 1)
     finally:
         spinner.kill()
-    assert cli.Threads(3).update(force=True) == 3  # an explicit --threads wins
+    assert Threads(3).update(force=True) == 3  # an explicit --threads wins
     torch.set_num_threads(1)  # as conftest set it
 
 
