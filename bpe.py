@@ -77,11 +77,15 @@ class ByteLevelBPE:
     """Byte-level BPE. `tokens`: the vocabulary by id (None for an unused id), byte-level spelled; `merges`:
     (left, right) pairs in priority order; `split`: the pre-tokenizer regex; `added`: content -> id of the added
     tokens, `special_ids` those of them that decode(skip_special=True) drops. `add_bos` / `add_eos` record
-    whether the tokenizer's own settings add them (encode adds them only when asked)."""
+    whether the tokenizer's own settings add them (encode adds them only when asked); `end_ids` the tokens
+    that end a generation (default: EOS)."""
 
     def __init__(self, tokens, merges, *, split=GPT2_SPLIT, added=None, special_ids=(), bos_id=None, eos_id=None,
-                 pad_id=None, add_bos=False, add_eos=False, prefix_space=False, source="vocabulary"):
+                 pad_id=None, add_bos=False, add_eos=False, prefix_space=False, source="vocabulary",
+                 ranks=None, end_ids=None):
         self.bos_id, self.eos_id, self.pad_id, self.add_bos, self.add_eos = bos_id, eos_id, pad_id, add_bos, add_eos
+        # the ids that end a generation: EOS, and any other end the vocabulary has (LLaMA-3's <|eot_id|>)
+        self.end_ids = tuple(end_ids) if end_ids is not None else (eos_id,) if eos_id is not None else ()
         self.vocab_size, self.prefix_space, self._split, self._split_re = len(tokens), prefix_space, split, None
         self._bytes = [b"" if t is None else token_bytes(t) for t in tokens]  # id -> bytes, for decode
         self._added = dict(added or {})
@@ -102,6 +106,8 @@ class ByteLevelBPE:
             else:
                 missing.append(b)
         n_bytes = len(order)
+        if ranks is not None:  # tiktoken's own file format: each token's bytes and its rank, which is its id
+            order.update(sorted(((b, r) for b, r in ranks.items() if len(b) > 1), key=lambda kv: kv[1]))
         for k, (left, right) in enumerate(merges):
             for part in (left, right, left + right):
                 if part not in vocab:
@@ -191,6 +197,10 @@ class ByteLevelBPE:
             batch = list(map(self._enc.encode_ordinary, texts))
         return [self._wrap(self._ids(r, t), bos, eos) for r, t in zip(batch, texts)]
 
+    def added_id(self, text):
+        """The id of added token `text` ("<|eot_id|>"), or None."""
+        return self._added.get(text)
+
     # -- decoding
 
     def decode(self, ids, skip_special=False):
@@ -260,6 +270,44 @@ class ByteLevelBPE:
                    add_bos=add_bos, add_eos=add_eos, prefix_space=prefix_space, source=str(path))
 
     @classmethod
+    def from_tiktoken_file(cls, path):
+        """Meta's LLaMA-3 tokenizer.model: tiktoken's format, one "base64(token bytes) rank" per line. As in
+        Meta's tokenizer, the split is LLaMA-3's and 256 special tokens follow the ranks; their names are
+        those of LLaMA-3.1 and later (3.0 calls some of 128002-128255 reserved, with the same ids). BOS
+        <|begin_of_text|> starts every text for the model; EOS is <|end_of_text|>, and a generation also ends
+        at <|eom_id|> or <|eot_id|> (as in Meta's reference generation)."""
+        import base64
+        import binascii
+        ranks = {}
+        lines = Path(path).read_bytes().splitlines()
+        for n, line in enumerate(lines, 1):
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except (ValueError, binascii.Error):
+                raise ValueError(f"{path}: line {n} is not 'base64-token rank' (tiktoken's format): "
+                                 f"{line[:60]!r}") from None
+        if sorted(ranks.values()) != list(range(len(ranks))):
+            raise ValueError(f"{path}: the ranks are not 0..{len(ranks) - 1}, each once")
+        missing = [b for b in range(256) if bytes([b]) not in ranks]
+        if missing:
+            raise ValueError(f"{path}: {len(missing)} single bytes have no rank (e.g. {missing[0]:#04x})")
+        n = len(ranks)
+        named = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                 "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                 "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+        specials = named + [f"<|reserved_special_token_{k}|>" for k in range(2, 2 + 256 - len(named))]
+        tokens = [None] * (n + len(specials))
+        for data, rank in ranks.items():
+            tokens[rank] = "".join(BYTE_CHARS[b] for b in data)
+        added = {t: n + k for k, t in enumerate(specials)}
+        for t, i in added.items():
+            tokens[i] = t
+        return cls(tokens, [], split=LLAMA3_SPLIT, added=added, special_ids=set(added.values()), bos_id=n,
+                   eos_id=n + 1, pad_id=n + 4, add_bos=True, source=str(path), ranks=ranks,
+                   end_ids=(n + 1, added["<|eom_id|>"], added["<|eot_id|>"]))
+
+    @classmethod
     def from_gguf(cls, metadata, path="<gguf>"):
         """The byte-level BPE a GGUF file carries (tokenizer.ggml.model "gpt2")."""
         tokens = _need(metadata, "tokenizer.ggml.tokens", path)
@@ -277,10 +325,13 @@ class ByteLevelBPE:
                 added.setdefault(t, i)
         get = {key: metadata.get(f"tokenizer.ggml.{key}") for key in
                ("bos_token_id", "eos_token_id", "padding_token_id", "add_bos_token", "add_eos_token")}
+        # llama.cpp's end tokens: EOS, end of turn, end of message
+        ends = [metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         return cls(tokens, merges, split=GGUF_SPLITS[pre], added=added,
                    special_ids={i for i, kind in enumerate(types) if kind == CONTROL}, bos_id=get["bos_token_id"],
                    eos_id=get["eos_token_id"], pad_id=get["padding_token_id"], add_bos=bool(get["add_bos_token"]),
-                   add_eos=bool(get["add_eos_token"]), source=str(path))
+                   add_eos=bool(get["add_eos_token"]), source=str(path),
+                   end_ids=list(dict.fromkeys(i for i in ends if i is not None)))
 
 
 def _pairs(merges, where):

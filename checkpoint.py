@@ -10,8 +10,10 @@ A run folder (train.py --out) holds:
 and after --pretrain also config.json + model.safetensors (Hugging Face format), which from_pretrained loads.
 
 build_model(settings) makes the model of a run from its settings: the base (loaded, or new for --pretrain),
-frozen here and only here, then LoRA, then the add-ons (MoD's head hook, MoLEx's layer hook).
+frozen here and only here, then LoRA, then the add-ons (MoD's head hook, MoLEx's layer hook), whose configs
+run_configs reads from the settings.
 """
+import json
 from pathlib import Path
 
 import torch
@@ -44,6 +46,19 @@ def mod_on(settings):
     return bool(settings.get("mod_k"))  # None (not given) or 0 (older runs): off
 
 
+# The add-ons: prefix of their settings -> (config dataclass, whether a run's settings switch it on, the switch)
+ADDONS = {"mod": (MoDConfig, mod_on, "--mod"), "molex": (MoLExConfig, lambda s: bool(s.get("molex")), "--molex")}
+
+
+def run_configs(settings):
+    """A run's LoRA and add-on configs, built (and so checked) from its settings, the one place that reads them:
+    {"lora": LoRAConfig, "mod": MoDConfig or None, "molex": MoLExConfig or None} (None: the add-on is off). A
+    field the settings lack (an older run) takes its default; a bad value is a UserError naming the flag."""
+    return {"lora": config_from(LoRAConfig, settings, "lora"),
+            **{prefix: config_from(cls, settings, prefix) if on(settings) else None
+               for prefix, (cls, on, _) in ADDONS.items()}}
+
+
 def build_model(settings, device="cpu", dtype=torch.float32, verbose=True, with_addons=True):
     """The model a run trains or evaluates, from its settings (a dict: parsed flags or a run's args.json).
     dtype: of the frozen base weights (trainable parameters stay float32). with_addons=False: the base alone
@@ -60,15 +75,15 @@ def build_model(settings, device="cpu", dtype=torch.float32, verbose=True, with_
     freeze_base(model)
     if with_addons:
         torch.manual_seed(a["seed"])  # LoRA's A init
+        cfg = run_configs(a)
         try:
-            apply_lora(model, cfg=config_from(LoRAConfig, a, "lora"), verbose=verbose)
-            if mod_on(a):
-                attach_mod(model, config_from(MoDConfig, a, "mod"), verbose=verbose)
-            if a.get("molex"):
-                molex_cfg = config_from(MoLExConfig, a, "molex")
-                if molex_cfg.seed is None:  # the gate's seed: the run's unless --molex-seed is given
-                    molex_cfg.seed = a["seed"]
-                attach_molex(model, molex_cfg, verbose=verbose)
+            apply_lora(model, cfg=cfg["lora"], verbose=verbose)
+            if cfg["mod"] is not None:
+                attach_mod(model, cfg["mod"], verbose=verbose)
+            if cfg["molex"] is not None:
+                if cfg["molex"].seed is None:  # the gate's seed: the run's unless --molex-seed is given
+                    cfg["molex"].seed = a["seed"]
+                attach_molex(model, cfg["molex"], verbose=verbose)
         except ValueError as e:  # a setting that does not fit this model (e.g. --mod-k above its layers)
             raise UserError(str(e)) from None
     model.grad_checkpointing = bool(a.get("grad_checkpointing"))
@@ -115,8 +130,13 @@ def trainable_state(model):
     return state
 
 
+# Parameters saved under another name by older run folders: old name -> name now
+RENAMED = {"mod.share": "mod.ensemble_weight", "molex.share": "molex.mix_weight"}
+
+
 def load_trainable(model, state, where):
-    """Copy saved trainable state into the model, naming any mismatch."""
+    """Copy saved trainable state into the model, naming any mismatch (older names are read as RENAMED says)."""
+    state = {RENAMED.get(n, n): v for n, v in state.items()}
     targets = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for prefix, hook in (("mod.", model.mod), ("molex.", model.molex)):
         if hook is not None:
@@ -173,6 +193,40 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def checkpoint_state(model, optimizer, order, step, settings, world, device):
+    """What ckpt.pt holds (every rank joins the gather of the RNG states)."""
+    rngs = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(rngs, rng_state(device))
+    else:
+        rngs = [rng_state(device)]
+    return {"format": CHECKPOINT_FORMAT, "args": settings, "model": trainable_state(model),
+            "optimizer": optimizer.state_dict(), "step": step, "data": order.state(), "rng": rngs,
+            "model_config": dict(vars(model.config))}
+
+
+def restore_rng(ckpt, rank, world, device, verbose):
+    """This rank's dropout RNG as saved (a run resumed with another number of processes gets fresh streams)."""
+    if len(ckpt["rng"]) == world:
+        set_rng_state(ckpt["rng"][rank], device)
+    elif verbose:
+        print(f"note: the checkpoint has RNG states of {len(ckpt['rng'])} processes, this run has {world}: "
+              f"dropout masks will differ from an uninterrupted run")
+
+
+def open_run_folder(run, settings, resuming, step):
+    """Make the run folder and write args.json; a new run refuses a folder holding a run, a resumed one drops what
+    metrics.jsonl logged after its checkpoint."""
+    ckpt_file, metrics_file = run / "ckpt.pt", run / "metrics.jsonl"
+    if not resuming and ckpt_file.exists():
+        raise UserError(f"{run} already holds a run: continue it with --resume {run}, or pick another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "args.json").write_text(json.dumps(settings, indent=2) + "\n")
+    if resuming and metrics_file.exists():
+        lines = [ln for ln in metrics_file.read_text().splitlines() if ln.strip()]
+        metrics_file.write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= step))
+
+
 def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.float32, verbose=False):
     """(model in eval mode, tokenizer, settings, checkpoint or None) of a tuned run folder (`ckpt`), or of a base
     alone (`init`, default the built-in base) without tuning. `init` with `ckpt`: where the run's base is now."""
@@ -184,7 +238,8 @@ def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.flo
     else:
         state, settings = None, {"init": init or "builtin", "pretrain": False, "seed": 0, "data": None,
                                  "difficulty": None, "tokenizer": None}
-    if not settings["pretrain"] and settings["init"] in (None, "builtin") and not (BUILTIN_BASE / "config.json").is_file():
+    builtin = not settings["pretrain"] and settings["init"] in (None, "builtin")
+    if builtin and not (BUILTIN_BASE / "config.json").is_file():
         raise UserError(f"the built-in base is not built yet ({BUILTIN_BASE}): run python train.py, which builds it "
                         f"first")
     spec = resolve_tokenizer(tokenizer or settings.get("tokenizer"), settings["init"], settings["pretrain"])

@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 from errors import UserError
-from threads import Threads  # noqa: F401 - train.py imports it from here until it imports threads itself
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

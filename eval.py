@@ -55,6 +55,7 @@ from data.format import (
     split_encode,
     target_text,
 )
+from errors import bad_flag
 from mod import ensemble_coefficients, routing_stats
 from molex import prompt_end_from_targets
 from report import markdown_report, overlap, write_plots
@@ -164,8 +165,8 @@ class LogitLens(nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, model, hidden, targets=None, cache=None, n_pad=None):
-        h = model.norm(hidden[self.layer])
+    def forward(self, model, hidden, targets=None, cache=None, n_pad=None, where=None):
+        h = model.norm(hidden[self.layer] if where is None else hidden[self.layer][where])
         logits = model.lm_head(h.to(model.lm_head.weight.dtype)).float()
         loss = None
         if targets is not None:
@@ -216,44 +217,57 @@ def generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, stops,
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, dynamic_ncols=True):
         rows = order[start:start + batch_size]
         with autocast:
-            new = model.generate([prompts[i] for i in rows], max_new_tokens, eos_id=tokenizer.eos_id)
+            new = model.generate([prompts[i] for i in rows], max_new_tokens, eos_id=tokenizer.end_ids)
         for i, ids in zip(rows, new):
             texts[i] = cut_at_stops(tokenizer.decode(ids), stops)
     return texts
 
 
+def by_length(n, length, batch_size):
+    """Batches of indices 0..n-1 in order of length (similar lengths together: little padding)."""
+    order = sorted(range(n), key=length)
+    return [order[s:s + batch_size] for s in range(0, n, batch_size)]
+
+
 @torch.no_grad()
 def option_logliks(model, tokenizer, records, layers, batch_size, autocast=nullcontext()):
     """Total log-likelihood of each option's text after the prompt without the option list, for the model's
-    output and for each readout layer: {source: [[ll of option j] for each record]} (one forward per batch)."""
+    output and for each readout layer: {source: [[ll of option j] for each record]} (one forward per batch;
+    the LM head runs only at the positions that predict an option token)."""
     device = model.embed.weight.device
-    rows = []  # (record index, ids, index in ids of the first option token)
+    rows = []  # (record index, option index, ids, index in ids of the first option token)
     for r, rec in enumerate(records):
         prompt = prompt_text(rec, with_options=False)
-        for cont in choice_continuations(rec, by="text"):
+        for j, cont in enumerate(choice_continuations(rec, by="text")):
             p_ids, c_ids = split_encode(tokenizer, prompt, cont)
             ids = fit_prompt(bos(tokenizer) + p_ids, model.config.max_seq_len - len(c_ids)) + c_ids
-            rows.append((r, ids, len(ids) - len(c_ids)))
+            rows.append((r, j, ids, len(ids) - len(c_ids)))
     sources = ["output"] + [f"layer_{i + 1}" for i in layers]
-    lls = {s: [[] for _ in records] for s in sources}
-    for start in tqdm(range(0, len(rows), batch_size), desc="option log-likelihoods", leave=False, dynamic_ncols=True):
-        batch = rows[start:start + batch_size]
-        T = max(len(ids) for _, ids, _ in batch)
-        idx = torch.tensor([ids + [0] * (T - len(ids)) for _, ids, _ in batch], device=device)
-        prompt_end = torch.tensor([first for _, _, first in batch], device=device)  # MoLEx: route on the prompt
+    lls = {s: [[None] * len(choice_continuations(rec, by="text")) for rec in records] for s in sources}
+    batches = by_length(len(rows), lambda i: len(rows[i][2]), batch_size)
+    for batch in tqdm([[rows[i] for i in b] for b in batches], desc="option log-likelihoods", leave=False,
+                      dynamic_ncols=True):
+        T = max(len(ids) for _, _, ids, _ in batch)
+        idx = torch.tensor([ids + [0] * (T - len(ids)) for _, _, ids, _ in batch], device=device)
+        # MoLEx routes on the prompt
+        prompt_end = torch.tensor([first for _, _, _, first in batch], device=device)
+        scored = torch.zeros_like(idx, dtype=torch.bool)  # the positions that predict an option token
+        for b, (_, _, ids, first) in enumerate(batch):
+            scored[b, first - 1:len(ids) - 1] = True
+        tgt = idx.roll(-1, 1)[scored]  # the token each scored position predicts
+        owner = torch.arange(len(batch), device=device)[:, None].expand_as(idx)[scored]
         with autocast:
-            logits, hidden = model.forward_hidden(idx, prompt_end=prompt_end)
-        for b, (r, ids, first) in enumerate(batch):
-            pos = torch.arange(first - 1, len(ids) - 1, device=device)  # positions that predict the option
-            tgt = idx[b, first:len(ids)]
-            for s in sources:
-                if s == "output":
-                    row_logits = logits[b, pos]
-                else:
-                    layer = int(s.split("_")[1]) - 1
-                    row_logits = layer_head(model, layer, hidden[layer][b, pos])
-                lp = torch.log_softmax(row_logits.float(), -1).gather(-1, tgt[:, None]).sum()
-                lls[s][r].append(float(lp))
+            logits, hidden = model.forward_hidden(idx, prompt_end=prompt_end, where=scored)
+        for s in sources:
+            if s == "output":
+                row_logits = logits
+            else:
+                layer = int(s.split("_")[1]) - 1
+                row_logits = layer_head(model, layer, hidden[layer][scored])
+            lp = torch.log_softmax(row_logits.float(), -1).gather(-1, tgt[:, None]).squeeze(1)
+            per_row = torch.zeros(len(batch), device=device).index_add_(0, owner, lp)
+            for (r, j, _, _), ll in zip(batch, per_row.tolist()):
+                lls[s][r][j] = ll
     return lls
 
 
@@ -261,17 +275,19 @@ def option_logliks(model, tokenizer, records, layers, batch_size, autocast=nullc
 def answer_scores(model, tokenizer, records, batch_size, autocast=nullcontext()):
     """Teacher-forced figures of the reference answers given their prompts (eos included): (cross-entropy in nats
     per answer token, % of answer tokens that are the model's top choice). Smooth beside exact match; the CE also
-    rewards confidence (a sharper, equally right model scores lower), the token accuracy does not."""
+    rewards confidence (a sharper, equally right model scores lower), the token accuracy does not. The LM head
+    runs at the answer positions only."""
     device, total, right, count = model.embed.weight.device, 0.0, 0, 0
     examples = [encode_example(tokenizer, r, max_len=model.config.max_seq_len) for r in records]
-    for start in range(0, len(examples), batch_size):
-        idx, labels = collate(examples[start:start + batch_size], 0, device)
-        with autocast:
-            logits, _ = model(idx, prompt_end=prompt_end_from_targets(labels))  # MoLEx: route on the prompt
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                       reduction="sum"))
-        right += int((logits.argmax(-1) == labels).sum())  # -100 never equals a token id
-        count += int((labels != IGNORE_INDEX).sum())
+    for batch in by_length(len(examples), lambda i: len(examples[i][0]), batch_size):
+        idx, labels = collate([examples[i] for i in batch], 0, device)
+        scored = labels != IGNORE_INDEX
+        with autocast:  # MoLEx: route on the prompt
+            logits, _ = model(idx, prompt_end=prompt_end_from_targets(labels), where=scored)
+        y = labels[scored]
+        total += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+        right += int((logits.argmax(-1) == y).sum())
+        count += len(y)
     return total / max(count, 1), 100.0 * right / max(count, 1)
 
 
@@ -282,10 +298,11 @@ def mod_routing(model, tokenizer, records, batch_size, autocast=nullcontext()):
     device = model.embed.weight.device
     examples = [encode_example(tokenizer, r, max_len=model.config.max_seq_len) for r in records]
     weights, masks = [], []
-    for start in range(0, len(examples), batch_size):
-        idx, labels = collate(examples[start:start + batch_size], 0, device)
+    for batch in by_length(len(examples), lambda i: len(examples[i][0]), batch_size):
+        idx, labels = collate([examples[i] for i in batch], 0, device)
+        nowhere = torch.zeros_like(idx, dtype=torch.bool)  # the weights need the hidden states, no logits
         with autocast:  # right padding: the causal router never sees it at the scored positions
-            _, hidden = model.forward_hidden(idx, prompt_end=prompt_end_from_targets(labels))
+            _, hidden = model.forward_hidden(idx, prompt_end=prompt_end_from_targets(labels), where=nowhere)
         weights.append(ensemble_coefficients(model, hidden).flatten(0, 1).float().cpu())
         masks.append((labels != IGNORE_INDEX).flatten().cpu())
     stats = routing_stats(torch.cat(weights), torch.cat(masks))
@@ -378,13 +395,12 @@ def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=No
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
-    for flag, bad, rule in [("n", args.n is not None and args.n < 1, ">= 1"),
-                            ("batch_size", args.batch_size < 1, ">= 1"),
-                            ("max_new_tokens", args.max_new_tokens is not None and args.max_new_tokens < 1, ">= 1"),
-                            ("layers", args.layers != "all" and not args.layers.isdigit(), "a number of last layers "
-                                                                                             "or 'all'")]:
-        if bad:
-            parser.error(f"--{flag.replace('_', '-')} must be {rule}, got {getattr(args, flag)!r}")
+    message = bad_flag([("n", args.n is not None and args.n < 1, ">= 1"), ("batch_size", args.batch_size < 1, ">= 1"),
+                        ("max_new_tokens", args.max_new_tokens is not None and args.max_new_tokens < 1, ">= 1"),
+                        ("layers", args.layers != "all" and not args.layers.isdigit(),
+                         "a number of last layers or 'all'")], args)
+    if message:
+        parser.error(message)
     if args.ckpt is not None and not checkpoint_path(args.ckpt).is_file():
         parser.error(f"--ckpt {args.ckpt}: no checkpoint there (looked for {checkpoint_path(args.ckpt)})")
     if args.init is not None and not Path(args.init).exists():

@@ -1,7 +1,8 @@
 """
 Export a tuned run (or a base) to Hugging Face's format: config.json + model.safetensors with LoRA merged into
 the weights, and the tokenizer file beside them, so transformers' LlamaForCausalLM (or this project's
-from_pretrained) loads it as a plain model.
+from_pretrained) loads it as a plain model. The base's RoPE scaling (LLaMA-3.1+) and all its end tokens
+(config.json's eos_token_id, a list for LLaMA-3.x instruct models) are written too.
 
     python export.py --ckpt runs/gsm8k-20250101-120000 --out exported/gsm8k-lora
     python export.py --ckpt runs/x --out exported/x --dtype bfloat16
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import load_run
+from checkpoint import base_folder, load_run
 from cli import HelpFormatter, UserError, add_run_flags, run_main
-from weights import save_hf
+from weights import end_token_ids, save_hf
 
 
 def get_parser():
@@ -51,12 +52,15 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if spec.endswith(("tokenizer.model", "tokenizer.json")) and Path(spec).is_file():
         shutil.copy(spec, out / Path(spec).name)  # the tokenizer travels with the weights
+        if spec.endswith("tokenizer.json") and Path(spec).with_name("tokenizer_config.json").is_file():
+            shutil.copy(Path(spec).with_name("tokenizer_config.json"), out)  # its BOS / EOS / padding
     elif spec == "byte" or not spec.endswith(".gguf"):
         extra["tokenizer"] = spec or "byte"  # the name this project's loaders read
     else:
         extra["tokenizer"] = spec  # a GGUF file's tokenizer: there is no tokenizer.json to copy
+    ends = end_token_ids(base_folder(settings["init"]), tokenizer)  # all of them: LLaMA-3.x's <|eot_id|> too
     save_hf(model, out, dtype=getattr(torch, args.dtype) if args.dtype else None, extra_config=extra,
-            bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+            bos_id=tokenizer.bos_id, eos_id=ends if len(ends) > 1 else tokenizer.eos_id)
     what = f"run {args.ckpt} (step {ckpt['step']}, LoRA merged)" if ckpt else f"base {settings['init']}"
     dropped = f", without its {' and '.join(addons)}" if addons else ""
     print(f"exported {what}{dropped} to {out}: config.json, model.safetensors"

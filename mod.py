@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import check_choices
+from model import check_choices, target_rows
 
 ROUTERS = ("token", "sequence", "vector")
 STARTS = ("final", "uniform")
@@ -76,7 +76,8 @@ class MoDConfig:
         "peak lr of the router alone, in its own AdamW group without weight decay (default: --lr)")})
     distill_weight: float = field(default=1.0, metadata={"help": (
         "lambda: weight of the final layer's distillation into the other late layers (0: off)")})
-    distill_temp: float = field(default=1.0, metadata={"help": "distillation temperature T (the KL is multiplied by T^2)"})
+    distill_temp: float = field(default=1.0, metadata={"help": (
+        "distillation temperature T (the KL is multiplied by T^2)")})
     distill_direction: str = field(default="forward", metadata={"choices": DIRECTIONS, "help": (
         "forward: KL(p_final || p_layer); reverse: KL(p_layer || p_final); the final layer is the detached teacher")})
     layer_ce: bool = field(default=True, metadata={"help": (
@@ -117,8 +118,8 @@ class DepthEnsemble(nn.Module):
             self.router = nn.Linear(model.config.dim, cfg.k, device=device, dtype=torch.float32)
             nn.init.zeros_(self.router.weight)  # zero scores: uniform weights at step 0
             nn.init.zeros_(self.router.bias)
-        # g, the ensemble's share: 0 = the final layer alone (start "final"); None = fixed at 1 (start "uniform")
-        self.share = nn.Parameter(torch.zeros((), device=device)) if cfg.start == "final" else None
+        # g, the ensemble weight: 0 = the final layer alone (start "final"); None = fixed at 1 (start "uniform")
+        self.ensemble_weight = nn.Parameter(torch.zeros((), device=device)) if cfg.start == "final" else None
         self.only_layer = None  # evaluation: an index 0..k-1 uses that late layer alone (k-1 = the final layer)
         self.fused = True  # the fused mod_loss (False: the plain ensemble_loss; the same numbers)
         self.last_losses = {}  # the loss terms of the last call with targets, detached (log_numbers)
@@ -128,14 +129,14 @@ class DepthEnsemble(nn.Module):
         """The add-on interface (model.addons), after each optimizer step: with share "bounded", g is put back
         into [0, 1] (projected gradient descent), so that at a bound it keeps the gradient the clamp passes there;
         a g left below 0 would get none and never come back."""
-        if self.share is not None and self.cfg.share == "bounded":
-            self.share.clamp_(0, 1)
+        if self.ensemble_weight is not None and self.cfg.share == "bounded":
+            self.ensemble_weight.clamp_(0, 1)
 
     def log_numbers(self):
-        """The add-on interface: the last training loss's parts and the ensemble's share g, for metrics.jsonl."""
+        """The add-on interface: the last training loss's parts and the ensemble weight g, for metrics.jsonl."""
         numbers = {f"mod_{name}": float(value) for name, value in self.last_losses.items()}
-        if self.share is not None:
-            numbers["mod_g"] = float(self.share.detach())
+        if self.ensemble_weight is not None:
+            numbers["mod_g"] = float(self.ensemble_weight.detach())
         return numbers
 
     def head(self, model, i, h):
@@ -186,7 +187,7 @@ class DepthEnsemble(nn.Module):
         return F.softmax(scores, dim=-1) * keep
 
     def mixing(self, model, hidden, cache=None, n_pad=None):
-        """(w, g): the (B, T, k) router weights and the ensemble's share g (None: start "uniform", g = 1);
+        """(w, g): the (B, T, k) router weights and the ensemble weight g (None: start "uniform", g = 1);
         with only_layer, w is one-hot on that layer and g None."""
         if self.only_layer is not None:
             if not 0 <= self.only_layer < self.k:
@@ -195,7 +196,9 @@ class DepthEnsemble(nn.Module):
             B, T, _ = hidden[-1].shape
             one_hot = F.one_hot(torch.tensor(self.only_layer, device=hidden[-1].device), self.k)
             return one_hot.float().expand(B, T, -1), None
-        g = self.share.clamp(0, 1) if self.share is not None and self.cfg.share == "bounded" else self.share
+        g = self.ensemble_weight
+        if g is not None and self.cfg.share == "bounded":
+            g = g.clamp(0, 1)  # the clamp passes the gradient at the bounds: 1 at g = 0
         return self.routing_weights(model, hidden, cache, n_pad), g
 
     def coefficients(self, model, hidden, cache=None, n_pad=None):
@@ -206,7 +209,7 @@ class DepthEnsemble(nn.Module):
         final = F.one_hot(torch.tensor(self.k - 1, device=w.device), self.k).float()
         return g * w + (1 - g) * final
 
-    def forward(self, model, hidden, targets=None, cache=None, n_pad=None):
+    def forward(self, model, hidden, targets=None, cache=None, n_pad=None, where=None):
         """Without targets: (the ensemble logits (B, T, V) fp32, None). With targets: (None, loss), the readouts
         computed at the target positions only, by the fused path (self.fused, the default) or by
         ensemble_loss, its plain definition. last_losses gets the per-token means of the terms: ce, distill
@@ -215,6 +218,8 @@ class DepthEnsemble(nn.Module):
         B, T, dim = states[-1].shape
         if targets is None:  # summed layer by layer: one layer's logits besides z at a time
             coef = self.coefficients(model, hidden, cache, n_pad)
+            if where is not None:  # only these positions are read out (the router has seen them all)
+                coef, states = coef[where], [h[where] for h in states]
             return sum(coef[..., i:i + 1] * self.head(model, i, h) for i, h in enumerate(states)), None
         if targets.shape != (B, T):
             raise ValueError(f"MoD: targets of shape {tuple(targets.shape)} for hidden states of shape {(B, T)}")
@@ -232,14 +237,8 @@ class DepthEnsemble(nn.Module):
     def fused_loss(self, model, states, coef, targets):
         """ensemble_loss by mod_loss: states k (B, T, dim), coef (B, T, k), targets (B, T) with -100 on the
         positions that are not targets."""
-        B, T, dim = states[-1].shape
-        coef, cfg, row_weight = coef.reshape(B * T, self.k), self.cfg, None
-        y, states = targets.reshape(B * T), [h.reshape(B * T, dim) for h in states]
-        if torch.compiler.is_compiling():  # a data-dependent row selection would break the graph: weigh rows
-            row_weight, y = (y != -100).float(), y.clamp(min=0)
-        else:
-            rows = (y != -100).nonzero().squeeze(1)
-            states, coef, y = [h[rows] for h in states], coef[rows], y[rows]
+        (coef, *states), y, row_weight = target_rows(targets, coef, *states)  # as the plain loss selects them
+        cfg = self.cfg
         states = [self.normed(model, i, h) for i, h in enumerate(states)]
         return mod_loss(states, model.lm_head.weight, coef, y, cfg.distill_weight if self.k > 1 else 0.0,
                         cfg.distill_temp, cfg.distill_direction == "forward", cfg.layer_ce, cfg.chunk_size,
@@ -248,7 +247,7 @@ class DepthEnsemble(nn.Module):
 
 def ensemble_loss(logits, w, g, y, cfg):
     """The MoD loss as the paper writes it, with autograd: the definition the fused mod_loss is tested equal to.
-    logits: the k readouts l_1 .. l_k (n, V) (l_k = l_final), w (n, k) router weights, g the ensemble's share
+    logits: the k readouts l_1 .. l_k (n, V) (l_k = l_final), w (n, k) router weights, g the ensemble weight
     (None: z = sum_i w_i l_i), y (n,) the targets. Returns (loss, (ce, distill, layer_ce) detached)."""
     k, T = len(logits), cfg.distill_temp
     l_final = logits[-1]
@@ -274,8 +273,8 @@ def mod_loss(states, weight, coef, y, distill_weight, temp, forward_kl, layer_ce
              row_weight=None):
     """ensemble_loss, fused: (loss, (ce, distill, layer_ce)) over n target tokens: states = k (n, dim) normed
     states, weight = the frozen LM head (V, dim), coef (n, k) the ensemble coefficients, y (n,); row_weight (n,)
-    0/1 weighs the rows (None: all count). The loss is [CE(z) + distill_weight * distill + layer_ce] / (counted rows); the parts are per-token
-    means (detached)."""
+    0/1 weighs the rows (None: all count). The loss is [CE(z) + distill_weight * distill + layer_ce] / (counted
+    rows); the parts are per-token means (detached)."""
     need_grad = torch.is_grad_enabled() and (coef.requires_grad or any(x.requires_grad for x in states))
     if need_grad and weight.requires_grad:
         raise ValueError("MoD's loss does not train the LM head: freeze the base first (model.freeze_base)")
@@ -361,16 +360,16 @@ def _chunk(coef, y, weight, states, distill_weight, temp, forward_kl, layer_ce, 
     for i, l in enumerate(logits):  # each l becomes its own gradient, in place
         is_student = distilled and i < k - 1
         # dKL/dl_i = softmax(l_i) - p_f: reuses the softmax(l_i) of the layer CE
-        shares_softmax = is_student and forward_kl and T == 1
+        same_softmax = is_student and forward_kl and T == 1
         grad_kl = None
-        if is_student and not shares_softmax:  # d(T^2 KL)/dl_i = T dKL/d(l_i / T)
+        if is_student and not same_softmax:  # d(T^2 KL)/dl_i = T dKL/d(l_i / T)
             logp_t = F.log_softmax(l / T, -1)
             p_t = logp_t.exp()
             grad_kl = p_t - p_final if forward_kl else p_t * (logp_t - logp_final - kls[i][:, None])
-        if layer_ce or shares_softmax:
-            weight_i = w_layer + (w_distill if shares_softmax else 0.0)
+        if layer_ce or same_softmax:
+            weight_i = w_layer + (w_distill if same_softmax else 0.0)
             l.sub_(lse[i][:, None]).exp_().mul_(weight_i)  # softmax(l_i), weighted
-            if shares_softmax:
+            if same_softmax:
                 l.sub_(p_final, alpha=w_distill)
             if layer_ce:  # dCE(l_i)/dl_i = softmax(l_i) - onehot(y), mean over the k layers
                 l[rows, y] -= w_layer
@@ -407,7 +406,7 @@ def layer_logits(model, hidden):
 
 def ensemble_coefficients(model, hidden, n_pad=None):
     """(B, T, k) routing weights of the ensemble: the coefficients c of z = sum_i c_i l_i (start "final": the
-    share g of the router's weights plus 1 - g on the final layer)."""
+    weight g of the router's weights plus 1 - g on the final layer)."""
     return model.mod.coefficients(model, hidden, n_pad=n_pad)
 
 
@@ -419,5 +418,5 @@ def routing_stats(weights, mask=None, eps=1e-3):
     if mask is not None:
         w = w[mask.reshape(-1).bool()]
     top1 = F.one_hot(w.argmax(-1), w.size(-1)).float()
-    return {"tokens": w.size(0), "mean_weight": w.mean(0).tolist(), "sparsity": (w.abs() < eps).float().mean(0).tolist(),
-            "top1": top1.mean(0).tolist()}
+    return {"tokens": w.size(0), "mean_weight": w.mean(0).tolist(),
+            "sparsity": (w.abs() < eps).float().mean(0).tolist(), "top1": top1.mean(0).tolist()}

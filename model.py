@@ -10,6 +10,11 @@ Two hooks let the add-ons change the forward pass without this file knowing them
     model.mod    the head hook: gets every layer's output and returns (logits, loss) (mod.py's depth ensemble,
                  whose logits are None when it computes a loss; eval.py's logit lens stands in for it to read
                  out one layer)
+
+Logits only where something reads them: with targets, the LM head and the cross-entropy run at the target
+positions only, a chunk of rows at a time (head_loss: no (tokens x vocab) tensor beyond one chunk is kept for
+backward); without targets, `where` (a (B, T) mask) reads out only the chosen positions (eval's scored tokens,
+generation's last prompt position).
 """
 import math
 from dataclasses import dataclass, field, fields
@@ -19,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -35,6 +42,9 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     tie_embeddings: bool = False  # the LM head is the embedding matrix (one Parameter), as in SmolLM2
+    # LLaMA-3.1+'s RoPE scaling in Hugging Face's spelling: {"rope_type": "llama3", "factor",
+    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}; None: plain RoPE
+    rope_scaling: dict | None = None
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -47,6 +57,14 @@ class LlamaConfig:
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or (self.dim // self.n_heads) % 2:
             raise ValueError(f"bad config: dim={self.dim} must split into n_heads={self.n_heads} heads of even "
                              f"size, and n_heads must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.rope_scaling is not None:
+            s = self.rope_scaling
+            if s.get("rope_type") != "llama3" or set(s) != {"rope_type", *LLAMA3_ROPE_KEYS}:
+                raise ValueError(f"bad config: rope_scaling {s} is not LLaMA-3's (rope_type 'llama3' with "
+                                 f"{', '.join(LLAMA3_ROPE_KEYS)})")
+            if not s["high_freq_factor"] > s["low_freq_factor"] > 0 or s["factor"] <= 0:
+                raise ValueError(f"bad config: rope_scaling {s} needs factor > 0 and "
+                                 f"high_freq_factor > low_freq_factor > 0")
 
     @property
     def head_dim(self):
@@ -66,9 +84,23 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_tables(head_dim, max_len, theta, device=None):
-    """cos and sin of every (position, frequency) angle, each (max_len, head_dim), in HF's half-split layout."""
+def llama3_scaled(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """LLaMA-3.1's longer context: frequencies whose wavelength exceeds original / low_freq_factor positions
+    turn `factor` times slower, those below original / high_freq_factor stay, and those between blend the two."""
+    wavelen = 2 * math.pi / inv_freq
+    slow = inv_freq / factor
+    s = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - s) * slow + s * inv_freq
+    out = torch.where(wavelen > original_max_position_embeddings / low_freq_factor, slow, blended)
+    return torch.where(wavelen < original_max_position_embeddings / high_freq_factor, inv_freq, out)
+
+
+def rope_tables(head_dim, max_len, theta, device=None, scaling=None):
+    """cos and sin of every (position, frequency) angle, each (max_len, head_dim), in HF's half-split layout.
+    scaling: LlamaConfig.rope_scaling (LLaMA-3's) or None."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    if scaling is not None:
+        inv_freq = llama3_scaled(inv_freq, *(scaling[k] for k in LLAMA3_ROPE_KEYS))
     angles = torch.outer(torch.arange(max_len, device=device).float(), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -181,7 +213,8 @@ class Llama(nn.Module):
 
     def build_rope(self, device=None):
         # not in checkpoints (persistent=False): rebuilt after loading onto the meta device
-        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta, device)
+        c = self.config
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, device, c.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -202,19 +235,22 @@ class Llama(nn.Module):
         train.py calls without naming them."""
         return [addon for addon in (self.mod, self.molex) if addon is not None]
 
-    def forward(self, idx, targets=None, *, cache=None, n_pad=None, prompt_end=None):
-        """idx (B, T) -> (logits (B, T, vocab), loss or None); the loss needs targets (-100 = ignored).
+    def forward(self, idx, targets=None, *, cache=None, n_pad=None, prompt_end=None, where=None):
+        """idx (B, T) -> (logits, loss). Without targets: (logits (B, T, vocab), None), or with where, a
+        (B, T) bool mask, the logits of those positions only, (n, vocab) in row-major order. With targets
+        (-100 = ignored): (None, the mean loss over the targets), the logits made at the target positions only.
         n_pad (B,): left-padding length of each row. prompt_end (B,) or int: the columns before it hold each
         row's prompt (MoLEx routes a sequence on its prompt only)."""
         if cache is not None:
             n_pad = cache.n_pad  # generation: the cache knows each row's padding
         hidden = self.trunk(idx, cache, n_pad, prompt_end, keep_all=self.mod is not None)
-        return self.output(hidden, targets, cache, n_pad)
+        return self.output(hidden, targets, cache, n_pad, where)
 
-    def forward_hidden(self, idx, *, n_pad=None, prompt_end=None):
-        """(logits, hidden): the model's logits and the hidden state after every layer (for layer readouts)."""
+    def forward_hidden(self, idx, *, n_pad=None, prompt_end=None, where=None):
+        """(logits, hidden): the model's logits (at `where` only, as in forward) and the hidden state after
+        every layer (for layer readouts)."""
         hidden = self.trunk(idx, None, n_pad, prompt_end, keep_all=True)
-        return self.output(hidden, None, None, n_pad)[0], hidden
+        return self.output(hidden, None, None, n_pad, where)[0], hidden
 
     def trunk(self, idx, cache, n_pad, prompt_end, keep_all):
         """Embedding and blocks: the list of every layer's output (only the last one unless keep_all)."""
@@ -245,15 +281,14 @@ class Llama(nn.Module):
             cache.pos += T
         return hidden if keep_all else [x]
 
-    def output(self, hidden, targets, cache, n_pad):
+    def output(self, hidden, targets, cache, n_pad, where=None):
         if self.mod is not None:
-            logits, loss = self.mod(self, hidden, targets, cache=cache, n_pad=n_pad)
+            logits, loss = self.mod(self, hidden, targets, cache=cache, n_pad=n_pad, where=where)
+        elif targets is not None:  # the head at the target positions only, a chunk at a time
+            (h,), y, real = target_rows(targets, hidden[-1])
+            logits, loss = None, head_loss(self.norm(h), self.lm_head.weight, y, real)
         else:
-            logits = self.lm_head(self.norm(hidden[-1]))
-            loss = None
-            if targets is not None:
-                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                       ignore_index=-100)
+            logits, loss = self.lm_head(self.norm(hidden[-1] if where is None else hidden[-1][where])), None
         if self.molex is not None and loss is not None:
             loss = loss + self.molex.aux_loss()  # the gate's load-balancing loss of this pass (0 when off)
         return logits, loss
@@ -262,9 +297,10 @@ class Llama(nn.Module):
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, use_cache=True,
                  generator=None, on_token=None):
         """prompts: list of token-id lists (any lengths; left-padded here). Returns the new tokens of each
-        row, stopping at (and leaving out) eos_id. temperature 0 is greedy. use_cache=False recomputes the
-        whole sequence at every step (slow; the reference the cache is tested against). on_token(list of B
-        ids) is called after every step (streaming)."""
+        row, stopping at (and leaving out) eos_id: one id, or several (instruct models end a turn with any of
+        their end tokens). temperature 0 is greedy. use_cache=False recomputes the whole sequence at every
+        step (slow; the reference the cache is tested against). on_token(list of B ids) is called after every
+        step (streaming)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate() needs at least one prompt and no empty prompt (start with BOS)")
         device = self.embed.weight.device
@@ -280,14 +316,20 @@ class Llama(nn.Module):
             n_sites = self.config.n_layers * (2 if self.molex is not None else 1)
             cache = KVCache(self.config, n_sites, B, total, device, self.embed.weight.dtype)
             cache.n_pad = n_pad if bool(n_pad.any()) else None
+        stop = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else sorted(set(eos_id))
+        stop_t = torch.tensor(stop, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         new = []
         for step in range(max_new_tokens):
+            inp = seq if step == 0 or not use_cache else seq[:, -1:]
+            last = torch.zeros(inp.shape, dtype=torch.bool, device=device)
+            last[:, -1] = True  # only the last position is sampled: the prefill reads out nothing else
             if use_cache:
-                logits, _ = self(seq if step == 0 else seq[:, -1:], cache=cache)
+                logits, _ = self(inp, cache=cache, where=last)
             else:
-                logits, _ = self(seq, n_pad=n_pad if bool(n_pad.any()) else None, prompt_end=longest)
-            logits = logits[:, -1].float()
+                n_pad_or_none = n_pad if bool(n_pad.any()) else None
+                logits, _ = self(inp, n_pad=n_pad_or_none, prompt_end=longest, where=last)
+            logits = logits.float()  # (B, vocab)
             if temperature == 0:
                 nxt = logits.argmax(-1)
             else:
@@ -300,12 +342,86 @@ class Llama(nn.Module):
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             if on_token is not None:
                 on_token(nxt.tolist())
-            if eos_id is not None:
-                done |= nxt == eos_id
+            if stop:
+                done |= torch.isin(nxt, stop_t)
                 if bool(done.all()):
                     break
         rows = torch.stack(new, 1).tolist() if new else [[] for _ in prompts]
-        return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+        return [r[:min((r.index(i) for i in stop if i in r), default=len(r))] for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The LM head and its cross-entropy at the target positions only, a chunk of rows at a time
+
+# rows per chunk: logits of at most this many elements at once (64 MB in fp32: 341 rows of SmolLM2's 49,152
+# vocabulary, 130 of LLaMA-3's 128,256)
+HEAD_CHUNK_ELEMENTS = 2 ** 24
+
+
+def target_rows(targets, *tensors):
+    """([rows of each (B, T, ...) tensor], y (n,), real): the rows that have a target (targets != -100),
+    flattened to (n, ...), and their targets. Under torch.compile every row is kept and `real` (n,) weighs them
+    0/1 (a data-dependent selection would break the graph); real is None otherwise. The plain loss and MoD's
+    use it."""
+    y = targets.reshape(-1)
+    flat = [t.reshape(len(y), *t.shape[2:]) for t in tensors]
+    if torch.compiler.is_compiling():
+        return flat, y.clamp(min=0), (y != -100).float()
+    rows = (y != -100).nonzero().squeeze(1)
+    return [t[rows] for t in flat], y[rows], None
+
+
+def head_loss(x, weight, y, real=None, chunk_rows=None):
+    """Mean cross-entropy of the logits x @ weight.T (x (n, dim) normed states, weight the LM head (V, dim))
+    against y (n,), rows weighed by real (n,) 0/1 if given (0 when nothing counts). The same loss and
+    gradients as F.cross_entropy on the whole float32 logits, but made chunk_rows rows at a time (default:
+    HEAD_CHUNK_ELEMENTS // V), gradients included: no (n, V) tensor is kept for backward."""
+    chunk_rows = chunk_rows or max(1, HEAD_CHUNK_ELEMENTS // weight.size(0))
+    grad_enabled = torch.is_grad_enabled()
+    return _HeadLoss.apply(x, weight, y, real, chunk_rows, grad_enabled and x.requires_grad,
+                           grad_enabled and weight.requires_grad)
+
+
+class _HeadLoss(torch.autograd.Function):
+    """The gradients are worked out in forward, chunk by chunk (the loss is a scalar, so backward only scales
+    them): each chunk's logits become their own gradient in place and are freed before the next chunk."""
+
+    @staticmethod
+    def forward(ctx, x, weight, y, real, chunk_rows, need_x, need_w):
+        n = x.size(0)
+        count = (real.sum() if real is not None else torch.tensor(float(n), device=x.device)).clamp(min=1)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
+        for s in range(0, n, chunk_rows):
+            xc, yc = x[s:s + chunk_rows], y[s:s + chunk_rows]
+            logits = xc @ weight.T  # in the compute dtype (bf16 under autocast), as the LM head's output
+            z = logits.float()
+            lse = torch.logsumexp(z, -1)
+            rows = torch.arange(len(yc), device=x.device)
+            ones = torch.ones_like(lse)
+            w = (real[s:s + chunk_rows] if real is not None else ones) / count  # d loss / d CE of each row
+            total = total + ((lse - z[rows, yc]) * w).sum()
+            if need_x or need_w:  # d CE / d z = softmax(z) - onehot(y), times each row's weight
+                g = z.sub_(lse[:, None]).exp_()
+                g[rows, yc] -= 1
+                g = g.mul_(w[:, None]).to(logits.dtype)
+                if need_x:
+                    grad_x[s:s + chunk_rows] = (g @ weight).to(x.dtype)
+                if need_w:
+                    grad_w += (g.T @ xc).float()
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        ctx.save_for_backward(*(t for t in (grad_x, grad_w) if t is not None))
+        ctx.need = (need_x, need_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        saved = list(ctx.saved_tensors)
+        grads = [saved.pop(0) if need else None for need in ctx.need]
+        grad_x, grad_w = (g * grad_loss.to(g.dtype) if g is not None else None for g in grads)
+        return grad_x, grad_w, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ At each mixed layer t a gate reads the layer's input z_t and picks a layer j of 
 
     z_{t+1} = u_t(z_t) + m_t * (u_j(z_t) - u_t(z_t))          (u = a whole block, residual connections included)
 
-m_t = 1 - alpha is the expert's share. By default it is learned per mixed layer and starts at 0, so a tuned model
-starts exactly at its base and m_t has a gradient there (the expert grows in, as LoRA's zero B lets its update
-grow); the paper's fixed alpha (0.5; 0.95 in the authors' decoder recipe) is --molex-alpha with
+m_t = 1 - alpha is the expert's mixing weight. By default it is learned per mixed layer and starts at 0, so a tuned
+model starts exactly at its base and m_t has a gradient there (the expert grows in, as LoRA's zero B lets its
+update grow); the paper's fixed alpha (0.5; 0.95 in the authors' decoder recipe) is --molex-alpha with
 --no-molex-learn-alpha.
 
 The gate scores all L layers for every token; j is the mode of the tokens' top-1 choices, taken over the whole
@@ -45,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model import check_choices
 
-SHARES = ("shared", "per_layer")
+GATE_SHARING = ("shared", "per_layer")
 RULES = ("paper", "sequence")
 GATE_MODES = ("balance", "task", "aux_free")
 VOTES = ("prompt", "all")
@@ -57,7 +57,7 @@ class MoLExConfig:
     """MoLEx's settings; train.py's --molex-* flags are made from these fields (help text included)."""
     layers: str = field(default="all", metadata={"help": "mixed layers: all, first:n or last:n (each chooses "
                                                          "among all layers)"})
-    share: str = field(default="shared", metadata={"choices": SHARES, "help": (
+    share: str = field(default="shared", metadata={"choices": GATE_SHARING, "help": (
         "one gate Linear(dim, n_layers) with bias for all mixed layers, or one per layer")})
     cosine: bool = field(default=False, metadata={"help": (
         "cosine gate: scale * cos(z, w_e) + b_e, blind to the size of the hidden state")})
@@ -70,11 +70,11 @@ class MoLExConfig:
         "training: which tokens vote for the expert: prompt (as at generation, where only the prompt exists) or "
         "all (the paper)")})
     alpha: float = field(default=1.0, metadata={"help": (
-        "weight of the layer itself, 1 - the expert's share; the start value when learned (1: the base model). "
-        "The paper: 0.5 fixed; the authors' decoder recipe (GPT-2): 0.95 fixed")})
+        "weight of the layer itself, 1 - the expert's mixing weight m_t; the start value when learned (1: the base "
+        "model). The paper: 0.5 fixed; the authors' decoder recipe (GPT-2): 0.95 fixed")})
     learn_alpha: bool = field(default=True, metadata={"help": (
-        "learn the expert's share 1 - alpha per mixed layer, a free scalar (so it can start at exactly 0); "
-        "--no-molex-learn-alpha keeps alpha fixed, as the paper")})
+        "learn the expert's mixing weight m_t = 1 - alpha per mixed layer, a free scalar (so it can start at "
+        "exactly 0); --no-molex-learn-alpha keeps alpha fixed, as the paper")})
     gate_mode: str = field(default="balance", metadata={"choices": GATE_MODES, "help": (
         "what trains the gate: balance = only the load-balance loss (the paper); task = the task loss too "
         "(expert output x p_j / p_j.detach()); aux_free = the task loss, balanced by a selection bias instead of "
@@ -87,8 +87,8 @@ class MoLExConfig:
     # The paper's gate lr 0.1 suits RoBERTa, whose layer inputs are LayerNorm outputs; one AdamW step of 0.1 (6x
     # the init scale of +-1/sqrt(4096)) on LLaMA's unnormalized residual stream would saturate the gate at once.
     gate_lr: float | None = field(default=None, metadata={"help": (
-        "peak lr of the gate and the learned share, in their own AdamW group (default: --lr; the paper's 0.1 was for RoBERTa "
-        "and saturates a gate reading LLaMA's hidden states)")})
+        "peak lr of the gate and the learned mixing weight m_t, in their own AdamW group (default: --lr; the "
+        "paper's 0.1 was for RoBERTa and saturates a gate reading LLaMA's hidden states)")})
     gate_weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of the gate and alpha "
                                                                     "(the paper's)"})
     gate_init: str = field(default="normal", metadata={"choices": GATE_INITS, "help": (
@@ -148,9 +148,9 @@ class MoLEx(nn.Module):
         if cfg.gate_mode == "balance" and cfg.balance_weight == 0:  # nothing could train it: keep it out of the
             self.gate_weight.requires_grad_(False)  # optimizer (and out of DDP's unused-parameter check)
             self.gate_bias.requires_grad_(False)
-        self.share = None  # learn_alpha: the expert's share m_t = 1 - alpha of each mixed layer
+        self.mix_weight = None  # learn_alpha: the expert's mixing weight m_t = 1 - alpha per mixed layer
         if cfg.learn_alpha:
-            self.share = nn.Parameter(torch.full((len(self.mixed),), 1 - cfg.alpha, device=device))
+            self.mix_weight = nn.Parameter(torch.full((len(self.mixed),), 1 - cfg.alpha, device=device))
         self.register_buffer("select_bias", torch.zeros(L, L, device=device))  # aux_free: [layer t, expert e]
         # plain CPU tensors, not buffers (DDP would overwrite every rank's buffers with rank 0's at each forward)
         self.load = torch.zeros(L, L)  # aux_free: sequences per [layer t, expert e] since the last update_bias
@@ -163,9 +163,9 @@ class MoLEx(nn.Module):
         """Everything MoLEx trains (gate and alpha): the parameters of its own optimizer group."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    def expert_share(self, t):
+    def mix_weight_of(self, t):
         """m_t = 1 - alpha at mixed layer t: a fixed float, or the learned scalar."""
-        return 1 - self.cfg.alpha if self.share is None else self.share[self.index[t]]
+        return 1 - self.cfg.alpha if self.mix_weight is None else self.mix_weight[self.index[t]]
 
     def scores(self, t, x):
         """(B, T, L) gate scores of layer t's input, in fp32 (bf16 scores would tie and flip choices)."""
@@ -185,7 +185,7 @@ class MoLEx(nn.Module):
             return block(x, rope, mask, cache.slot(i) if cache is not None else None)
         experts, scale = self.route(i, x, cache, cache.n_pad if cache is not None else n_pad, prompt_end,
                                     model.training)
-        m = self.expert_share(i)
+        m = self.mix_weight_of(i)
         run = lambda x: self.mix(model, i, x, rope, mask, cache, experts, m, scale)  # noqa: E731
         return checkpoint(run, x, use_reentrant=False) if ckpt else run(x)  # both blocks recomputed in backward
 
@@ -223,9 +223,20 @@ class MoLEx(nn.Module):
         return experts, scale
 
     def mix(self, model, t, x, rope, mask, cache, experts, m, scale):
-        B = x.size(0)
-        y = model.layers[t](x, rope, mask, cache.slot(t) if cache is not None else None)
-        ye = y  # rows whose expert is layer t itself: the mix is the block itself
+        """z' = u_t(z) + m_t (u_j(z) - u_t(z)): layer t's block mixed with each row's expert block j."""
+        u_t = model.layers[t](x, rope, mask, cache.slot(t) if cache is not None else None)
+        u_j = self.expert_blocks(model, t, x, rope, mask, cache, experts, u_t)
+        if scale is not None:  # task modes: u_j * p_j / p_j.detach() (value 1, the gradient of log p_j)
+            u_j = u_j * scale.to(u_j.dtype)
+        if self.mix_weight is None:  # fixed alpha = 1 - m_t
+            return (1 - m) * u_t + m * u_j  # z' = alpha u_t + (1 - alpha) u_j, as the paper writes it
+        # m_t = 0 gives exactly u_t, and m_t has a gradient there
+        return u_t + m.to(u_t.dtype) * (u_j - u_t)  # z' = u_t + m_t (u_j - u_t)
+
+    def expert_blocks(self, model, t, x, rope, mask, cache, experts, u_t):
+        """u_j(z) of each row's expert j: one call of block j on the rows that chose it (its KV-cache slot is L + t);
+        rows whose expert is layer t itself keep u_t."""
+        B, u_j = x.size(0), u_t
         for j in experts.unique().tolist():
             if j == t:
                 continue
@@ -233,15 +244,11 @@ class MoLEx(nn.Module):
             whole = len(rows) == B
             slot = cache.slot(self.L + t, None if whole else rows) if cache is not None else None
             if whole:
-                ye = model.layers[j](x, rope, mask, slot)
+                u_j = model.layers[j](x, rope, mask, slot)
             else:
                 part = model.layers[j](x[rows], tuple(rows_of(r, rows) for r in rope), rows_of(mask, rows), slot)
-                ye = ye.index_copy(0, rows, part)
-        if scale is not None:
-            ye = ye * scale.to(ye.dtype)
-        if self.share is None:
-            return (1 - m) * y + m * ye  # the paper's alpha * u_t + (1 - alpha) * u_j
-        return y + m.to(y.dtype) * (ye - y)  # m = 0: exactly u_t, and m has a gradient there
+                u_j = u_j.index_copy(0, rows, part)
+        return u_j
 
     def record(self, t, experts, training):
         counting = training and self.cfg.gate_mode == "aux_free"

@@ -5,6 +5,8 @@ settings. train.py's optimization flags are made from OptimConfig's fields.
 import math
 from dataclasses import dataclass, field
 
+from errors import bad_flag
+
 # Defaults that depend on what is trained; a flag that is given always wins. "builtin": LoRA on the built-in
 # base (calibrated so that `python train.py` fits in a few CPU minutes and clearly beats the untuned base);
 # "init": LoRA on a LLaMA checkpoint (--init; LLM-Adapters' GSM8K settings, 1 epoch); "pretrain": --pretrain.
@@ -36,18 +38,17 @@ class OptimConfig:
 
     def __post_init__(self):
         checks = [("lr", self.lr is not None and self.lr <= 0, "> 0"),
-                  ("min-lr", self.min_lr is not None and not 0 <= self.min_lr <= (self.lr or math.inf), "in [0, lr]"),
-                  ("warmup-steps", (self.warmup_steps or 0) < 0, ">= 0"),
-                  ("weight-decay", (self.weight_decay or 0) < 0, ">= 0"),
+                  ("min_lr", self.min_lr is not None and not 0 <= self.min_lr <= (self.lr or math.inf), "in [0, lr]"),
+                  ("warmup_steps", (self.warmup_steps or 0) < 0, ">= 0"),
+                  ("weight_decay", (self.weight_decay or 0) < 0, ">= 0"),
                   ("beta1", not 0 <= self.beta1 < 1, "in [0, 1)"), ("beta2", not 0 <= self.beta2 < 1, "in [0, 1)"),
-                  ("grad-clip", self.grad_clip < 0, ">= 0"),
-                  ("batch-size", self.batch_size is not None and self.batch_size < 1, ">= 1"),
-                  ("grad-accum", self.grad_accum < 1, ">= 1"),
-                  ("max-steps", self.max_steps is not None and self.max_steps < 1, ">= 1"),
+                  ("grad_clip", self.grad_clip < 0, ">= 0"),
+                  ("batch_size", self.batch_size is not None and self.batch_size < 1, ">= 1"),
+                  ("grad_accum", self.grad_accum < 1, ">= 1"),
+                  ("max_steps", self.max_steps is not None and self.max_steps < 1, ">= 1"),
                   ("epochs", self.epochs is not None and self.epochs <= 0, "> 0")]
-        for flag, bad, rule in checks:
-            if bad:
-                raise ValueError(f"--{flag} must be {rule}, got {getattr(self, flag.replace('-', '_'))}")
+        if message := bad_flag(checks, self):
+            raise ValueError(message)
         if self.max_steps is not None and self.epochs is not None:
             raise ValueError("give --max-steps or --epochs, not both")
 

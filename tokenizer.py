@@ -28,6 +28,7 @@ also what it outputs. Making it do the above:
     what BPE makes of its own characters, as in a BPE-trained vocabulary (tests check all of LLaMA's).
 """
 import codecs
+import re
 import struct
 from itertools import chain
 from pathlib import Path
@@ -53,6 +54,7 @@ class Tokenizer:
                  remove_extra_whitespaces=False, escape_whitespaces=True, unk_surface=" \u2047 ", add_bos=True):
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
         self.add_bos = add_bos  # whether texts for the model start with BOS (data.format.bos reads it)
+        self.end_ids = (eos_id,)  # the ids that end a generation
         self.vocab_size = len(pieces)
         self.add_dummy_prefix, self.remove_extra_ws = add_dummy_prefix, remove_extra_whitespaces
         self.escape_ws, self.unk_surface = escape_whitespaces, unk_surface
@@ -223,10 +225,30 @@ def _read_model(data, path):
                      unk_surface=unk_surface)
 
 
+def tokenizer_kind(file):
+    """What a tokenizer file holds, judged by its first bytes (Meta's LLaMA-2 and LLaMA-3 both call theirs
+    tokenizer.model): 'gguf', 'json' (tokenizer.json), 'tiktoken' (lines of base64 token and rank) or
+    'sentencepiece' (a protobuf ModelProto, whose first field is a piece)."""
+    with open(file, "rb") as f:
+        head = f.read(256)
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if head.lstrip()[:1] == b"{":
+        return "json"
+    if re.match(rb"[A-Za-z0-9+/]+=* \d+\r?\n", head):
+        return "tiktoken"
+    if head[:1] == b"\x0a":  # field 1 (pieces), length-delimited
+        return "sentencepiece"
+    raise ValueError(f"{file}: not a tokenizer file this project reads (a SentencePiece model, tiktoken's "
+                     f"'base64 rank' lines as in LLaMA-3's tokenizer.model, a tokenizer.json or a GGUF "
+                     f"file); it starts with {head[:24]!r}")
+
+
 def load_tokenizer(path):
-    """"byte" -> the built-in byte tokenizer; a tokenizer.model (SentencePiece), a tokenizer.json (byte-level
-    BPE, bpe.py) or a .gguf file (the tokenizer it carries); or a folder holding tokenizer.model, tokenizer.json
-    or a single .gguf, preferred in that order."""
+    """"byte" -> the built-in byte tokenizer; a tokenizer.model (SentencePiece, or tiktoken's format as in
+    Meta's LLaMA-3 release), a tokenizer.json (byte-level BPE, bpe.py) or a .gguf file (the tokenizer it carries),
+    told apart by their content; or a folder holding tokenizer.model, tokenizer.json or a single .gguf,
+    preferred in that order."""
     if str(path) == "byte":
         return byte_tokenizer()
     path = Path(path)
@@ -242,11 +264,14 @@ def load_tokenizer(path):
     elif not path.is_file():
         raise FileNotFoundError(f"no tokenizer at {path}: no such file or folder (give 'byte', a tokenizer.model, "
                                 f"tokenizer.json or .gguf file, or a folder containing one)")
-    if file.suffix.lower() == ".gguf":
+    kind = tokenizer_kind(file)
+    if kind == "sentencepiece":
+        return _read_model(file.read_bytes(), file)
+    if kind == "gguf":
         return tokenizer_from_gguf(file)
-    if file.suffix.lower() == ".json":
+    if kind == "json":
         return ByteLevelBPE.from_tokenizer_json(file)
-    return _read_model(file.read_bytes(), file)
+    return ByteLevelBPE.from_tiktoken_file(file)
 
 
 def tokenizer_from_gguf(gguf):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from model import Llama, LlamaConfig, LoRALinear
+from model import LLAMA3_ROPE_KEYS, Llama, LlamaConfig, LoRALinear
 
 # One row per weight: our name, Hugging Face's, Meta's, GGUF's ({i}: the layer). Every rename is derived from it.
 WEIGHT_NAMES = [
@@ -134,25 +134,55 @@ def load_pickled(path):
 # ----------------------------------------------------------------------------------------------------------
 # The three formats: each yields its LlamaConfig, then (our name, tensor, where) for every weight
 
+# Meta's reference code for LLaMA-3.1 hard-codes its RoPE scaling; later params.json files may state factors
+META_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192}
+
+
 def config_from_meta(params):
+    scaling = None
+    if params.get("use_scaled_rope"):
+        scaling = dict(META_ROPE_SCALING)
+        for key, ours in (("rope_scaling_factor", "factor"), ("rope_high_freq_factor", "high_freq_factor")):
+            if params.get(key) is not None:
+                scaling[ours] = float(params[key])
+    # context when params.json states none: LLaMA-3.1+ (scaled RoPE) 131072, LLaMA-3 8192, LLaMA-2 4096
+    context = 131072 if scaling else 8192 if params.get("vocab_size", -1) >= 128000 else 4096
     return LlamaConfig(dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
                        n_kv_heads=params.get("n_kv_heads"), vocab_size=params.get("vocab_size", -1),
                        multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
                        norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
-                       max_seq_len=params.get("max_seq_len", 4096))
+                       max_seq_len=params.get("max_seq_len", context), rope_scaling=scaling)
+
+
+def rope_scaling_from_hf(c, path):
+    """LlamaConfig.rope_scaling from config.json's rope_scaling, or transformers 5's rope_parameters (which
+    also holds rope_theta). Any scaling but LLaMA-3's is refused by name."""
+    key = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"
+    scaling = c.get(key) or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ValueError(f"{path}: {key} of type {kind!r} is not supported (only 'llama3', LLaMA-3.1+'s "
+                         f"scaling, or none)")
+    missing = [k for k in LLAMA3_ROPE_KEYS if scaling.get(k) is None]
+    if missing:
+        raise ValueError(f"{path}: {key} of type 'llama3' lacks {', '.join(missing)}")
+    return {"rope_type": "llama3", **{k: float(scaling[k]) for k in LLAMA3_ROPE_KEYS[:3]},
+            "original_max_position_embeddings": int(scaling["original_max_position_embeddings"])}
 
 
 def config_from_hf(c, path):
     rope = c.get("rope_parameters") or {}  # transformers >= 5 writes rope_theta (and any scaling) here
-    if c.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        raise ValueError(f"{path}: rope_scaling={c.get('rope_scaling') or rope} is not supported (LLaMA-2 has none)")
     try:
         return LlamaConfig(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
                            n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
                            hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
                            rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
                            max_seq_len=c.get("max_position_embeddings", 4096),
-                           tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+                           tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+                           rope_scaling=rope_scaling_from_hf(c, path))
     except KeyError as e:
         raise ValueError(f"{path}: lacks the key {e.args[0]!r}") from None
 
@@ -226,6 +256,25 @@ def iter_gguf(path, dtype):
     for key in f.tensors:
         name = rename(key, "gguf", "ours")
         yield name, permute_qk(name, f.tensor(key, dtype or torch.float32), cfg), f"{key} in {path}"
+
+
+def end_token_ids(path, tokenizer):
+    """The ids that end a generation of the checkpoint at `path`: the tokenizer's (ByteLevelBPE.end_ids) and
+    the eos_token_id of a Hugging Face folder's generation_config.json, else of its config.json (one id, or a
+    list: LLaMA-3.x instruct models end a turn with <|end_of_text|>, <|eom_id|> or <|eot_id|>)."""
+    ids = list(tokenizer.end_ids)
+    try:
+        kind, folder = find_format(path)
+    except (FileNotFoundError, ValueError):
+        return ids
+    for name in ("generation_config.json", "config.json") if kind == "hf" else ():
+        eos = read_json(folder / name).get("eos_token_id") if (folder / name).is_file() else None
+        if eos is not None:
+            listed = [eos] if isinstance(eos, int) else eos
+            if not isinstance(listed, list) or not all(isinstance(i, int) for i in listed):
+                raise ValueError(f"{folder / name}: eos_token_id {eos!r} is not an id or a list of ids")
+            return list(dict.fromkeys(ids + listed))
+    return ids
 
 
 def find_format(path):
@@ -344,6 +393,7 @@ def save_hf(model, folder, dtype=None, extra_config=None, bos_id=1, eos_id=2):
               "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
               "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
               "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+              "rope_scaling": cfg.rope_scaling,
               "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu",
               "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
               "bos_token_id": bos_id, "eos_token_id": eos_id,

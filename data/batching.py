@@ -1,7 +1,7 @@
 """Tokenized training data and batches: language-modeling windows, task examples, the data order, padding.
 
     train, val = load_training_data(settings, tokenizer, max_len)   # lists of (ids, labels)
-    order = DataOrder(len(train), seed)                              # resumable: DataOrder(n, seed, **order.state())
+    order = DataOrder(len(train), seed, lengths, 8)                  # resumable: DataOrder(.., **order.state())
     ids, labels = collate([train[i] for i in order.take(8)], pad_id, device)
 """
 from pathlib import Path
@@ -65,16 +65,39 @@ def load_training_data(a, tokenizer, max_len):
     return train, val
 
 
+# Length grouping sorts windows of this many batches by length: large enough to find similar lengths, small
+# enough that which examples share a step stays random
+GROUP_BATCHES = 64
+
+
 class DataOrder:
     """The order examples are trained in: a seeded permutation per epoch, read from a position. Saving
-    (epoch, pos) and starting again from it gives the same batches as never stopping."""
+    (epoch, pos) and starting again from it gives the same batches as never stopping.
 
-    def __init__(self, n, seed, epoch=0, pos=0):
+    With lengths (each example's length) and batch_size, batches are grouped by length: each epoch's
+    permutation is cut into windows of GROUP_BATCHES batches, each window is sorted by length and cut into
+    batches, and the batches are shuffled (seeded), so a batch holds examples of similar length and pads little.
+    take() reads the epochs as one stream, so the cuts fall where take(batch_size) will cut."""
+
+    def __init__(self, n, seed, lengths=None, batch_size=1, epoch=0, pos=0):
         self.n, self.seed, self.epoch, self.pos = n, seed, epoch, pos
+        self.lengths, self.batch_size = lengths, batch_size
         self.perm = self.permutation(epoch)
 
     def permutation(self, epoch):
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)).tolist()
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        if self.lengths is None or min(self.lengths) == max(self.lengths):  # equal lengths: nothing to group
+            return perm
+        bs = self.batch_size
+        head = (-epoch * self.n) % bs  # the first examples complete the batch the previous epoch ended in
+        rest, batches = perm[head:], []
+        for s in range(0, len(rest), bs * GROUP_BATCHES):
+            window = sorted(rest[s:s + bs * GROUP_BATCHES], key=self.lengths.__getitem__)
+            batches += [window[i:i + bs] for i in range(0, len(window), bs)]
+        tail = batches.pop() if batches and len(batches[-1]) < bs else []  # continued by the next epoch
+        shuffled = [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
+        return perm[:head] + shuffled + tail
 
     def take(self, k):
         """The next k example indices (continuing into the next epoch when this one ends)."""

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random LLaMA models (fast on a CPU), the path to ../shared and the SmolLM2 GGUF file
-(each skipped when absent)."""
+(each skipped when absent), and varied random strings for the tokenizer tests."""
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -74,3 +75,54 @@ def tiny_base(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-base")
     save_hf(Llama(LlamaConfig(**TINY_BASE)).init_weights(seed=0, std=0.05), folder, extra_config={"tokenizer": "byte"})
     return folder
+
+
+# -- varied strings from a seeded generator (make_strings), for the tokenizers' tests against their references
+
+EMOJI = ["😀", "👍🏽", "👨‍👩‍👧‍👦", "🏳️‍🌈", "🇫🇷🇯🇵", "❤️", "🧑🏿‍🚀", "👩‍💻", "🤖", "🫠", "\u200d", "\ufe0f"]
+CODE = ["def f(x, y=2):", "return x ** 2 + y", "if a != b: pass", "for i in range(10):", "print(f'{x:>8}')",
+        "} else {", "int main(void) { return 0; }", "# comment  ", "x = [1,2, 3]", "s = \"it's\"  # don't",
+        "a[i]+=b[j]*0.5e-3;", "<div class=\"x\">&nbsp;</div>"]
+CODEPOINT_RANGES = [(0, 0x20), (0x20, 0x7F), (0x7F, 0x800), (0x800, 0xD800), (0xE000, 0x10000), (0x10000, 0x30000),
+                    (0x30000, 0x40000), (0x40000, 0xC0000), (0xC0000, 0x110000)]
+
+
+def random_strings(n, words, scripts, spaces, edge=(), odd=(), pieces=(), seed=0):
+    """n deterministic, varied strings: `edge` first, then prose of `words`, code, whitespace runs, numbers,
+    `scripts`, emoji, random code points, runs of `odd` characters (control characters, bytes without a token)
+    and of `pieces` (a vocabulary's own pieces), some with spaces or newlines around them."""
+    r = random.Random(seed)
+    char = lambda: chr(r.randrange(*r.choice(CODEPOINT_RANGES)))  # noqa: E731
+    indent = ["", "    ", "        ", "\t", "\t\t", "  ", "   "]
+    code = lambda: r.choice(["\n", "\r\n", "\n\n"]).join(  # noqa: E731
+        r.choice(indent) + r.choice(CODE) for _ in range(r.randrange(1, 8)))
+    kinds = [
+        lambda: " ".join(r.choice(words) for _ in range(r.randrange(1, 30))),
+        code,
+        lambda: "".join(r.choice(spaces + words[:20]) for _ in range(r.randrange(1, 20))),
+        lambda: "".join(r.choice("0123456789 .,-+e") for _ in range(r.randrange(1, 40))),
+        lambda: str(r.randrange(10 ** r.randrange(1, 40))) + r.choice(["", " ", ".", "\n"]) + str(r.random()),
+        lambda: r.choice(scripts)[r.randrange(5):] + r.choice(["", " ", "\n", "1"]) + r.choice(scripts),
+        lambda: "".join(r.choice(EMOJI + spaces[:3] + words[:5]) for _ in range(r.randrange(1, 12))),
+        lambda: "".join(char() for _ in range(r.randrange(1, 25))),
+        lambda: "".join(r.choice([char(), r.choice(words), r.choice(spaces), r.choice(EMOJI),
+                                  r.choice(scripts)[:4], *r.sample(odd, min(1, len(odd)))])
+                        for _ in range(r.randrange(1, 15))),
+    ]
+    if odd:
+        kinds.append(lambda: "".join(r.choice(list(odd) + words[:8] + spaces[:4] + list("!?.()'"))
+                                     for _ in range(r.randrange(1, 20))))
+    if pieces:
+        kinds.append(lambda: "".join(r.choice(pieces) for _ in range(r.randrange(1, 12))))
+    out = list(edge)
+    while len(out) < n:
+        s = r.choice(kinds)()
+        out.append(r.choice(["", " ", "  ", "\n", "\t"]) + s + r.choice(["", " ", "   ", "\n", "\t \n"])
+                   if r.random() < 0.3 else s)
+    return out
+
+
+@pytest.fixture(scope="session")
+def make_strings():
+    """Factory: make_strings(n, words, scripts, spaces, edge=(), odd=(), pieces=(), seed=0) -> varied strings."""
+    return random_strings

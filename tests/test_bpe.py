@@ -13,7 +13,7 @@ from tokenizer import load_tokenizer, tokenizer_from_gguf
 tokenizers = pytest.importorskip("tokenizers", reason="the reference tokenizer (pip install tokenizers)")
 from tokenizers import AddedToken, decoders, models, pre_tokenizers  # noqa: E402
 
-# -- varied strings from a seeded generator
+# -- what the strings are made of (conftest.make_strings)
 
 WORDS = ("the of and to in is was for that with as on by at from it an were are this be or Hello World don't "
          "can't it's I'm we'll they've you're she'd 1st 2nd 3.14159 1,000,000 e.g. U.S.A. x86_64 snake_case camelCase "
@@ -23,7 +23,6 @@ SCRIPTS = ["中文分词测试的一是不了人我在有他这为之大来以�
            "한국어 텍스트입니다", "مرحبا بالعالم، هذا نص عربي", "שלום עולם", "Привет, мир! Ёжик", "Γειά σου Κόσμε",
            "नमस्ते दुनिया हिन्दी", "สวัสดีชาวโลก", "Ça va? Œuvre naïve façade São Paulo Straße",
            "e\u0301 a\u0308 n\u0303 o\u0327\u0301 (combining)", "ﬁ ﬀ Ⅻ ① ＡＢＣ １２３ ٣٤٥ ½ ²", "ᚠᛇᚻ ⴰⵣⴰ ꦗꦮ 𐌰𐌱 𝔘𝔫𝔦"]
-EMOJI = ["😀", "👍🏽", "👨‍👩‍👧‍👦", "🏳️‍🌈", "🇫🇷🇯🇵", "❤️", "🧑🏿‍🚀", "👩‍💻", "🤖", "🫠", "\u200d", "\ufe0f"]
 SPACES = [" ", "  ", "   ", " " * 9, "\t", "\t\t", "\n", "\n\n", "\r\n", " \n ", "\u3000", "\xa0", "\x0b", "\x0c",
           "\x85", "\u2028", "\u2003"]
 CONTROL = [chr(c) for c in [*range(0, 0x20), 0x7F]]
@@ -31,52 +30,6 @@ NO_TOKEN = ["\x04", "\x06", "\x13", "\x14", "\x16", "\x1d", "\U00040000", "\U000
 EDGE = ["", " ", "  ", "\n", "\t", "a", " a", "a ", "a  ", "123", " 123", "a1b2", "  1", "x  \n1", "1  a",
         "'s", "don't", "' s", "\x04", "a\x04b", "(\x04)", "!\x04!", "in\x04g", " \x04 ", "\x04\x04", "x\U00040000y",
         "\U00040000", "th\x06e", ".\x1d.", "a" * 300, "9" * 200, "\u4e2d" * 100, "x" + " " * 60 + "y", "\t" * 20 + "z"]
-RANGES = [(0, 0x20), (0x20, 0x7F), (0x7F, 0x800), (0x800, 0xD800), (0xE000, 0x10000), (0x10000, 0x40000),
-          (0x40000, 0xC0000), (0xC0000, 0x110000)]
-
-
-def random_char(r):
-    lo, hi = r.choice(RANGES)
-    return chr(r.randrange(lo, hi))
-
-
-def code_snippet(r):
-    lines = []
-    for _ in range(r.randrange(1, 8)):
-        indent = r.choice(["", "    ", "        ", "\t", "\t\t", "  "])
-        body = r.choice(["def f(x, y=2):", "return x ** 2 + y", "if a != b: pass", "for i in range(10):",
-                         "print(f'{x:>8}')", "} else {", "int main(void) { return 0; }", "# comment  ", "x = [1,2, 3]",
-                         "s = \"it's\"  # don't", "a[i]+=b[j]*0.5e-3;", "<div class=\"x\">&nbsp;</div>"])
-        lines.append(indent + body)
-    return r.choice(["\n", "\r\n", "\n\n"]).join(lines)
-
-
-def make_strings(n, seed=0):
-    """Deterministic, varied strings: prose, code, numbers, whitespace runs, scripts, emoji, control characters,
-    characters whose UTF-8 holds a byte SmolLM2 has no token for, and random code points."""
-    r = random.Random(seed)
-    kinds = [
-        lambda: " ".join(r.choice(WORDS) for _ in range(r.randrange(1, 30))),
-        lambda: code_snippet(r),
-        lambda: "".join(r.choice(SPACES + WORDS[:20]) for _ in range(r.randrange(1, 20))),
-        lambda: "".join(r.choice("0123456789 .,-+e") for _ in range(r.randrange(1, 40))),
-        lambda: str(r.randrange(10 ** r.randrange(1, 40))) + r.choice(["", " ", ".", "\n"]) + str(r.random()),
-        lambda: r.choice(SCRIPTS)[r.randrange(5):] + r.choice(["", " ", "\n", "1"]) + r.choice(SCRIPTS),
-        lambda: "".join(r.choice(EMOJI + SPACES[:3] + WORDS[:5]) for _ in range(r.randrange(1, 12))),
-        lambda: "".join(random_char(r) for _ in range(r.randrange(1, 25))),
-        lambda: "".join(r.choice(CONTROL + NO_TOKEN + WORDS[:8] + SPACES[:4] + list("!?.()'")) for _ in
-                        range(r.randrange(1, 20))),
-        lambda: "".join(r.choice([random_char(r), r.choice(WORDS), r.choice(SPACES), r.choice(EMOJI),
-                                  r.choice(NO_TOKEN), r.choice(SCRIPTS)[:4]]) for _ in range(r.randrange(1, 15))),
-    ]
-    out = list(EDGE)
-    while len(out) < n:
-        s = r.choice(kinds)()
-        out.append(r.choice(["", " ", "  ", "\n", "\t"]) + s + r.choice(["", " ", "   ", "\n", "\t \n"])
-                   if r.random() < 0.3 else s)
-    return out
-
-
 def random_ids(n, vocab_size, byte_ids, seed=1):
     """Id sequences mixing whole tokens, single bytes (often invalid UTF-8) and the first (special) ids."""
     r = random.Random(seed)
@@ -122,8 +75,15 @@ def smollm(smollm2_gguf_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_strings():
-    return make_strings(6000)
+def bpe_strings(make_strings):
+    """Factory: bpe_strings(n, seed=0), varied strings (conftest.make_strings) with control characters and
+    characters whose UTF-8 holds a byte SmolLM2 has no token for."""
+    return lambda n, seed=0: make_strings(n, WORDS, SCRIPTS, SPACES, edge=EDGE, odd=CONTROL + NO_TOKEN, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def smollm2_strings(bpe_strings):
+    return bpe_strings(6000)
 
 
 def test_smollm2_settings(smollm):
@@ -273,7 +233,7 @@ CASES = {  # name -> (tokenizers pre-tokenizer, its JSON)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_tokenizer_json_matches_tokenizers(case, tmp_path):
+def test_tokenizer_json_matches_tokenizers(case, tmp_path, bpe_strings):
     pre, pre_json = CASES[case]
     drop = (0x04, 0x1D, 0xF1, 0xC0) if case in ("smollm", "gpt2") else ()
     vocab, merges = train_tokenizer(pre, drop=drop)
@@ -282,7 +242,7 @@ def test_tokenizer_json_matches_tokenizers(case, tmp_path):
     assert isinstance(tok, ByteLevelBPE) and tok.vocab_size == len(vocab)
     ref = tokenizers.Tokenizer.from_file(str(path))
     ref.encode_special_tokens = True
-    texts = make_strings(800, seed=list(CASES).index(case)) + CORPUS
+    texts = bpe_strings(800, seed=list(CASES).index(case)) + CORPUS
     if case == "no-regex":
         texts = texts[:300]  # one piece per text: tiktoken merges it in quadratic time
     expected = [e.ids for e in ref.encode_batch(texts)]
@@ -296,7 +256,7 @@ def test_tokenizer_json_matches_tokenizers(case, tmp_path):
     assert [tok.encode(s, special=True) for s in texts] == [e.ids for e in ref.encode_batch(texts)]
 
 
-def test_ids_not_in_merge_order(tmp_path):
+def test_ids_not_in_merge_order(tmp_path, bpe_strings):
     """Shuffled ids: tiktoken's ranks can no longer be the ids, a table maps them."""
     vocab, merges = train_tokenizer(pre_tokenizers.ByteLevel(add_prefix_space=False), drop=(0x04,))
     ids = list(vocab.values())
@@ -307,7 +267,7 @@ def test_ids_not_in_merge_order(tmp_path):
     assert tok._rank_id is not None
     ref = tokenizers.Tokenizer.from_file(str(path))
     ref.encode_special_tokens = True
-    texts = make_strings(500, seed=7)
+    texts = bpe_strings(500, seed=7)
     assert tok.encode_batch(texts) == [e.ids for e in ref.encode_batch(texts)]
 
 
@@ -396,7 +356,7 @@ def test_load_tokenizer_folder_preference(tmp_path):
     assert load_tokenizer("byte").vocab_size == 259
 
 
-def test_gguf_tokenizer_written_by_gguf_package(tmp_path):
+def test_gguf_tokenizer_written_by_gguf_package(tmp_path, bpe_strings):
     """A gpt2-model GGUF written with the gguf package: the GPT-2 split from tokenizer.ggml.pre "gpt-2"."""
     gguf = pytest.importorskip("gguf")
     vocab, merges = train_tokenizer(pre_tokenizers.ByteLevel(add_prefix_space=False), drop=(0x04,))
@@ -419,11 +379,11 @@ def test_gguf_tokenizer_written_by_gguf_package(tmp_path):
     assert tok._split == GPT2_SPLIT and (tok.bos_id, tok.eos_id, tok.add_bos) == (vocab["<s>"], vocab["</s>"], False)
     ref = reference(vocab, merges, pre_tokenizers.ByteLevel(add_prefix_space=False),
                     added=["<|endoftext|>", "<s>", "</s>"])
-    texts = make_strings(500, seed=11)
+    texts = bpe_strings(500, seed=11)
     assert tok.encode_batch(texts) == [e.ids for e in ref.encode_batch(texts)]
 
 
-def test_sentencepiece_gguf(tmp_path):
+def test_sentencepiece_gguf(tmp_path, bpe_strings):
     """tokenizer.ggml.model "llama": LLaMA-2's pieces written into a GGUF give the same ids as tokenizer.model."""
     gguf = pytest.importorskip("gguf")
     spm = pytest.importorskip("sentencepiece")
@@ -446,7 +406,7 @@ def test_sentencepiece_gguf(tmp_path):
     w.write_tensors_to_file()
     w.close()
     tok, orig = load_tokenizer(tmp_path / "sp.gguf"), load_tokenizer(model)
-    texts = make_strings(1000, seed=5)
+    texts = bpe_strings(1000, seed=5)
     assert tok.encode_batch(texts) == orig.encode_batch(texts)
     assert tok.encode("Hello world", bos=True) == [1, 15043, 3186] and tok.add_bos
     assert tok.decode([1, 15043, 3186, 2]) == "Hello world"

@@ -1,15 +1,18 @@
 """torch.compile of the training forward (forward + loss): one graph, no graph break, for the plain model, LoRA
-and LoRA + MoD (naive and chunked loss, with and without gradient checkpointing); and the compiled loss and
-gradients equal eager ones. Tiny fp32 models on the CPU; dynamo only traces (explain, aot_eager: no C++ build)."""
+and LoRA + MoD (naive and chunked loss, with and without gradient checkpointing), and the plain loss in
+several chunks (model.head_loss); and the compiled loss and gradients equal eager ones. Tiny fp32 models on the
+CPU; dynamo only traces (explain, aot_eager: no C++ build), except one real `train.py --compile` run
+(inductor)."""
 import pytest
 import torch
 
+import model as model_module
 from mod import MoDConfig, attach_mod
 from model import apply_lora
 
 pytestmark = pytest.mark.slow  # dynamo traces: seconds per test
 
-CONFIGS = ["plain", "lora", "mod", "mod-chunked", "lora-ckpt", "mod-chunked-ckpt"]
+CONFIGS = ["plain", "lora", "mod", "mod-chunked", "lora-ckpt", "mod-chunked-ckpt", "lora-head-chunked"]
 
 
 @pytest.fixture(autouse=True)
@@ -19,9 +22,14 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+def head_chunks(monkeypatch, config):
+    if config == "lora-head-chunked":  # the plain loss in chunks of 5 rows (21 targets: 5 chunks)
+        monkeypatch.setattr(model_module, "HEAD_CHUNK_ELEMENTS", 5 * 96)
+
+
 def build(make_model, config):
     model = make_model(seed=0, n_layers=4).train()
-    if config != "plain":
+    if not config.startswith("plain"):
         apply_lora(model, rank=4, alpha=8, targets=("q", "k", "v", "o"), verbose=False)
         with torch.no_grad():  # B = 0 at init would make the LoRA path's gradients trivial
             for name, p in model.named_parameters():
@@ -29,8 +37,8 @@ def build(make_model, config):
                     p.normal_(0, 0.1)
     if config.startswith("mod"):
         attach_mod(model, MoDConfig(k=3, chunk_size=7 if "chunked" in config else None), verbose=False)
-        with torch.no_grad():  # the ensemble's share g = 0 at init would leave the router without a gradient
-            model.mod.share.fill_(0.3)
+        with torch.no_grad():  # the ensemble weight g = 0 at init would leave the router without a gradient
+            model.mod.ensemble_weight.fill_(0.3)
     model.grad_checkpointing = config.endswith("ckpt")
     return model
 
@@ -44,7 +52,8 @@ def batch(vocab, B=2, T=12):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_training_forward_is_one_graph(make_model, config):
+def test_training_forward_is_one_graph(make_model, monkeypatch, config):
+    head_chunks(monkeypatch, config)
     model = build(make_model, config)
     idx, targets = batch(model.config.vocab_size)
     e = torch._dynamo.explain(model)(idx, targets)
@@ -52,8 +61,9 @@ def test_training_forward_is_one_graph(make_model, config):
     assert (e.graph_count, e.graph_break_count) == (1, 0), f"{config}: {e.graph_count} graphs, breaks: {reasons}"
 
 
-@pytest.mark.parametrize("config", ["lora", "mod-chunked"])
-def test_compiled_loss_and_gradients_equal_eager(make_model, config):
+@pytest.mark.parametrize("config", ["lora", "mod-chunked", "lora-head-chunked"])
+def test_compiled_loss_and_gradients_equal_eager(make_model, monkeypatch, config):
+    head_chunks(monkeypatch, config)
     eager, compiled = build(make_model, config), build(make_model, config)
     compiled.load_state_dict(eager.state_dict())  # the same LoRA factors (their init draws from the global RNG)
     idx, targets = batch(eager.config.vocab_size)
@@ -69,3 +79,17 @@ def test_compiled_loss_and_gradients_equal_eager(make_model, config):
     for n, p in compiled.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=f"{config}: gradient of {n}")
+
+
+def test_train_compile_runs_with_inductor(tiny_base, tmp_path):
+    """A real `train.py --compile` run on the CPU with torch's default backend (inductor: C++ is generated and
+    built), LoRA + MoD: it trains, and its losses equal an eager run's to float rounding."""
+    from test_train import base_argv, metrics
+
+    import train
+    argv = ["--max-steps", "2", "--mod-k", "2", "--save-every", "0", "--threads", "1"]
+    train.main(base_argv(tiny_base, tmp_path / "eager", *argv))
+    compiled = train.main(base_argv(tiny_base, tmp_path / "compiled", "--compile", *argv))
+    assert compiled["step"] == 2
+    eager = [r["loss"] for r in metrics(tmp_path / "eager")]
+    assert [r["loss"] for r in metrics(tmp_path / "compiled")] == pytest.approx(eager, rel=1e-4)

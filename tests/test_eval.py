@@ -150,6 +150,48 @@ def test_option_logliks_match_an_unbatched_reference(tiny):
                 assert got[source][r][j] == pytest.approx(ref, abs=1e-4)
 
 
+@pytest.mark.parametrize("addon", ["mod", "molex"])
+def test_option_logliks_and_answer_scores_of_mod_and_molex_runs_match_full_logits(tiny, addon):
+    """Read out at the scored positions only, in length-sorted batches: the same as each row's full logits."""
+    from data.format import encode_prompt, target_text
+    from mod import MoDConfig, attach_mod
+    from molex import MoLExConfig, attach_molex
+    tok = load_tokenizer("byte")
+    if addon == "mod":
+        attach_mod(tiny, MoDConfig(k=2), verbose=False)
+        with torch.no_grad():  # an ensemble that differs from the final layer
+            tiny.mod.ensemble_weight.fill_(0.7)
+            tiny.mod.router.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    else:
+        attach_molex(tiny, MoLExConfig(alpha=0.6), verbose=False)  # expert share 0.4: experts count
+        with torch.no_grad():
+            tiny.molex.gate_weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    records = [{"question": "Tom has 3 pens. How many?", "choices": ["3", "four", "12"], "labels": ["A", "B", "C"],
+                "gold": "A"},
+               {"question": "Which is more?", "choices": ["5", "9"], "labels": ["A", "B"], "gold": "B"}]
+    got = ev.option_logliks(tiny, tok, records, layers=[2], batch_size=2)
+    for r, rec in enumerate(records):
+        for j, choice in enumerate(rec["choices"]):
+            prompt = [1] + tok.encode(f"Question: {rec['question']}\nAnswer:")
+            cont = tok.encode(" " + choice)
+            with torch.no_grad():
+                logits = tiny(torch.tensor([prompt + cont]), prompt_end=len(prompt))[0]
+            lp = torch.log_softmax(logits[0], -1)
+            ref = sum(float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(cont))
+            assert got["output"][r][j] == pytest.approx(ref, abs=1e-4)
+    gen = [{"question": "Ann has 9 and 3 more.", "answer": "9 + 3 = 12\n#### 12", "gold": "12"},
+           {"question": "Bo has 2.", "answer": "#### 2", "gold": "2"},
+           {"question": "Cy has 4 cups and 1 more.", "answer": "4 + 1 = 5\n#### 5", "gold": "5"}]
+    total, count = 0.0, 0
+    for rec in gen:
+        prompt, answer = encode_prompt(tok, rec), tok.encode(target_text(rec)) + [tok.eos_id]
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny(torch.tensor([prompt + answer]), prompt_end=len(prompt))[0][0], -1)
+        total -= sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(answer))
+        count += len(answer)
+    assert ev.answer_scores(tiny, tok, gen, batch_size=2)[0] == pytest.approx(total / count, rel=1e-5)
+
+
 def test_mod_layers_are_read_through_their_trained_norms(tiny):
     from mod import MoDConfig, attach_mod
     attach_mod(tiny, MoDConfig(k=2), verbose=False)

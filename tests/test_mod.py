@@ -3,7 +3,6 @@ loss and its gradients, uncached generation, and the memory saved for backward. 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_llama
 
 from mod import MoDConfig, attach_mod, layer_logits, routing_stats
 from model import KVCache, LlamaConfig, apply_lora, freeze_base
@@ -12,10 +11,12 @@ CFG = LlamaConfig(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, hi
 V = CFG.vocab_size
 
 
-def tiny(seed=0):
-    # conftest's builder: norms that are not all ones, so copying the final norm is visible
-    return random_llama(seed, std=0.15, **{k: getattr(CFG, k) for k in (
-        "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len")})
+@pytest.fixture
+def tiny(make_model):
+    """Factory: tiny(seed=0), a random model of shape CFG (conftest's make_model: norms that are not all ones, so
+    copying the final norm is visible)."""
+    fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len")
+    return lambda seed=0: make_model(seed, std=0.15, **{k: getattr(CFG, k) for k in fields})
 
 
 def randomize_mod(model, seed=0, scale=1.0):
@@ -60,7 +61,7 @@ def hand_coefficients(model, hidden, cfg):
     w = hand_weights(model, hidden, cfg)
     if cfg.start == "uniform":
         return w
-    g = model.mod.share
+    g = model.mod.ensemble_weight
     return torch.cat([g * w[..., :-1], g * w[..., -1:] + 1 - g], -1)
 
 
@@ -96,13 +97,13 @@ START_CASES = [MoDConfig(k=3), MoDConfig(k=4, router="sequence"), MoDConfig(k=2,
 
 
 @pytest.mark.parametrize("cfg", START_CASES, ids=str)
-def test_step0_is_exactly_the_base_model(cfg):
-    # the default start: the ensemble's share g is 0, so z is the final layer's logits, bit for bit
+def test_step0_is_exactly_the_base_model(cfg, tiny):
+    # the default start: the ensemble weight g is 0, so z is the final layer's logits, bit for bit
     model = tiny()
     freeze_base(model)
     apply_lora(model, rank=2, alpha=4, verbose=False)  # B = 0: LoRA starts at the base too
     idx, y = batch()
-    logits, loss = model(idx, y)
+    logits, (_, loss) = model(idx)[0], model(idx, y)  # with targets the model returns no logits
     attach_mod(model, cfg, verbose=False)
     assert torch.equal(model(idx)[0], logits)
     prompts = [[1, 5, 9], [1, 2, 3, 4, 5, 6]]
@@ -114,7 +115,7 @@ def test_step0_is_exactly_the_base_model(cfg):
     torch.testing.assert_close(model.mod.last_losses["ce"], loss.detach(), rtol=1e-6, atol=0)
 
 
-def test_uniform_start_is_the_logit_lens_average():
+def test_uniform_start_is_the_logit_lens_average(tiny):
     model = tiny()
     idx, _ = batch()
     _, hidden = model.forward_hidden(idx)
@@ -125,15 +126,15 @@ def test_uniform_start_is_the_logit_lens_average():
     for i, l in enumerate(layer_logits(model, hidden)):  # each late layer alone: its plain logit lens
         torch.testing.assert_close(l, model.lm_head(model.norm(hidden[-k + i])))
     keys = {"mod.norms.0.weight", "mod.norms.1.weight", "mod.router.weight", "mod.router.bias"}
-    assert keys <= set(model.state_dict()) and "mod.share" not in model.state_dict()
+    assert keys <= set(model.state_dict()) and "mod.ensemble_weight" not in model.state_dict()
 
 
 @pytest.mark.parametrize("cfg", [MoDConfig(k=1), MoDConfig(k=1, router="sequence", chunk_size=5, start="uniform")])
-def test_plain_model_when_k1(cfg):
+def test_plain_model_when_k1(cfg, tiny):
     model = tiny()
     freeze_base(model)
     idx, y = batch()
-    logits, loss = model(idx, y)
+    logits, (_, loss) = model(idx)[0], model(idx, y)  # with targets the model returns no logits
     attach_mod(model, cfg, verbose=False)
     assert torch.equal(model(idx)[0], logits)
     mod_logits, mod_loss = model(idx, y)
@@ -143,7 +144,7 @@ def test_plain_model_when_k1(cfg):
     torch.testing.assert_close(mod_loss, (1 + cfg.layer_ce) * loss, rtol=1e-6, atol=0)
 
 
-def test_top_k_keeps_the_k_largest():
+def test_top_k_keeps_the_k_largest(tiny):
     model = tiny()
     for how in ["kept", "renormalized"]:
         cfg = MoDConfig(k=4, top_k=2, top_k_weights=how)
@@ -158,8 +159,7 @@ def test_top_k_keeps_the_k_largest():
         assert torch.allclose(sums, torch.ones_like(sums)) == (how == "renormalized")
 
 
-def trainable_setup(lora, cfg=None):
-    model = tiny()
+def trainable_setup(model, lora, cfg=None):
     freeze_base(model)  # as checkpoint.build_model does before LoRA and the add-ons
     if lora:
         apply_lora(model, rank=2, alpha=4, last_layers=None if lora == "all" else 3, verbose=False)
@@ -172,14 +172,14 @@ def trainable_setup(lora, cfg=None):
 
 
 @pytest.mark.parametrize("lora", [None, "all", "last"])
-def test_gradients_reach_router_norms_and_lora_only(lora):
-    model = trainable_setup(lora)
+def test_gradients_reach_router_norms_and_lora_only(lora, tiny):
+    model = trainable_setup(tiny(), lora)
     idx, y = batch()
     model(idx, y)[1].backward()  # step 0: g = 0, so the router has no gradient yet (as LoRA's A with B = 0) ...
-    assert model.mod.share.grad.abs() > 0 and model.mod.router.weight.grad.abs().sum() == 0
+    assert model.mod.ensemble_weight.grad.abs() > 0 and model.mod.router.weight.grad.abs().sum() == 0
     model.zero_grad()
     with torch.no_grad():
-        model.mod.share.fill_(0.3)  # ... and once g has moved, everything learns
+        model.mod.ensemble_weight.fill_(0.3)  # ... and once g has moved, everything learns
     model(idx, y)[1].backward()
     lora_layers = set()
     for name, p in model.named_parameters():
@@ -192,36 +192,36 @@ def test_gradients_reach_router_norms_and_lora_only(lora):
     assert lora_layers == {None: set(), "all": {0, 1, 2, 3}, "last": {1, 2, 3}}[lora]
 
 
-def test_bounded_share_has_the_free_gradient_at_0_and_stays_in_0_1():
+def test_bounded_share_has_the_free_gradient_at_0_and_stays_in_0_1(tiny):
     idx, y = batch()
     grads = {}
     for share in ("free", "bounded"):
         torch.manual_seed(0)  # the same random LoRA B for both
-        model = trainable_setup("all", MoDConfig(k=3, share=share))
+        model = trainable_setup(tiny(), "all", MoDConfig(k=3, share=share))
         model(idx, y)[1].backward()
-        grads[share] = model.mod.share.grad.clone()
+        grads[share] = model.mod.ensemble_weight.grad.clone()
     assert grads["bounded"].abs() > 0 and torch.equal(grads["bounded"], grads["free"])  # g = 0: d clamp / dg = 1
-    model = trainable_setup("all", MoDConfig(k=3, share="bounded"))
+    model = trainable_setup(tiny(), "all", MoDConfig(k=3, share="bounded"))
     randomize_mod(model)
     _, hidden = model.forward_hidden(idx)
     w = model.mod.routing_weights(model, hidden)
     final = torch.tensor([0.0, 0.0, 1.0])
     for raw, g in [(1.7, 1.0), (-0.4, 0.0), (0.25, 0.25)]:  # outside [0, 1] the bound is used
         with torch.no_grad():
-            model.mod.share.fill_(raw)
+            model.mod.ensemble_weight.fill_(raw)
         torch.testing.assert_close(model.mod.coefficients(model, hidden), g * w + (1 - g) * final)
         model.mod.after_step()
-        assert float(model.mod.share) == g
-    free = trainable_setup("all", MoDConfig(k=3))
+        assert float(model.mod.ensemble_weight) == g
+    free = trainable_setup(tiny(), "all", MoDConfig(k=3))
     with torch.no_grad():
-        free.mod.share.fill_(1.7)
+        free.mod.ensemble_weight.fill_(1.7)
     free.mod.after_step()  # a free share is left alone
-    assert float(free.mod.share) == pytest.approx(1.7)
+    assert float(free.mod.ensemble_weight) == pytest.approx(1.7)
 
 
 @pytest.mark.parametrize("how", ["kept", "renormalized"])
-def test_top1_router_learns_only_with_kept_weights(how):
-    model = trainable_setup(None, MoDConfig(k=3, top_k=1, top_k_weights=how, start="uniform"))
+def test_top1_router_learns_only_with_kept_weights(how, tiny):
+    model = trainable_setup(tiny(), None, MoDConfig(k=3, top_k=1, top_k_weights=how, start="uniform"))
     randomize_mod(model, scale=0.3)
     idx, y = batch()
     model(idx, y)[1].backward()
@@ -230,13 +230,13 @@ def test_top1_router_learns_only_with_kept_weights(how):
 
 
 @pytest.mark.parametrize("router_input", ["scaled", "normed"])
-def test_router_step_does_not_scale_with_the_hidden_state(router_input):
+def test_router_step_does_not_scale_with_the_hidden_state(router_input, tiny):
     # one AdamW step of lr moves each weight by about lr; with the scaled input (L1 norm <= 1 per token) a score
     # moves by at most about 2 lr (weights + bias); the normed input (L1 norm ~ dim * gain) moves it far more
-    model = trainable_setup(None, MoDConfig(k=3, router_input=router_input))
+    model = trainable_setup(tiny(), None, MoDConfig(k=3, router_input=router_input))
     with torch.no_grad():
         model.norm.weight.mul_(4)  # a large final-norm gain, as pretrained models have
-        model.mod.share.fill_(0.5)
+        model.mod.ensemble_weight.fill_(0.5)
     idx, y = batch()
     _, hidden = model.forward_hidden(idx)
     before = hand_weights(model, hidden, model.mod.cfg).log()
@@ -257,9 +257,9 @@ CHUNK_CASES = [dict(distill_direction="forward"),
 
 
 @pytest.mark.parametrize("case", CHUNK_CASES, ids=str)
-def test_loss_and_gradients_match_reference(case):
+def test_loss_and_gradients_match_reference(case, tiny):
     cfg = MoDConfig(k=3, **case)
-    model = trainable_setup("all", cfg)
+    model = trainable_setup(tiny(), "all", cfg)
     randomize_mod(model, scale=0.5)
     idx, y = batch(T=13)  # 26 tokens
     params = [p for p in model.parameters() if p.requires_grad]
@@ -300,15 +300,15 @@ def test_loss_and_gradients_match_reference(case):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
 
 
-def test_loss_of_a_batch_without_targets_is_zero():
-    model = trainable_setup("all")
+def test_loss_of_a_batch_without_targets_is_zero(tiny):
+    model = trainable_setup(tiny(), "all")
     idx, y = batch()
     loss = model(idx, torch.full_like(y, -100))[1]
     loss.backward()
     assert loss.item() == 0 and all(p.grad.abs().sum() == 0 for p in model.parameters() if p.requires_grad)
 
 
-def test_sequence_router_is_causal():
+def test_sequence_router_is_causal(tiny):
     model = tiny()
     attach_mod(model, MoDConfig(k=3, router="sequence"), verbose=False)
     randomize_mod(model)
@@ -325,7 +325,7 @@ GEN_CASES = [MoDConfig(k=3), MoDConfig(k=4, top_k=2), MoDConfig(k=3, router="vec
 
 
 @pytest.mark.parametrize("cfg", GEN_CASES, ids=lambda c: f"{c.router}-k{c.k}-top{c.top_k}")
-def test_cached_generation_equals_full_forward(cfg):
+def test_cached_generation_equals_full_forward(cfg, tiny):
     model = tiny().eval()
     attach_mod(model, cfg, verbose=False)
     randomize_mod(model, scale=2.0)
@@ -364,22 +364,26 @@ def saved_for_backward(model, idx, y):
 
 
 @pytest.mark.parametrize("chunk_size", [None, 16])
-def test_no_vocab_size_tensor_is_saved_for_backward(chunk_size):
-    model = trainable_setup("all", MoDConfig(k=3, chunk_size=chunk_size))
+def test_no_vocab_size_tensor_is_saved_for_backward(chunk_size, tiny):
+    model = trainable_setup(tiny(), "all", MoDConfig(k=3, chunk_size=chunk_size))
     idx, y = batch(B=2, T=48)
     full = 2 * 48 * V  # one vocab-size logits tensor for the whole batch
     model.mod, saved = None, model.mod
-    plain = saved_for_backward_plain(model, idx, y)
-    assert max(plain) >= full  # the measurement sees the plain model's logits
+    naive = saved_for_backward_plain(model, idx, y, naive=True)
+    assert max(naive) >= full  # the measurement sees the logits of the naive loss (the LM head everywhere)
     model.mod = saved
     sizes = saved_for_backward(model, idx, y)
     assert max(sizes) < 48 * V, max(sizes)  # the gradients of the k readouts: (tokens, dim) each
 
 
-def saved_for_backward_plain(model, idx, y):
+def saved_for_backward_plain(model, idx, y, naive=False):
     sizes = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-        loss = model(idx, y)[1]
+        if naive:
+            logits = model(idx)[0]
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+        else:
+            loss = model(idx, y)[1]
     loss.backward()
     return sizes
 
@@ -400,7 +404,7 @@ def test_routing_stats_count_negative_coefficients_as_used():
     torch.testing.assert_close(torch.tensor(s["sparsity"]), torch.tensor([0.5, 0.0]))
 
 
-def test_only_layer_gives_that_layer_alone():
+def test_only_layer_gives_that_layer_alone(tiny):
     model = tiny()
     attach_mod(model, MoDConfig(k=3), verbose=False)
     randomize_mod(model)
@@ -415,7 +419,7 @@ def test_only_layer_gives_that_layer_alone():
         model(idx)[0]
 
 
-def test_bf16_model_trains():
+def test_bf16_model_trains(tiny):
     model = tiny().to(torch.bfloat16)
     apply_lora(model, rank=2, alpha=4, verbose=False)
     attach_mod(model, MoDConfig(k=2, chunk_size=5), verbose=False)
@@ -423,7 +427,7 @@ def test_bf16_model_trains():
     idx, y = batch()
     loss = model(idx, y)[1]
     loss.backward()
-    assert torch.isfinite(loss) and model.mod.share.grad.abs() > 0
+    assert torch.isfinite(loss) and model.mod.ensemble_weight.grad.abs() > 0
     assert model(idx)[0].dtype == torch.float32
 
 
@@ -438,6 +442,6 @@ def test_bad_config(kwargs, match):
         MoDConfig(**kwargs)
 
 
-def test_k_larger_than_the_model():
+def test_k_larger_than_the_model(tiny):
     with pytest.raises(ValueError, match="the model has 4 layers"):
         attach_mod(tiny(), MoDConfig(k=5), verbose=False)

@@ -4,8 +4,20 @@ test_loading.py."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from model import KVCache, LlamaConfig, LoRALinear, apply_lora, lora_layers, merge_lora, unmerge_lora
+import model as model_module
+from model import (
+    KVCache,
+    LlamaConfig,
+    LoRALinear,
+    apply_lora,
+    head_loss,
+    lora_layers,
+    merge_lora,
+    target_rows,
+    unmerge_lora,
+)
 
 PROMPTS = [[1, 5, 9, 33, 2, 70, 11], [1, 40], [1, 7, 7, 50, 3]]  # different lengths: rows get left padding
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -246,8 +258,9 @@ def test_loss_ignores_minus_100_targets(tiny_model):
     targets = torch.randint(0, 96, (2, 16), generator=g)
     targets[0, :5] = -100
     targets[1, 9] = -100
-    logits, loss = tiny_model(idx, targets)
-    torch.testing.assert_close(logits, tiny_model(idx)[0])
+    no_logits, loss = tiny_model(idx, targets)
+    assert no_logits is None  # with targets the logits are made at the target positions only: none returned
+    logits = tiny_model(idx)[0]
     total, count = 0.0, 0
     for b in range(2):
         for t in range(16):
@@ -291,3 +304,129 @@ def test_ffn_width_rule(dim, multiplier, multiple_of, expected):
 def test_bad_config_is_refused(kwargs):
     with pytest.raises(ValueError, match=f"dim={kwargs['dim']}.*n_heads={kwargs['n_heads']}"):
         LlamaConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loss at the target positions, chunked (model.head_loss) against the naive computation
+
+def naive_loss(model, idx, targets):
+    """The LM head at every position, float32 logits, F.cross_entropy: what model(idx, targets) replaces."""
+    logits = model.lm_head(model.norm(model.trunk(idx, None, None, None, keep_all=False)[-1]))
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def loss_batch(vocab, B=3, T=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, vocab, (B, T), generator=g)
+    targets = torch.randint(0, vocab, (B, T), generator=g)
+    targets[0, :7] = -100  # a prompt
+    targets[1, 3] = -100
+    targets[2, 15:] = -100  # padding
+    return idx, targets
+
+
+def loss_and_grads(model, loss_fn):
+    model.zero_grad()
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 7, 45])  # 45 targets: one chunk; 7: 6 full chunks and 3 rows
+@pytest.mark.parametrize("what", ["lora", "all", "tied"])  # all: the head trains too; tied: it is the embedding
+def test_head_loss_equals_the_naive_loss_and_gradients_fp32(make_model, monkeypatch, chunk_rows, what):
+    model = make_model(seed=1, tie_embeddings=what == "tied").train()
+    if what == "lora":
+        apply_lora(model, rank=4, alpha=8, verbose=False)
+        with torch.no_grad():
+            for m in lora_layers(model):
+                m.lora_B.normal_(0, 0.1)  # B = 0 would make the LoRA gradients trivial
+    idx, targets = loss_batch(model.config.vocab_size)
+    if chunk_rows is not None:
+        monkeypatch.setattr(model_module, "HEAD_CHUNK_ELEMENTS", chunk_rows * model.config.vocab_size)
+    ref_loss, ref_grads = loss_and_grads(model, lambda: naive_loss(model, idx, targets))
+    loss, grads = loss_and_grads(model, lambda: model(idx, targets)[1])
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    assert ref_grads.keys() == grads.keys() and len(grads) > 0
+    if what == "all":
+        assert "lm_head.weight" in grads
+    for n, g in grads.items():  # float32 rounding of another summation order, carried back through the layers
+        err, scale = (g - ref_grads[n]).abs().max(), ref_grads[n].abs().max()
+        assert scale > 0 and err <= 2e-6 * scale, f"gradient of {n}: max error {err} at scale {scale}"
+
+
+def test_head_loss_bf16_matches_the_naive_loss(make_model):
+    """A bf16 frozen base with fp32 LoRA (as on a GPU): the chunked loss rounds as the naive one does (bf16
+    logits, fp32 softmax); the gradients agree within bf16's precision (chunks add up in another order)."""
+    model = make_model(seed=2).train()
+    apply_lora(model, rank=4, alpha=8, verbose=False)
+    with torch.no_grad():
+        for m in lora_layers(model):
+            m.lora_B.normal_(0, 0.1)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    model.build_rope()
+    idx, targets = loss_batch(model.config.vocab_size)
+    ref_loss, ref_grads = loss_and_grads(model, lambda: naive_loss(model, idx, targets))
+    loss, grads = loss_and_grads(model, lambda: head_loss_chunked(model, idx, targets, 7))
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], rtol=2e-2, atol=2e-3, msg=f"gradient of {n}")
+
+
+def head_loss_chunked(model, idx, targets, chunk_rows):
+    (h,), y, real = target_rows(targets, model.trunk(idx, None, None, None, keep_all=False)[-1])
+    return head_loss(model.norm(h), model.lm_head.weight, y, real, chunk_rows=chunk_rows)
+
+
+def test_head_loss_without_targets_is_zero_and_under_no_grad_makes_no_gradient(make_model):
+    model = make_model()
+    idx, targets = loss_batch(model.config.vocab_size)
+    _, loss = model(idx, torch.full_like(targets, -100))
+    assert loss.item() == 0.0  # not NaN: a batch without targets adds nothing
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, targets)[1], naive_loss(model, idx, targets), rtol=1e-6, atol=0)
+
+
+class VocabTensors(TorchDispatchMode):
+    """Records the shape of every tensor an op makes that has a vocab-size last dimension (logits and their
+    gradients), forward and backward."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.shapes = vocab, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.size(-1) == self.vocab and t.numel() > 0:
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("what", ["lora", "all"])
+def test_no_logits_beyond_one_chunk_forward_or_backward(make_model, monkeypatch, what):
+    """No (tokens x vocab) tensor with more than one chunk's rows is ever made, forward or backward, and none
+    is kept for backward; the naive loss, measured the same way, makes and keeps the whole batch's."""
+    model = make_model(seed=1, vocab_size=200).train()
+    if what == "lora":
+        apply_lora(model, rank=4, alpha=8, verbose=False)
+    V, chunk = model.config.vocab_size, 8
+    monkeypatch.setattr(model_module, "HEAD_CHUNK_ELEMENTS", chunk * V)
+    idx, targets = loss_batch(V, B=4, T=24)
+    n_targets = int((targets != -100).sum())
+    naive, chunked = (lambda: naive_loss(model, idx, targets)), (lambda: model(idx, targets)[1])
+    for fn, most in [(naive, 4 * 24), (chunked, chunk)]:
+        saved = []
+        keep = lambda t: saved.append(tuple(t.shape)) or t  # noqa: E731
+        with VocabTensors(V) as made:
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                loss = fn()
+            loss.backward()
+        rows = [s[0] for s in made.shapes if s[0] != model.config.dim]  # not the head's weight, transposed
+        assert max(rows) == most, made.shapes
+        kept = [s for s in saved if V in s and s != (V, model.config.dim)]  # (the head's weight may be kept)
+        assert (len(kept) > 0) == (most > chunk), kept
+    assert n_targets > 3 * chunk  # the batch needs several chunks

@@ -65,7 +65,7 @@ def chosen(molex):
 
 @pytest.mark.parametrize("cfg", [dict(), dict(alpha=1.0, learn_alpha=False), dict(rule="paper", share="per_layer")])
 def test_start_is_the_plain_model_exactly(make_model, cfg):
-    # default: the learned expert share starts at 0; alpha = 1 fixed is the plain model too
+    # default: the learned mixing weight m_t starts at 0; alpha = 1 fixed is the plain model too
     model, molex = molex_model(make_model, **{"rule": "sequence", "balance_weight": 0.0, **cfg})
     randomize_gate(molex)
     idx = torch.randint(0, 96, (3, 12), generator=torch.Generator().manual_seed(0))
@@ -126,7 +126,7 @@ def test_routing_and_balance_loss_match_hand_computation(make_model, rule):
 @pytest.mark.parametrize("gate_mode, balance_weight, gets_grad", [("balance", 0.0, False), ("balance", 0.01, True),
                                                                    ("task", 0.0, True)])
 def test_which_modes_give_the_gate_a_gradient(make_model, gate_mode, balance_weight, gets_grad):
-    # alpha 0.5: the task gradient reaches the gate through the expert's share (0 at the default start)
+    # alpha 0.5: the task gradient reaches the gate through the mixing weight m_t (0 at the default start)
     model, molex = molex_model(make_model, gate_mode=gate_mode, balance_weight=balance_weight, rule="sequence",
                                alpha=0.5)
     randomize_gate(molex)
@@ -151,8 +151,10 @@ def test_task_mode_keeps_values_and_aux_free_bias(make_model):
             molex.select_bias.copy_(bias)
         model.train()
         molex.collect_stats = True
-        logits, loss = model(idx, idx)
+        hidden = model.trunk(idx, None, None, None, keep_all=False)  # model(idx, idx), keeping the last layer
+        _, loss = model.output(hidden, idx, None, None)
         loss.backward()
+        logits = model.output(hidden, None, None, None)[0].detach()  # with targets the model makes no logits
         return model, molex, logits, molex.gate_weight.grad
 
     idx = torch.randint(0, 96, (3, 8), generator=torch.Generator().manual_seed(4))
@@ -185,15 +187,15 @@ def molex_state_keys(molex):
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
-def test_learned_share_starts_at_one_minus_alpha_and_learns(make_model, alpha):
+def test_learned_mix_weight_starts_at_one_minus_alpha_and_learns(make_model, alpha):
     model, molex = molex_model(make_model, alpha=alpha, share="per_layer")
-    assert [float(molex.expert_share(t)) for t in range(L)] == [1 - alpha] * L
-    assert {"molex.share", "molex.gate_weight", "molex.gate_bias"} <= set(model.state_dict())
+    assert [float(molex.mix_weight_of(t)) for t in range(L)] == [1 - alpha] * L
+    assert {"molex.mix_weight", "molex.gate_weight", "molex.gate_bias"} <= set(model.state_dict())
     force_experts(molex, {0: 2, 1: 3, 2: 0, 3: 1})
     model.train()
     idx = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
     model(idx, idx)[1].backward()
-    assert molex.share.grad is not None and (molex.share.grad.abs() > 0).all()  # a gradient at 0 too
+    assert molex.mix_weight.grad is not None and (molex.mix_weight.grad.abs() > 0).all()  # a gradient at 0 too
     assert set(map(id, molex.gate_parameters())) == {id(p) for p in molex.parameters()}
 
 

@@ -49,7 +49,7 @@ def test_logits_and_greedy_generation_equal_transformers(smollm2_gguf_path, ours
 
 @pytest.mark.parametrize("addon", ["mod4", "molex"])
 def test_tuning_starts_exactly_at_the_pretrained_model(smollm2_gguf_path, ours, addon):
-    # LoRA (B = 0) + MoD (the ensemble's share g = 0) or + MoLEx (the expert's share starts at 0), with defaults
+    # LoRA (B = 0) + MoD (the ensemble weight g = 0) or + MoLEx (the mixing weight m_t starts at 0), with defaults
     from mod import MoDConfig, attach_mod
     from model import apply_lora
     from molex import MoLExConfig, attach_molex
@@ -58,7 +58,7 @@ def test_tuning_starts_exactly_at_the_pretrained_model(smollm2_gguf_path, ours, 
     y = torch.roll(x, -1, 1)
     y[0, -1] = -100
     with torch.no_grad():
-        base_logits, base_loss = ours(x, y)
+        base_logits, base_loss = ours(x)[0], ours(x, y)[1]  # with targets the model returns no logits
     model = from_pretrained(smollm2_gguf_path)
     apply_lora(model, verbose=False)
     if addon == "mod4":
@@ -78,7 +78,7 @@ def test_tuning_starts_exactly_at_the_pretrained_model(smollm2_gguf_path, ours, 
         # the balance loss is averaged over the 30 layers: at most weight * L = 0.3 (summed, it was 30x larger)
         assert 0 < model.molex.last_aux < 0.3
         loss.backward()
-        assert (model.molex.share.grad.abs() > 0).all()  # the expert's share has a gradient at its start
+        assert (model.molex.mix_weight.grad.abs() > 0).all()  # m_t has a gradient at its start
 
 
 def test_tied_head_is_one_parameter_and_exports_tied(ours, tmp_path):

@@ -18,52 +18,10 @@ SCRIPTS = ["中文分词测试的一是不了人我在有他这为之大来以�
            "日本語のテキストです。カタカナとひらがな、漢字。", "한국어 텍스트입니다", "مرحبا بالعالم، هذا نص عربي",
            "שלום עולם", "Привет, мир! Ёжик", "Γειά σου Κόσμε", "नमस्ते दुनिया", "สวัสดีชาวโลก",
            "Ça va? Œuvre naïve façade São Paulo Straße", "e\u0301 a\u0308 n\u0303 (combining)", "ﬁ ﬀ Ⅻ ① ＡＢＣ １２３"]
-EMOJI = ["😀", "👍🏽", "👨‍👩‍👧‍👦", "🏳️‍🌈", "🇫🇷🇯🇵", "❤️", "🧑🏿‍🚀", "👩‍💻", "🤖", "🫠", "\u200d", "\ufe0f"]
 SPACES = [" ", "  ", "   ", " " * 17, " " * 40, "\t", "\n", "\n\n", "\r\n", "\u2581", "\u3000", "\xa0", "\x0b", "\x0c"]
 EDGE = ["", " ", "  ", " " * 16, " " * 33, "\u2581", "\u2581\u2581a", "a\u2581", " \u2581 ", "<s>", "</s>", "<s></s>",
         " <s> hi </s> ", "<unk>", "\x00", "\x00\x01\x1f\x7f", "\n", "\t\t", " leading", "trailing ", "\ufffd",
         "\U0010ffff", "\U000e0001", "a" * 300, "\u4e2d" * 200, "x" + " " * 100 + "y", "1234567890" * 20]
-CODEPOINT_RANGES = [(0, 0x20), (0x20, 0x7F), (0x7F, 0x800), (0x800, 0xD800), (0xE000, 0x10000), (0x10000, 0x30000),
-                    (0x30000, 0x110000)]
-
-
-def random_char(r):
-    lo, hi = r.choice(CODEPOINT_RANGES)
-    return chr(r.randrange(lo, hi))
-
-
-def code_snippet(r):
-    lines = []
-    for _ in range(r.randrange(1, 8)):
-        indent = r.choice(["", "    ", "        ", "\t", "\t\t", "  ", "   "])
-        body = r.choice(["def f(x, y=2):", "return x ** 2 + y", "if a != b: pass", "for i in range(10):",
-                         "print(f'{x:>8}')", "} else {", "int main(void) { return 0; }", "# comment  ", "x = [1,2, 3]"])
-        lines.append(indent + body)
-    return r.choice(["\n", "\r\n", "\n\n"]).join(lines)
-
-
-def make_strings(n, seed=0, pieces=()):
-    """Deterministic, varied strings: prose, code, whitespace runs, digits, scripts, emoji, random code points."""
-    r = random.Random(seed)
-    kinds = [
-        lambda: " ".join(r.choice(WORDS) for _ in range(r.randrange(1, 30))),
-        lambda: code_snippet(r),
-        lambda: "".join(r.choice(SPACES + WORDS[:20]) for _ in range(r.randrange(1, 20))),
-        lambda: "".join(r.choice("0123456789 .,-+") for _ in range(r.randrange(1, 40))),
-        lambda: r.choice(SCRIPTS)[r.randrange(5):] + r.choice(["", " ", "\n"]) + r.choice(SCRIPTS),
-        lambda: "".join(r.choice(EMOJI + SPACES[:3] + WORDS[:5]) for _ in range(r.randrange(1, 12))),
-        lambda: "".join(random_char(r) for _ in range(r.randrange(1, 25))),
-        lambda: "".join(r.choice(pieces) for _ in range(r.randrange(1, 12))) if pieces else "x",
-        lambda: "".join(r.choice([random_char(r), r.choice(WORDS), r.choice(SPACES), r.choice(EMOJI),
-                                  r.choice(SCRIPTS)[:4]]) for _ in range(r.randrange(1, 15))),
-    ]
-    out = list(EDGE)
-    while len(out) < n:
-        s = r.choice(kinds)()
-        out.append(r.choice(["", " ", "  ", "\n"]) + s + r.choice(["", " ", "   ", "\n"]) if r.random() < 0.3 else s)
-    return out
-
-
 def random_id_sequences(n, vocab_size, seed=1):
     """Id sequences mixing normal pieces, byte pieces (often invalid UTF-8), control ids, unk and '▁' pieces."""
     r = random.Random(seed)
@@ -106,9 +64,17 @@ def tok(model_bytes):
 
 
 @pytest.fixture(scope="module")
-def strings(sp):
+def llama_strings(make_strings):
+    """Factory: llama_strings(n, seed=0, pieces=()), varied strings (conftest.make_strings); pieces: runs of a
+    vocabulary's own pieces among them."""
+    return lambda n, seed=0, pieces=(): make_strings(n, WORDS, SCRIPTS, SPACES, edge=EDGE, pieces=pieces, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def strings(sp, llama_strings):
+    """With runs of the vocabulary's own pieces."""
     normal = [sp.id_to_piece(i).replace("\u2581", " ") for i in range(259, sp.get_piece_size())]
-    return make_strings(6000, pieces=normal)
+    return llama_strings(6000, pieces=normal)
 
 
 def test_special_ids(sp, tok):
@@ -173,12 +139,12 @@ NO_DUMMY_PREFIX, REMOVE_EXTRA_WHITESPACES = bytes([3 << 3, 0]), bytes([4 << 3, 1
 @pytest.mark.parametrize("payload", [NO_DUMMY_PREFIX, REMOVE_EXTRA_WHITESPACES,
                                      NO_DUMMY_PREFIX + REMOVE_EXTRA_WHITESPACES],
                          ids=["no_dummy_prefix", "remove_extra_whitespaces", "both"])
-def test_normalizer_flags(sp, model_bytes, tmp_path, payload):
+def test_normalizer_flags(sp, model_bytes, tmp_path, payload, llama_strings):
     spm = pytest.importorskip("sentencepiece")
     data = _with_normalizer(model_bytes, payload)
     (tmp_path / "tokenizer.model").write_bytes(data)
     oracle, ours = spm.SentencePieceProcessor(model_proto=data), load_tokenizer(tmp_path)
-    strings = make_strings(500, seed=2) + [" ▁ ", "a ▁ b", "a  ▁", "▁", "   "]
+    strings = llama_strings(500, seed=2) + [" ▁ ", "a ▁ b", "a  ▁", "▁", "   "]
     if payload == NO_DUMMY_PREFIX:
         strings += piece_texts(sp)
     assert ours.encode_batch(strings) == oracle.encode(strings)
@@ -235,9 +201,9 @@ def test_byte_layout():
     assert tok.encode("") == [] and tok.decode([]) == ""
 
 
-def test_byte_round_trip():
+def test_byte_round_trip(llama_strings):
     tok = load_tokenizer("byte")
-    strings = make_strings(3000, seed=4)
+    strings = llama_strings(3000, seed=4)
     assert [tok.decode(ids) for ids in tok.encode_batch(strings)] == strings
     for s in strings[:500]:
         ids = tok.encode(s, bos=True, eos=True)

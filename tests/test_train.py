@@ -6,6 +6,7 @@ task, so the whole file runs in well under a minute on 2 cores.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,8 @@ import model as model_module
 import optim
 import train
 from data.batching import DataOrder
-from model import Llama
 from mod import MoDConfig
+from model import Llama
 from threads import Threads
 from weights import from_pretrained
 
@@ -393,7 +394,7 @@ def test_a_run_folder_from_before_the_base_start_keeps_its_settings(tiny_base, t
     flags = [x for k, v in old.items() for x in (f"--{k.replace('_', '-')}", v)]
     train.main(base_argv(tiny_base, run, "--max-steps", "2", "--mod-k", "2", "--molex", *flags))
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
-    assert "mod.share" not in ckpt["model"]
+    assert "mod.ensemble_weight" not in ckpt["model"]
     for key in old:
         del ckpt["args"][key]
     torch.save(ckpt, run / "ckpt.pt")
@@ -402,11 +403,59 @@ def test_a_run_folder_from_before_the_base_start_keeps_its_settings(tiny_base, t
     assert train.main(["--resume", str(run), "--max-steps", "3"])["step"] == 3
 
 
+def test_a_run_folder_with_the_old_parameter_names_loads_and_resumes(tiny_base, tmp_path):
+    """MoD's g and MoLEx's m_t were saved as mod.share and molex.share: such a run loads them under their names now
+    (checkpoint.RENAMED), for evaluation and for --resume, which continues as the run with the new names does."""
+    run, old = tmp_path / "run", tmp_path / "old"
+    train.main(base_argv(tiny_base, run, "--max-steps", "2", "--mod-k", "2", "--molex"))
+    shutil.copytree(run, old)
+    ckpt = torch.load(old / "ckpt.pt", weights_only=True)
+    saved = {k: ckpt["model"][k] for k in ("mod.ensemble_weight", "molex.mix_weight")}
+    ckpt["model"] = {{"mod.ensemble_weight": "mod.share", "molex.mix_weight": "molex.share"}.get(k, k): v
+                     for k, v in ckpt["model"].items()}
+    torch.save(ckpt, old / "ckpt.pt")
+    model, _, _, _ = checkpoint.load_run(old)
+    assert torch.equal(model.mod.ensemble_weight.detach(), saved["mod.ensemble_weight"])
+    assert torch.equal(model.molex.mix_weight.detach(), saved["molex.mix_weight"])
+    expected = train.main(["--resume", str(run), "--max-steps", "4"])["losses"]
+    assert train.main(["--resume", str(old), "--max-steps", "4"])["losses"] == expected and len(expected) == 2
+
+
+def test_length_groups_are_seeded_resumable_and_pad_less():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 200, (203,), generator=g).tolist()  # 203: epochs end inside a batch of 8
+    bs = 8
+
+    def batches(order, n):
+        return [order.take(bs) for _ in range(n)]
+
+    grouped = batches(DataOrder(203, 3, lengths, bs), 80)  # 640 examples: over three epochs
+    assert grouped == batches(DataOrder(203, 3, lengths, bs), 80)  # seeded
+    for stop in (1, 25, 26, 51):  # resume anywhere, also at and across an epoch's end
+        first = DataOrder(203, 3, lengths, bs)
+        head = batches(first, stop)
+        resumed = DataOrder(203, 3, lengths, bs, **first.state())
+        assert head + batches(resumed, 80 - stop) == grouped
+    for e in range(3):  # every epoch is a permutation: each example once
+        epoch = [i for b in grouped for i in b][e * 203:(e + 1) * 203]
+        assert sorted(epoch) == list(range(203))
+    plain = batches(DataOrder(203, 3), 80)
+
+    def padded(bs_list):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs_list)
+
+    assert padded(grouped) < 0.2 * padded(plain)
+    assert grouped[:3] != plain[:3]
+    assert grouped != batches(DataOrder(203, 4, lengths, bs), 80)  # the seed counts
+    # equal lengths (pretraining windows): the same order as without grouping
+    assert batches(DataOrder(203, 3, [7] * 203, bs), 80) == plain
+
+
 def test_bounded_mod_share_stays_in_0_1_through_training(tiny_base, tmp_path):
     shares = {}
     for share in ("free", "bounded"):  # a large lr: a few AdamW steps move g by about lr each
         train.main(base_argv(tiny_base, tmp_path / share, "--max-steps", "4", "--mod-k", "2", "--mod-share", share,
                              "--lr", "0.5", "--warmup-steps", "1", "--eval-n", "0"))
-        shares[share] = float(ckpt_params(tmp_path / share)["mod.share"])
+        shares[share] = float(ckpt_params(tmp_path / share)["mod.ensemble_weight"])
     assert not 0 <= shares["free"] <= 1  # the free share leaves [0, 1] here ...
     assert 0 <= shares["bounded"] <= 1  # ... the bounded one is projected back after every step
