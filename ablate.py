@@ -112,15 +112,15 @@ def run_one(name, seed, args, extra, run):
             raise SystemExit(f"{run}: a checkpoint without args.json: remove the folder and run again")
         train_argv = (["--resume", str(run)] if (run / "ckpt.pt").is_file() else
                       # random batches, as the README's tables were run; "-- --length-groups" groups them
-                      ["--data", args.data, "--seed", str(seed), "--out", str(run), "--no-length-groups",
-                       *flags, *extra])
+                      ["--data", args.data, "--seed", str(seed), "--out", str(run), "--overwrite",
+                       "--no-length-groups", *flags, *extra])
         if args.steps is not None:
             train_argv += ["--max-steps", str(args.steps)]
         subprocess.run([sys.executable, str(REPO / "train.py"), *train_argv], check=True)
         eval_argv = ["--ckpt", str(run), "--n", str(args.eval_n), "--layers", "0"]
         subprocess.run([sys.executable, str(REPO / "eval.py"), *eval_argv], check=True)
-        data = json.loads((run / "args.json").read_text())["data"]
-        report = json.loads((run / f"eval-{Path(data).stem}-test.json").read_text())
+        newest = max(run.glob("eval-*-layers0.json"), key=lambda p: p.stat().st_mtime)  # the one just written
+        report = json.loads(newest.read_text())
         report_path.write_text(json.dumps({"metrics": report["metrics"]["output"], "kind": report["kind"],
                                            "solved": report["solved"]["output"], "n": report["n"]}))
     return json.loads(report_path.read_text())

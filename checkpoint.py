@@ -8,17 +8,25 @@ A run folder (train.py --out) holds:
                     torch.load(weights_only=True). The frozen base is not copied: the settings say where it is.
     metrics.jsonl   one JSON object per line ({"step", "loss", "lr", ...} every step, {"step", "val_loss"})
 and after --pretrain also config.json + model.safetensors (Hugging Face format), which from_pretrained loads.
+While a run trains, its folder also holds a `lock` file (the process id; flock-ed, so a crashed run's lock is free
+again). A folder belongs to one run: a second process on it is refused (claim_run_folder), and a new run refuses a
+folder holding another run's files unless --overwrite is given.
 
 build_model(settings) makes the model of a run from its settings: the base (loaded, or new for --pretrain),
 frozen here and only here, then LoRA, then the add-ons (MoD's head hook, MoLEx's layer hook), whose configs
 run_configs reads from the settings.
 """
+import fcntl
+import hashlib
 import json
+import os
+import shutil
+import signal
 from pathlib import Path
 
 import torch
 
-from cli import UserError, config_from
+from cli import UserError, all_reduce_sum, config_from
 from mod import MoDConfig, attach_mod
 from model import Llama, LlamaConfig, LoRAConfig, apply_lora, freeze_base
 from molex import MoLExConfig, attach_molex
@@ -65,13 +73,18 @@ def build_model(settings, device="cpu", dtype=torch.float32, verbose=True, with_
     (frozen), as eval.py --baseline scores it."""
     a = settings
     if a["pretrain"]:
-        cfg = LlamaConfig(dim=a["dim"], n_layers=a["n_layers"], n_heads=a["n_heads"], n_kv_heads=a["n_kv_heads"],
-                          vocab_size=a["vocab_size"], multiple_of=32, max_seq_len=a["context"])
+        try:
+            cfg = LlamaConfig(dim=a["dim"], n_layers=a["n_layers"], n_heads=a["n_heads"], n_kv_heads=a["n_kv_heads"],
+                              vocab_size=a["vocab_size"], multiple_of=32, max_seq_len=a["context"])
+        except ValueError as e:
+            raise UserError(f"--dim {a['dim']} / --n-heads {a['n_heads']} / --n-kv-heads {a['n_kv_heads']}: "
+                            f"{e}") from None
         return Llama(cfg).init_weights(seed=a["seed"], std=0.02).to(device)
     try:
         model = from_pretrained(base_folder(a["init"]), dtype=dtype, device=device)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"--init {a['init']}: {e}") from None
+    model.base_fingerprint = base_fingerprint(model)
     freeze_base(model)
     if with_addons:
         torch.manual_seed(a["seed"])  # LoRA's A init
@@ -88,6 +101,57 @@ def build_model(settings, device="cpu", dtype=torch.float32, verbose=True, with_
             raise UserError(str(e)) from None
     model.grad_checkpointing = bool(a.get("grad_checkpointing"))
     return model.to(device)
+
+
+def tokenizer_label(spec, given, init, saved=False):
+    """How a message names the tokenizer: the --tokenizer flag only when the user gave it."""
+    if given:
+        return f"--tokenizer {spec}"
+    if saved:
+        return f"the run's tokenizer {spec} (saved in its settings)"
+    base = "the built-in base" if init in (None, "builtin") else f"--init {init}"
+    return f"the tokenizer of {base} ({spec})"
+
+
+def open_tokenizer(spec, label):
+    try:
+        return load_tokenizer(spec)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"{label}: {e}") from None
+
+
+def check_base_is_there(settings, where):
+    """A run's saved base (not given by --init now) must still exist; else say so, not "--init X: no such"."""
+    init = settings.get("init")
+    if not settings.get("pretrain") and init not in (None, "builtin") and not Path(init).exists():
+        raise UserError(f"the base of {where}, {init} (saved in its settings), is not there any more: {where} "
+                        f"needs it; pass --init where it is now")
+
+
+def base_fingerprint(model):
+    """What tells one base from another of the same shape, saved with a run: a hash of the embedding's first 65,536
+    values, every norm weight and the head's first values (any fine-tune changes some of them), rounded to bfloat16
+    so the base loaded in float32 or bfloat16 gives the same. File names, sizes and dates cannot tell two bases of
+    one shape apart (and change when a base is copied); hashing every weight would read a 7B base twice."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.dim() == 1 or name in ("embed.weight", "lm_head.weight"):
+            h.update(name.encode())
+            h.update(p.detach().flatten()[:65536].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_same_base(settings, model, where, given):
+    """The base just loaded is the one the run was trained on (its saved fingerprint), then record it."""
+    fp = getattr(model, "base_fingerprint", None)
+    if fp is None:
+        return
+    saved = settings.get("base_fingerprint")
+    if saved is not None and saved != fp:
+        what = f"--init {settings['init']}" if given else f"the base at {settings['init']} (saved in its settings)"
+        raise UserError(f"{what} is not the base {where} was trained on: its weights differ from the fingerprint "
+                        f"saved with the run ({fp} != {saved}); give the run's own base with --init")
+    settings["base_fingerprint"] = fp
 
 
 def resolve_tokenizer(spec, init, pretrain=False):
@@ -158,9 +222,21 @@ def checkpoint_path(run):
     return run if run.suffix == ".pt" else run / "ckpt.pt"
 
 
-def save_checkpoint(state, path):
-    """Atomic (weights.atomic_write): a crash leaves the old checkpoint or the new one, never a torn one."""
-    atomic_write(path, lambda f: torch.save(state, f))
+def save_checkpoint(state, path, on_error=None):
+    """Atomic (weights.atomic_write): a crash leaves the old checkpoint or the new one, never a torn one. A failed
+    write (a full disk) removes its temporary file and ends the run with one line saying why; the previous
+    checkpoint stays. on_error: called before the message (e.g. to close a progress bar)."""
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as e:  # torch wraps the OSError of a failed write in a RuntimeError
+        cause = e if isinstance(e, OSError) else (e.__cause__ or e.__context__ or e)
+        reason = getattr(cause, "strerror", None) or plain_error(cause)
+        if on_error is not None:  # e.g. close the progress bar, so the message has its own line
+            on_error()
+        kept = (f"the previous checkpoint (step {torch.load(path, weights_only=True, mmap=True)['step']}) is kept"
+                if Path(path).is_file() else "no checkpoint had been written yet")
+        raise UserError(f"could not write the checkpoint of step {state['step']} to {path} ({reason}): {kept}; "
+                        f"free some space and continue with --resume {Path(path).parent}") from None
 
 
 def load_checkpoint(path):
@@ -176,8 +252,35 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a train.py checkpoint (no format tag {CHECKPOINT_FORMAT!r})")
     if isinstance(ckpt.get("args"), dict):
+        check_args_file(path.parent / "args.json", ckpt["args"])
         ckpt["args"] = {**BEFORE_DEFAULTS, **ckpt["args"]}  # an older run resumes and evaluates as it was trained
     return ckpt
+
+
+# Settings that train.py --resume may change (a run's length, how often it logs, where it goes, where its base now
+# is): any other flag given with --resume must equal the saved value.
+CHANGEABLE_ON_RESUME = {"resume", "max_steps", "epochs", "eval_every", "save_every", "device", "compile",
+                        "eval_n", "out", "threads", "overwrite", "init"}
+
+
+def check_args_file(args_file, saved):
+    """args.json is a copy of the settings inside ckpt.pt, for people to read. A hand edit there would be ignored
+    (the checkpoint's settings are what its parameters were trained with), so it is refused, naming the keys."""
+    if not args_file.is_file():
+        return
+    try:
+        shown = json.loads(args_file.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{args_file}: not valid JSON (edited by hand?); restore it from ckpt.pt's settings") from None
+    saved = json.loads(json.dumps(saved))  # as JSON shows them (tuples as lists)
+    skip = CHANGEABLE_ON_RESUME | {"base_fingerprint"}  # may lag behind in ckpt.pt until its next save
+    differ = sorted(k for k in saved.keys() - skip if shown.get(k) != saved[k])  # a run's settings, as saved
+    if differ:
+        raise UserError(f"{args_file} differs from the settings saved in ckpt.pt ("
+                        + ", ".join(f"{k}: {saved.get(k)!r} in ckpt.pt, {shown.get(k)!r} in args.json"
+                                    for k in differ[:4])
+                        + "): edits to args.json are not used (ckpt.pt's parameters were trained with its settings). "
+                        "Restore args.json; with train.py --resume, change the run's length or schedule with flags")
 
 
 def rng_state(device):
@@ -214,17 +317,13 @@ def restore_rng(ckpt, rank, world, device, verbose):
               f"dropout masks will differ from an uninterrupted run")
 
 
-def open_run_folder(run, settings, resuming, step):
-    """Make the run folder and write args.json; a new run refuses a folder holding a run, a resumed one drops what
-    metrics.jsonl logged after its checkpoint."""
-    ckpt_file, metrics_file = run / "ckpt.pt", run / "metrics.jsonl"
-    if not resuming and ckpt_file.exists():
-        raise UserError(f"{run} already holds a run: continue it with --resume {run}, or pick another --out")
-    run.mkdir(parents=True, exist_ok=True)
+def open_run_folder(run, settings, resume_from, step, overwrite=False):
+    """Claim the run folder (claim_run_folder: refused if in use or holding another run; --resume A --out B starts
+    B as a copy of A) and write args.json; a resumed run drops what metrics.jsonl logged after its checkpoint."""
+    claim_run_folder(run, resume_from, overwrite)
     (run / "args.json").write_text(json.dumps(settings, indent=2) + "\n")
-    if resuming and metrics_file.exists():
-        lines = [ln for ln in metrics_file.read_text().splitlines() if ln.strip()]
-        metrics_file.write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= step))
+    if resume_from is not None:
+        truncate_metrics(run / "metrics.jsonl", step)
 
 
 def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.float32, verbose=False):
@@ -235,6 +334,7 @@ def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.flo
         settings = dict(state["args"])
         if init is not None:
             settings["init"] = init
+        check_base_is_there(settings, f"the run {checkpoint_path(ckpt).parent}")
     else:
         state, settings = None, {"init": init or "builtin", "pretrain": False, "seed": 0, "data": None,
                                  "difficulty": None, "tokenizer": None}
@@ -243,14 +343,129 @@ def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.flo
         raise UserError(f"the built-in base is not built yet ({BUILTIN_BASE}): run python train.py, which builds it "
                         f"first")
     spec = resolve_tokenizer(tokenizer or settings.get("tokenizer"), settings["init"], settings["pretrain"])
-    try:
-        tok = load_tokenizer(spec)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"--tokenizer {spec}: {e}") from None
+    label = tokenizer_label(spec, tokenizer is not None, settings["init"], saved=bool(settings.get("tokenizer")))
+    tok = open_tokenizer(spec, label)
     if settings["pretrain"]:
         settings.setdefault("vocab_size", tok.vocab_size)
     model = build_model(settings, device, dtype, verbose=verbose, with_addons=state is not None)
-    check_tokenizer_fits(tok, model.config.vocab_size, f"--tokenizer {spec}")
+    check_tokenizer_fits(tok, model.config.vocab_size, label)
     if state is not None:
+        check_same_base(settings, model, f"the run {checkpoint_path(ckpt).parent}", given=init is not None)
         load_trainable(model, state["model"], checkpoint_path(ckpt))
     return model.eval(), tok, settings, state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A run folder belongs to one run
+
+RUN_FILES = ("ckpt.pt", "args.json", "metrics.jsonl")
+_held_locks = {}  # folder -> open lock file of this process (a second train.main in one process reuses it)
+
+
+def lock_run_folder(run):
+    """Take the folder's lock file (flock: the kernel frees it when the process ends, so a crash never leaves it
+    stale); it holds our process id for the message another process gets."""
+    run = run.resolve()
+    if run in _held_locks:
+        return
+    f = open(run / "lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{run} is in use by process {holder} (a run is training there): wait for it to end, or "
+                        f"pick another --out") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _held_locks[run] = f
+
+
+def release_run_folder(run):
+    f = _held_locks.pop(Path(run).resolve(), None)
+    if f is not None:
+        (Path(run) / "lock").unlink(missing_ok=True)
+        f.close()
+
+
+def claim_run_folder(run, resume_from=None, overwrite=False):
+    """Make `run` this run's folder, or refuse (UserError) before anything is written:
+    - a folder in use by another process (its lock) is refused;
+    - a new run (resume_from None) refuses a folder holding another run's files (ckpt.pt, args.json, metrics.jsonl:
+      also a run stopped before its first checkpoint) unless overwrite, which removes them;
+    - resuming the run of another folder (--resume A --out B) copies A's checkpoint and metrics into B, which
+      must be new (or overwrite): A stays as it was.
+    Temporary files left by a killed writer are removed (we hold the lock: nobody else is writing)."""
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--out {run} is a file, not a folder")
+    run.mkdir(parents=True, exist_ok=True)
+    lock_run_folder(run)
+    for tmp in run.glob("*.tmp"):  # weights.atomic_write's NAME.PID.tmp, our NAME.copy.tmp
+        if tmp.name.rsplit(".", 2)[-2].isdigit() or tmp.name.endswith(".copy.tmp"):
+            tmp.unlink()
+    same = resume_from is not None and resume_from.parent.resolve() == run.resolve()
+    held = [name for name in RUN_FILES if (run / name).exists()]
+    if held and not same:
+        if not overwrite:
+            release_run_folder(run)
+            what = ("a run" if "ckpt.pt" in held else
+                    f"a run stopped before its first checkpoint ({', '.join(held)}, no ckpt.pt)")
+            hint = f"continue it with --resume {run}, " if "ckpt.pt" in held else ""
+            raise UserError(f"{run} already holds {what}: {hint}pick another --out, or add --overwrite to replace "
+                            f"it")
+        for name in held:
+            (run / name).unlink()
+    if resume_from is not None and not same:  # --resume A --out B: B starts as a copy of A
+        shutil.copy2(resume_from, run / "ckpt.pt.copy.tmp")
+        os.replace(run / "ckpt.pt.copy.tmp", run / "ckpt.pt")
+        if (resume_from.parent / "metrics.jsonl").is_file():
+            shutil.copy2(resume_from.parent / "metrics.jsonl", run / "metrics.jsonl")
+
+
+def truncate_metrics(metrics_file, step):
+    """Drop what was logged after the checkpoint a run resumes from."""
+    if metrics_file.exists():
+        lines = [ln for ln in metrics_file.read_text().splitlines() if ln.strip()]
+        metrics_file.write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= step))
+
+
+class StopSignal:
+    """Ctrl-C (SIGINT) or SIGTERM asks the training loop to stop after the step it is in, so that step can be saved;
+    a second signal stops at once. Handlers are ours until restore()."""
+
+    def __init__(self):
+        self.requested, self.before = None, {}
+        try:
+            self.before = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: signals cannot be caught here
+            pass
+
+    def handle(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: stopping after this step (saving it); press Ctrl-C again to stop at once",
+              flush=True)
+
+    def check(self, world, device):
+        """Whether any process was asked to stop (every process joins the all-reduce under DDP)."""
+        if world == 1:
+            return self.requested is not None
+        return bool(all_reduce_sum(torch.tensor([float(self.requested is not None)], device=device)))
+
+    def save_and_stop(self, state, ckpt_file, step, max_steps):
+        """Save the last finished step (ckpt_file None: not the saving process) and end the run with how to resume."""
+        if ckpt_file is not None:
+            save_checkpoint(state, ckpt_file)
+            release_run_folder(ckpt_file.parent)
+        self.restore()
+        raise UserError(f"stopped ({self.requested or 'by another process'}) after step {step} of {max_steps}: "
+                        f"saved {ckpt_file or 'the checkpoint'}; continue with: python train.py --resume "
+                        f"{ckpt_file.parent if ckpt_file else 'RUN'}")
+
+    def restore(self):
+        for s, handler in self.before.items():
+            signal.signal(s, handler)
+        self.before = {}

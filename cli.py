@@ -10,6 +10,7 @@ run's saved settings (a field an older run did not save takes its default).
 """
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -69,6 +70,9 @@ def config_from(cls, settings, prefix, **fixed):
     A bad value raises UserError with __post_init__'s message (which names the flag)."""
     values = {f.name: settings[key(prefix, f.name)] for f in dataclasses.fields(cls)
               if settings.get(key(prefix, f.name)) is not None}
+    for name, v in values.items():  # NaN passes every `x <= 0` check below it: refused here, for every float
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"--{key(prefix, name).replace('_', '-')} must be a finite number, got {v}")
     try:
         return cls(**{**values, **fixed})
     except (TypeError, ValueError) as e:

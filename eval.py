@@ -23,11 +23,16 @@ MoLEx the (layer x chosen expert) fractions of the test prompts, as numbers and 
 problems each layer solves is counted by exact subset (like a Venn diagram) for up to 5 layers, and always as a
 pairwise matrix with "solved by any / by all / only by this layer".
 
-Writes eval-<data>-<split>.json (scores, overlap, every output) and .md (tables) into the run folder (or --out),
-and .png plots when matplotlib is installed.
+Writes eval-<data>[-d<difficulty>]-<split>[-n<N>][-layers<L>][-new<M>].json (scores, overlap, every output) and .md
+(tables) into the run folder (or --out), and .png plots when matplotlib is installed: the name carries what makes
+one evaluation differ from another (the -n, -layers and -new parts only when those flags are given), so a smaller
+evaluation never replaces a larger one. A report of the same name made with other settings (--baseline, --init,
+--tokenizer, --overlap-metric, --dtype) is not replaced: pick another --out. --out is checked writable first.
 """
 import argparse
 import json
+import os
+import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -391,6 +396,51 @@ def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=No
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Where the report goes
+
+def report_name(name, difficulty, args, n, default_layers):
+    """eval-<data>[-d<difficulty>]-<split>[-n<N>][-layers<L>][-new<M>][-gen|-nogen]: what tells two evaluations
+    apart."""
+    parts = [name] + ([f"d{difficulty}"] if difficulty is not None else []) + [args.split]
+    if args.n is not None:
+        parts.append(f"n{n}")
+    if args.layers != default_layers:
+        parts.append(f"layers{args.layers}")
+    if args.max_new_tokens is not None:
+        parts.append(f"new{args.max_new_tokens}")
+    if args.acc_gen is not None:  # --acc-gen / --no-acc-gen: another set of metrics
+        parts.append("gen" if args.acc_gen else "nogen")
+    return "eval-" + "-".join(parts)
+
+
+def check_writable(out_dir):
+    """--out can be written (tried with a temporary file): UserError otherwise."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"--out {out_dir}: cannot write the reports there ({e.strerror or e})") from None
+
+
+def check_report_folder(stem, settings):
+    """An existing report of this name was made with the same settings: else it is another evaluation, and is not
+    replaced (UserError before the work)."""
+    old = Path(f"{stem}.json")
+    if old.is_file():
+        try:
+            before = json.loads(old.read_text()).get("settings")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            before = None
+        if before != settings:
+            differ = [f"--{k.replace('_', '-')} {before.get(k)!r} there, {v!r} now" for k, v in settings.items()
+                      if before.get(k) != v] if isinstance(before, dict) else ["unknown settings there"]
+            raise UserError(f"{old} is another evaluation ({'; '.join(differ)}): it is not replaced; pick another "
+                            f"--out or remove it")
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     parser = get_parser()
@@ -405,6 +455,12 @@ def main(argv=None):
         parser.error(f"--ckpt {args.ckpt}: no checkpoint there (looked for {checkpoint_path(args.ckpt)})")
     if args.init is not None and not Path(args.init).exists():
         parser.error(f"--init {args.init}: no such checkpoint folder or .gguf file")
+    if args.ckpt is not None:
+        run_dir = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
+        out_dir = Path(args.out or run_dir)
+    else:
+        out_dir = Path(args.out or REPO / "runs" / f"eval-{Path(args.init).stem if args.init else 'builtin-base'}")
+    check_writable(out_dir)  # before the model is loaded, not after the evaluation
     device = pick_device(args.device)
     bf16 = use_bf16(args.dtype, device)
     if device.type == "cpu":
@@ -415,12 +471,9 @@ def main(argv=None):
     model, tokenizer, saved, ckpt = load_run(args.ckpt, args.init, args.tokenizer, device,
                                              torch.bfloat16 if bf16 else torch.float32)
     if ckpt is not None:
-        run_dir = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
         title_model = f"{run_dir.name} (step {ckpt['step']})"
-        out_dir = Path(args.out or run_dir)
     else:
         title_model = "untuned " + (Path(args.init).name if args.init else "built-in base")
-        out_dir = Path(args.out or REPO / "runs" / f"eval-{Path(args.init).stem if args.init else 'builtin-base'}")
     baseline = None
     if args.baseline and ckpt is not None and not saved["pretrain"]:
         baseline = build_model(saved, device, torch.bfloat16 if bf16 else torch.float32, verbose=False,
@@ -443,6 +496,9 @@ def main(argv=None):
     layers = list(range(n_layers - k, n_layers))
 
     name = Path(data).stem if data not in BUILTIN_TASKS else data
+    stem = out_dir / report_name(name, difficulty, args, len(records), parser.get_default("layers"))
+    settings = {k: getattr(args, k) for k in ("baseline", "init", "tokenizer", "overlap_metric", "dtype")}
+    check_report_folder(stem, settings)  # before the work, not after it
     print(f"evaluating {title_model} on {name} {args.split}: {len(records)} problems, layers "
           f"{[i + 1 for i in layers]} read out alone")
     acc_gen = args.acc_gen
@@ -457,11 +513,10 @@ def main(argv=None):
     res["overlap_metric"] = metric
     res["overlap"] = overlap({s: set(res["solved"][s][metric]) for s in layer_sources}, len(records))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"eval-{name}-{args.split}"
     title = f"{title_model} on {name} {args.split} ({len(records)} problems)"
     report = {"title": title, "ckpt": str(args.ckpt) if args.ckpt else None, "init": str(saved["init"]),
-              "data": data, "difficulty": difficulty, "split": args.split, "n": len(records), **res,
+              "data": data, "difficulty": difficulty, "split": args.split, "n": len(records), "settings": settings,
+              **res,
               "problems": [{k: r[k] for k in ("question", "choices", "labels", "gold") if k in r} for r in records]}
     Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     md = markdown_report(res, title, n_layers)

@@ -299,6 +299,9 @@ class MoLEx(nn.Module):
 
 def attach_molex(model, cfg: MoLExConfig, verbose=True):
     """Build the gate and register it as model.molex (its own parameters trainable; nothing else changes)."""
+    if model.config.n_layers < 2:  # a layer's expert is another layer: one layer has none
+        raise ValueError(f"--molex mixes each layer with another layer, and this model has "
+                         f"{model.config.n_layers}: use a model of 2 layers or more")
     model.molex = MoLEx(model, cfg)
     if verbose:
         own = sum(p.numel() for p in model.molex.parameters())

@@ -16,6 +16,7 @@ model's end tokens (EOS, and those its generation_config.json / config.json list
     python sample.py --init Llama-3.2-1B-Instruct --chat --system "Answer briefly." "Why is the sky blue?"
 """
 import argparse
+import math
 import sys
 from contextlib import nullcontext
 
@@ -52,8 +53,9 @@ def get_parser():
 def main(argv=None, out=sys.stdout):
     """Print the continuation as it is generated; returns the new token ids."""
     args = get_parser().parse_args(argv)
-    if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
-        raise UserError(f"--max-new-tokens must be >= 1, --temperature >= 0 and --top-k >= 1; got "
+    if args.max_new_tokens < 1 or not args.temperature >= 0 or args.temperature == math.inf or \
+            (args.top_k is not None and args.top_k < 1):  # `not >= 0` also refuses nan
+        raise UserError(f"--max-new-tokens must be >= 1, --temperature finite and >= 0 and --top-k >= 1; got "
                         f"{args.max_new_tokens}, {args.temperature}, {args.top_k}")
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not text.strip():

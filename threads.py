@@ -4,6 +4,8 @@ import time
 
 import torch
 
+from errors import UserError
+
 
 class Threads:
     """CPU threads for torch, re-decided while a command runs. --threads N > 0: always N. 0 (auto): the cores
@@ -14,6 +16,8 @@ class Threads:
     busy CPU time (/proc/stat) minus this process's own (/proc/self/stat) since the last check."""
 
     def __init__(self, flag, world=1, every_s=5.0):
+        if flag < 0:
+            raise UserError(f"--threads must be >= 0 (0: auto), got {flag}")
         self.flag, self.world, self.every_s = flag, world, every_s
         self.max = torch.get_num_threads()
         self.last = self.sample()

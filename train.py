@@ -27,14 +27,19 @@ from tqdm import tqdm
 from checkpoint import (
     BUILTIN_BASE,
     REPO,
+    StopSignal,
     build_model,
+    check_same_base,
     checkpoint_state,
     load_checkpoint,
     load_trainable,
     open_run_folder,
+    open_tokenizer,
+    release_run_folder,
     resolve_tokenizer,
     restore_rng,
     save_checkpoint,
+    tokenizer_label,
 )
 from cli import UserError, all_reduce_sum, run_main, setup_distributed, use_bf16
 from data.batching import DataOrder, collate, load_training_data
@@ -42,7 +47,7 @@ from data.format import IGNORE_INDEX
 from molex import prompt_end_from_targets
 from optim import lr_factor, param_groups
 from threads import Threads
-from tokenizer import check_tokenizer_fits, load_tokenizer
+from tokenizer import check_tokenizer_fits
 from train_args import get_parser, parse_args, resolve_paths  # noqa: F401 - get_parser: train.get_parser for tests
 from weights import save_hf
 
@@ -86,7 +91,7 @@ def ensure_builtin_base():
         return
     print(f"The built-in base model is missing: building it now (pretraining a tiny LLaMA on data.builtin's "
           f"corpus into {BUILTIN_BASE}; first run only)")
-    argv = BUILTIN_BASE_ARGV + ["--out", str(BUILTIN_BASE)]
+    argv = BUILTIN_BASE_ARGV + ["--out", str(BUILTIN_BASE), "--overwrite"]  # a build stopped before a checkpoint
     if (BUILTIN_BASE / "ckpt.pt").is_file():  # an earlier build was interrupted: continue it
         argv = ["--resume", str(BUILTIN_BASE)]
     main(argv)
@@ -94,21 +99,31 @@ def ensure_builtin_base():
 
 def load_model_and_data(args, device, bf16, master):
     """The run's model (initialized from --seed), its tokenizer and the tokenized training and validation data."""
+    given_tokenizer = args.tokenizer is not None and not args.resume
     args.tokenizer = resolve_tokenizer(args.tokenizer, args.init, args.pretrain)
-    try:
-        tokenizer = load_tokenizer(args.tokenizer)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"--tokenizer {args.tokenizer}: {e}") from None
+    tokenizer_name = tokenizer_label(args.tokenizer, given_tokenizer, args.init, saved=bool(args.resume))
+    tokenizer = open_tokenizer(args.tokenizer, tokenizer_name)
     args.vocab_size = tokenizer.vocab_size
     torch.manual_seed(args.seed)
     model = build_model(vars(args), device, torch.bfloat16 if bf16 and not args.pretrain else torch.float32,
                         verbose=master)
-    check_tokenizer_fits(tokenizer, model.config.vocab_size, f"--tokenizer {args.tokenizer}")
+    check_tokenizer_fits(tokenizer, model.config.vocab_size, tokenizer_name)
+    check_same_base(vars(args), model, f"the run {args.resume}", given=True)  # and records it for a new run
     max_len = args.max_len or (128 if args.pretrain else model.config.max_seq_len)
     if max_len > model.config.max_seq_len:
         raise UserError(f"--max-len {max_len} exceeds the model's context ({model.config.max_seq_len})")
     train, val = load_training_data(vars(args), tokenizer, max_len)
     return model, tokenizer, train, val
+
+
+def nothing_to_do(args, step, max_steps, master, started_group):
+    """A resume whose run is already as long as asked: say so, write nothing."""
+    if master:
+        print(f"nothing to do: {args.resume} is at step {step} and the run ends at step {max_steps}; give a "
+              f"--max-steps above {step} (or more --epochs) to train further")
+    if started_group:
+        torch.distributed.destroy_process_group()
+    return {"run": str(Path(args.resume).parent), "losses": [], "val_loss": None, "step": step}
 
 
 def log(metrics_file, record):
@@ -214,16 +229,18 @@ def main(argv=None):
         load_trainable(model, ckpt["model"], args.resume)
         optimizer.load_state_dict(ckpt["optimizer"])
         step, order = ckpt["step"], DataOrder(len(train), args.seed, lengths, args.batch_size, **ckpt["data"])
+    if step >= max_steps:
+        return nothing_to_do(args, step, max_steps, master, started_group)
     torch.manual_seed(args.seed + rank)  # dropout: one RNG stream per rank, restored on resume (same world size)
     if ckpt is not None:
         restore_rng(ckpt, rank, world, device, master)
     run = Path(args.out or REPO / "runs" / f"{'pretrain' if args.pretrain else Path(args.data).stem}-"
                                            f"{datetime.now():%Y%m%d-%H%M%S}")
     args.out = str(run)
-    saved_args = {k: v for k, v in vars(args).items() if k != "resume"}
+    saved_args = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
     ckpt_file, metrics_file = run / "ckpt.pt", run / "metrics.jsonl"
-    if master:
-        open_run_folder(run, saved_args, ckpt is not None, step)
+    if master:  # refused if in use or holding another run; --resume A --out B copies A into B
+        open_run_folder(run, saved_args, Path(args.resume) if ckpt else None, step, args.overwrite)
         print_start(args, run, ckpt, step, max_steps, order, len(train), global_batch, world, device, threads, bf16)
 
     raw_model = model
@@ -236,6 +253,7 @@ def main(argv=None):
     first_step, losses, val_loss = step, [], None
     t_start, tokens_seen = time.time(), 0
     bar = tqdm(total=max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
+    stop = StopSignal()  # Ctrl-C / SIGTERM: finish the step, save it, say how to go on
     while step < max_steps:
         t0 = time.time()
         if threads:
@@ -272,11 +290,17 @@ def main(argv=None):
         if (args.save_every and step % args.save_every == 0) or step == max_steps:
             state = checkpoint_state(raw_model, optimizer, order, step, saved_args, world, device)  # all ranks
             if master:
-                save_checkpoint(state, ckpt_file)
+                save_checkpoint(state, ckpt_file, on_error=bar.close)
+        if stop.check(world, device) and step < max_steps:
+            bar.close()
+            stop.save_and_stop(checkpoint_state(raw_model, optimizer, order, step, saved_args, world, device),
+                               ckpt_file if master else None, step, max_steps)
     bar.close()
+    stop.restore()
 
     if master:
         finish_run(args, run, raw_model, tokenizer, first_step, step, losses, val_loss, time.time() - t_start)
+        release_run_folder(run)
     if started_group:
         torch.distributed.destroy_process_group()
     return {"run": str(run), "losses": losses, "val_loss": val_loss, "step": step}

@@ -5,7 +5,7 @@ values, and the paths a run saves (so that eval.py finds the same data and base 
 import argparse
 from pathlib import Path
 
-from checkpoint import ADDONS, checkpoint_path, load_checkpoint, run_configs
+from checkpoint import ADDONS, CHANGEABLE_ON_RESUME, check_base_is_there, checkpoint_path, load_checkpoint, run_configs
 from cli import HelpFormatter, UserError, add_config_flags, add_device_flags, config_from, given_fields, store_config
 from data import BUILTIN_TASKS, resolve_path
 from data.builtin import DEFAULT_DIFFICULTY
@@ -16,9 +16,9 @@ from model import LoRAConfig
 from molex import MoLExConfig
 from optim import CASE_DEFAULTS, OptimConfig, case_help, fill_case_defaults
 
-# Settings that --resume may change; any other flag given with --resume must equal the saved value.
-RESUME_OVERRIDABLE = {"resume", "max_steps", "epochs", "eval_every", "save_every", "device", "compile",
-                      "eval_n", "out", "threads"}
+# Settings that --resume may change (checkpoint.py: the run's length and logging, where it goes, where its base
+# now is: --init only for a run with a base fingerprint, which checks it); any other must equal the saved value.
+RESUME_OVERRIDABLE = CHANGEABLE_ON_RESUME
 
 def get_parser():
     p = argparse.ArgumentParser(description="Tune a LLaMA model with LoRA (or pretrain the built-in base).",
@@ -85,7 +85,10 @@ def get_parser():
     g.add_argument("--out", default=None,
                    help="run folder; default runs/<data>-<date-time> (--pretrain: runs/pretrain-<date-time>)")
     g.add_argument("--resume", default=None, metavar="RUN",
-                   help="continue the run in this folder (or this ckpt.pt) with its saved settings")
+                   help="continue the run in this folder (or this ckpt.pt) with its saved settings; with --out, "
+                        "continue into that folder (a copy: RUN stays as it was)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run files (ckpt.pt, args.json, metrics.jsonl) of another run in --out")
     g.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps (0: only at the end)")
     g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     return p
@@ -121,15 +124,18 @@ def resumed_args(parser, args, argv):
     ckpt_path = checkpoint_path(args.resume)
     saved = load_checkpoint(ckpt_path)["args"]
     given = explicit_flags(argv)
+    overridable = RESUME_OVERRIDABLE - ({"init"} if "base_fingerprint" not in saved else set())
     changed = [f"--{k.replace('_', '-')} (saved {saved.get(k)!r}, given {v!r})" for k, v in given.items()
-               if k not in RESUME_OVERRIDABLE and saved.get(k) != v]
+               if k not in overridable and saved.get(k) != v]
     if changed:
         raise UserError("--resume continues a run with its saved settings; these flags differ: " + ", ".join(changed))
     defaults = vars(parser.parse_args([]))  # flags newer than the checkpoint get their defaults
     defaults["choice_target"] = "label"  # except this one: a run saved before it trained on labels
     defaults["length_groups"] = False  # but a run saved before length grouping had random batches
     args = argparse.Namespace(**{**defaults, **saved, **{k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}})
-    args.resume, args.out = str(ckpt_path), str(ckpt_path.parent)
+    if "init" not in given:
+        check_base_is_there(saved, f"the run {ckpt_path.parent}")
+    args.resume, args.out = str(ckpt_path), given.get("out") or str(ckpt_path.parent)  # --out: a copy goes on
     if "max_steps" in given or "epochs" in given:  # a new length replaces the saved one
         args.max_steps, args.epochs = given.get("max_steps"), given.get("epochs")
     return args

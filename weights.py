@@ -173,7 +173,34 @@ def rope_scaling_from_hf(c, path):
             "original_max_position_embeddings": int(scaling["original_max_position_embeddings"])}
 
 
+HF_INT_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+               "intermediate_size", "max_position_embeddings")
+HF_FLOAT_KEYS = ("rms_norm_eps", "rope_theta")
+
+
+def check_hf_config(c, path):
+    """Refuse a config.json whose values are not what LLaMA's keys hold ("num_hidden_layers": "8" and the like),
+    naming the file and the key, before anything is built from them."""
+    if not isinstance(c, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(c).__name__}")
+    rope = c.get("rope_parameters")
+    if rope is not None and not isinstance(rope, dict):
+        raise ValueError(f"{path}: key 'rope_parameters' must be an object, got {rope!r}")
+    for where, d, keys in [("", c, HF_INT_KEYS + HF_FLOAT_KEYS), ("rope_parameters.", rope or {}, ("rope_theta",))]:
+        for k in keys:
+            v = d.get(k)
+            if v is None:
+                continue
+            ok = (type(v) is int if k in HF_INT_KEYS else type(v) in (int, float) and math.isfinite(v)) and v > 0
+            if not ok:
+                kind = "a positive integer" if k in HF_INT_KEYS else "a positive finite number"
+                raise ValueError(f"{path}: key {where + k!r} must be {kind}, got {v!r}")
+    if not isinstance(c.get("tie_word_embeddings", False), bool):
+        raise ValueError(f"{path}: key 'tie_word_embeddings' must be true or false, got {c['tie_word_embeddings']!r}")
+
+
 def config_from_hf(c, path):
+    check_hf_config(c, path)
     rope = c.get("rope_parameters") or {}  # transformers >= 5 writes rope_theta (and any scaling) here
     try:
         return LlamaConfig(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
@@ -185,6 +212,19 @@ def config_from_hf(c, path):
                            rope_scaling=rope_scaling_from_hf(c, path))
     except KeyError as e:
         raise ValueError(f"{path}: lacks the key {e.args[0]!r}") from None
+
+
+def index_files(path):
+    """The shard files a model.safetensors.index.json (or pytorch_model.bin.index.json) names in its weight_map."""
+    index = read_json(path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{path}: key 'weight_map' must be a non-empty object {{tensor name: shard file}}, got "
+                         f"{'nothing' if weight_map is None else repr(weight_map)[:80]}")
+    bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v or Path(v).name != v]
+    if bad:
+        raise ValueError(f"{path}: key 'weight_map' maps {bad[0][0]!r} to {bad[0][1]!r}, not a file name")
+    return sorted(set(weight_map.values()))
 
 
 def iter_meta(folder):
@@ -230,7 +270,7 @@ def iter_hf(folder):
     for index_name, single, reader in [("model.safetensors.index.json", "model.safetensors", read_safetensors),
                                        ("pytorch_model.bin.index.json", "pytorch_model.bin", load_pickled)]:
         if (folder / index_name).exists():
-            files = sorted(set(read_json(folder / index_name)["weight_map"].values()))
+            files = index_files(folder / index_name)
             break
         if (folder / single).exists():
             files = [single]
@@ -241,8 +281,13 @@ def iter_hf(folder):
     for file in files:
         if not (folder / file).exists():
             raise FileNotFoundError(f"{folder / file}: shard named in {folder / index_name} is missing")
+    seen = {}  # tensor name -> the shard that held it: a tensor in two shards is an error, not "the last one wins"
     for file in files:
         for key, w in reader(folder / file).items():
+            if key in seen:
+                raise ValueError(f"{folder}: tensor {key!r} is in two shards, {seen[key]} and {file}: which one is "
+                                 f"meant is unknown")
+            seen[key] = file
             if "rotary_emb.inv_freq" not in key:
                 yield rename(key, "hf", "ours"), w, f"{key} in {folder / file}"
 
@@ -336,12 +381,16 @@ def atomic_write(path, write):
     """write(f) into a temporary file in the same folder, fsync, then rename over `path`: a crash at any moment
     leaves the old file or the new one, never a torn one."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: two writers never share it
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: no half-written temporary file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         try:

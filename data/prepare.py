@@ -16,7 +16,9 @@ Sources:
 
 --src is a file (its split is read from its name: train... or test...) or a folder holding
 train.json(l) / test.json(l); what is missing is skipped. Without --src the files are downloaded;
-offline that fails with a message saying to pass --src. Output: OUT/{train,test}.jsonl.
+offline that fails with a message saying to pass --src. Output: OUT/{train,test}.jsonl and OUT/prepared.json (which
+data set, from where, how many records). A folder holding another data set (or jsonl files with no prepared.json)
+is refused, so two data sets are never mixed in one folder; preparing the same one again rewrites it.
 AQuA's train.json in LLM-Adapters repeats its test problems, so only AQuA test is downloaded.
 """
 import argparse
@@ -180,12 +182,38 @@ def download(url):
                            "Pass the files with --src FILE_OR_DIR") from None
 
 
+MANIFEST = "prepared.json"
+
+
+def check_out_folder(out, name, keep_calculator):
+    """Refuse an output folder that holds another data set: its train/test files would be mixed with ours."""
+    manifest, held = out / MANIFEST, sorted(p.name for p in out.glob("*.jsonl")) if out.is_dir() else []
+    if manifest.is_file():
+        try:
+            before = json.loads(manifest.read_text())
+            before = (before["name"], bool(before.get("keep_calculator")))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise ValueError(f"{manifest}: not a readable manifest of data.prepare; remove the folder or pick "
+                             f"another --out") from None
+        if before != (name, keep_calculator):
+            what = before[0] + (" with --keep-calculator" if before[1] else "")
+            raise ValueError(f"--out {out} holds the {what} data set ({manifest}): preparing {name}"
+                             f"{' with --keep-calculator' if keep_calculator else ''} there would mix the two; pick "
+                             f"another --out")
+    elif held:
+        raise ValueError(f"--out {out} holds {', '.join(held)} but no {MANIFEST}: not a folder data.prepare wrote "
+                         f"(or one from before it wrote manifests); pick another --out or remove those files")
+
+
 def prepare(name, src=None, out=None, keep_calculator=False):
-    """Convert one benchmark; returns {split: number of records}. Writes OUT/{split}.jsonl."""
+    """Convert one benchmark; returns {split: number of records}. Writes OUT/{split}.jsonl and OUT/prepared.json."""
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}")
     layout, extension, urls = DATASETS[name]
     out = Path(out) if out is not None else Path(__file__).resolve().parent / name
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    check_out_folder(out, name, keep_calculator)
     texts = {}
     if src is not None:
         for split, path in local_files(src, extension).items():
@@ -197,15 +225,19 @@ def prepare(name, src=None, out=None, keep_calculator=False):
                 texts[split] = (text, url)
         if not texts:
             raise RuntimeError(f"none of the {name} files could be found at {', '.join(urls.values())}")
-    counts = {}
+    converted = {}  # every split converted before anything is written: a bad record leaves the folder as it was
     for split, (text, origin) in texts.items():
         # the file's own format decides how it is read (a .jsonl GSM8K or a .json list)
         file_extension = ".jsonl" if origin.endswith(".jsonl") else ".json"
-        raw = parse_raw(text, file_extension, origin)
-        records = convert(layout, raw, keep_calculator, origin)
+        converted[split] = convert(layout, parse_raw(text, file_extension, origin), keep_calculator, origin)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"name": name, "keep_calculator": keep_calculator,
+                "sources": {split: origin for split, (_, origin) in texts.items()},
+                "records": {split: len(records) for split, records in converted.items()}}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")  # first: a crash leaves the folder marked
+    for split, records in converted.items():
         write_jsonl(records, out / f"{split}.jsonl")
-        counts[split] = len(records)
-    return counts
+    return manifest["records"]
 
 
 def main(argv=None):

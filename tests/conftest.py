@@ -126,3 +126,36 @@ def random_strings(n, words, scripts, spaces, edge=(), odd=(), pieces=(), seed=0
 def make_strings():
     """Factory: make_strings(n, words, scripts, spaces, edge=(), odd=(), pieces=(), seed=0) -> varied strings."""
     return random_strings
+
+
+# -- byte-level BPE test strings (bpe_strings): what they are made of
+
+BPE_WORDS = ("the of and to in is was for that with as on by at from it an were are this be or Hello World don't "
+         "can't it's I'm we'll they've you're she'd 1st 2nd 3.14159 1,000,000 e.g. U.S.A. x86_64 snake_case camelCase "
+         "http://example.com/path?q=1&r=2 user@mail.org #hashtag @mention $100 50% (parens) [brackets] {braces} "
+         "<tags> <|im_start|> <|im_end|> <|endoftext|> ĠHello Ġ Ċ ’s 'S 'LL").split()
+BPE_SCRIPTS = ["中文分词测试的一是不了人我在有他这为之大来以个们到说国和地也子时道出", "日本語のテキストです。カタカナ",
+           "한국어 텍스트입니다", "مرحبا بالعالم، هذا نص عربي", "שלום עולם", "Привет, мир! Ёжик", "Γειά σου Κόσμε",
+           "नमस्ते दुनिया हिन्दी", "สวัสดีชาวโลก", "Ça va? Œuvre naïve façade São Paulo Straße",
+           "e\u0301 a\u0308 n\u0303 o\u0327\u0301 (combining)", "ﬁ ﬀ Ⅻ ① ＡＢＣ １２３ ٣٤٥ ½ ²", "ᚠᛇᚻ ⴰⵣⴰ ꦗꦮ 𐌰𐌱 𝔘𝔫𝔦"]
+BPE_SPACES = [" ", "  ", "   ", " " * 9, "\t", "\t\t", "\n", "\n\n", "\r\n", " \n ", "\u3000", "\xa0", "\x0b", "\x0c",
+          "\x85", "\u2028", "\u2003"]
+BPE_CONTROL = [chr(c) for c in [*range(0, 0x20), 0x7F]]
+BPE_NO_TOKEN = ["\x04", "\x06", "\x13", "\x14", "\x16", "\x1d", "\U00040000", "\U0007ffff", "\U000bffff", "\U00051234"]
+BPE_EDGE = ["", " ", "  ", "\n", "\t", "a", " a", "a ", "a  ", "123", " 123", "a1b2", "  1", "x  \n1", "1  a",
+        "'s", "don't", "' s", "\x04", "a\x04b", "(\x04)", "!\x04!", "in\x04g", " \x04 ", "\x04\x04", "x\U00040000y",
+        "\U00040000", "th\x06e", ".\x1d.", "a" * 300, "9" * 200, "\u4e2d" * 100, "x" + " " * 60 + "y", "\t" * 20 + "z"]
+
+
+@pytest.fixture(scope="module")
+def bpe_strings(make_strings):
+    """Factory: bpe_strings(n, seed=0), varied strings (conftest.make_strings) with control characters and
+    characters whose UTF-8 holds a byte SmolLM2 has no token for."""
+    return lambda n, seed=0: make_strings(n, BPE_WORDS, BPE_SCRIPTS, BPE_SPACES, edge=BPE_EDGE,
+                                          odd=BPE_CONTROL + BPE_NO_TOKEN, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def bpe_no_token():
+    """Characters whose UTF-8 holds a byte SmolLM2's vocabulary has no token for."""
+    return BPE_NO_TOKEN

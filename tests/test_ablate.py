@@ -16,7 +16,7 @@ def test_ablation_table_and_continuation(tmp_path, monkeypatch, tiny_base):
             "--max-len", "96", "--batch-size", "2", "--eval-n", "0", "--lr", "1e-2"]
     results = ablate.main(argv)
     assert set(results) == {"lora", "mod2", "molex-seq"} and all(set(r) == {0, 1} for r in results.values())
-    ckpt = json.loads((tmp_path / "abl" / "molex-seq-seed1" / "eval-arith-test.json").read_text())
+    ckpt = json.loads((tmp_path / "abl" / "molex-seq-seed1" / "eval-arith-d1-test-n3-layers0.json").read_text())
     assert ckpt["molex"]["mixed_layers"] == [1, 2, 3]  # the run really had MoLEx on
     summary = json.loads((tmp_path / "abl" / "ablation.json").read_text())["mean_std"]
     table = (tmp_path / "abl" / "ablation.md").read_text()
@@ -35,8 +35,10 @@ def test_ablation_table_and_continuation(tmp_path, monkeypatch, tiny_base):
             assert paired[name][metric]["mean"] == pytest.approx(statistics.mean(diffs))
             assert paired[name][metric]["pairs"] == 2
     record = json.loads((tmp_path / "abl" / "ablation.json").read_text())
-    solved = {(name, s): set(json.loads((tmp_path / "abl" / f"{name}-seed{s}" / "eval-arith-test.json").read_text())
-                             ["solved"]["output"]["strict"]) for name in results for s in (0, 1)}
+    def report(name, s):
+        return json.loads((tmp_path / "abl" / f"{name}-seed{s}" / "eval-arith-d1-test-n3-layers0.json").read_text())
+
+    solved = {(name, s): set(report(name, s)["solved"]["output"]["strict"]) for name in results for s in (0, 1)}
     for name in results:  # by seed and question: each question's mean over seeds of (solved) - (LoRA solved)
         d = [sum((q in solved[name, s]) - (q in solved["lora", s]) for s in (0, 1)) / 2 for q in range(3)]
         got = record["paired_vs_lora"][name]["strict_by_question"]

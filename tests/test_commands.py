@@ -14,6 +14,7 @@ import sample
 import train
 from checkpoint import load_run
 from data.format import bos, prompt_text
+from weights import from_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--data", "arith", "--difficulty", "1", "--n-train", "8", "--max-len", "96", "--batch-size", "4",
@@ -85,8 +86,28 @@ def test_export_refuses_mod_and_molex_unless_asked(runs, tmp_path, capsys):
     assert not (tmp_path / "x" / "model.safetensors").exists()
     export.main(["--ckpt", str(runs / "addons"), "--out", str(tmp_path / "x"), "--drop-addons"])
     assert "without its MoD and MoLEx" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="already holds a model"):  # nothing is overwritten
+    with pytest.raises(SystemExit, match="holds an export of .*addons, not of .*lora"):  # nothing is overwritten
         export.main(["--ckpt", str(runs / "lora"), "--out", str(tmp_path / "x")])
+
+
+def test_export_refuses_a_folder_that_is_not_an_earlier_export_of_the_same_run(runs, tmp_path):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")  # a stale file from something else
+    with pytest.raises(SystemExit, match=r"not empty and is not an export .*tokenizer.json"):
+        export.main(["--ckpt", str(runs / "lora"), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json"]  # untouched
+    (out / "tokenizer.json").unlink()
+    export.main(["--ckpt", str(runs / "lora"), "--out", str(out)])
+    manifest = json.loads((out / "exported.json").read_text())
+    assert manifest["files"] == ["config.json", "model.safetensors"] and manifest["step"] == 3
+    export.main(["--ckpt", str(runs / "lora"), "--out", str(out), "--dtype", "bfloat16"])  # the same run: replaced
+    assert from_pretrained(out).embed.weight.dtype == torch.bfloat16
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"files the earlier export did not write \(notes.txt\)"):
+        export.main(["--ckpt", str(runs / "lora"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        export.main(["--ckpt", str(runs / "lora"), "--out", str(out / "notes.txt")])
 
 
 # ---------------------------------------------------------------- every command's --help
@@ -120,6 +141,9 @@ def test_bad_inputs_are_named_without_a_traceback(runs, tiny_base, tmp_path):
         (["train.py", "--init", tiny_base, "--mod-k", "99"], ["--mod-k", "99", "3 layers"]),
         (["sample.py", "--ckpt", runs / "lora", "--max-new-tokens", "0", "x"],
          ["sample.py: error", "--max-new-tokens"]),
+        (["sample.py", "--temperature", "nan", "x"], ["sample.py: error", "--temperature finite", "nan"]),
+        (["sample.py", "--temperature", "inf", "x"], ["sample.py: error", "--temperature finite", "inf"]),
+        (["export.py", "--ckpt", runs / "lora", "--out", jsonl], ["export.py: error", "is a file, not a folder"]),
         (["export.py", "--ckpt", corrupt, "--out", tmp_path / "e"], ["export.py: error", "ckpt.pt"]),
     ]
     for argv, needles in cases:

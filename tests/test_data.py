@@ -566,3 +566,34 @@ def test_load_examples_errors(tmp_path):
         load_examples(str(text), "train")
     with pytest.raises(ValueError, match="n must"):
         load_examples("arith", "train", n=0)
+
+
+def test_prepare_refuses_a_folder_holding_another_data_set(tmp_path):
+    arc_raw = {"instruction": "Please choose the correct answer to the question: Ice is\n\nAnswer1: hot Answer2: cold"
+                              "\n\nAnswer format: answer1/answer2", "input": "", "output": "", "answer": "answer2"}
+    aqua_raw = {"instruction": "Q? Answer Choices: (A) 1 (B) 2", "input": "", "output": "", "answer": "B"}
+    (tmp_path / "arc").mkdir()
+    (tmp_path / "arc" / "train.json").write_text(json.dumps([arc_raw] * 3))
+    (tmp_path / "arc" / "test.json").write_text(json.dumps([arc_raw] * 2))
+    (tmp_path / "aqua").mkdir()
+    (tmp_path / "aqua" / "test.json").write_text(json.dumps([aqua_raw]))
+    out = tmp_path / "P"
+    assert prepare.prepare("arc-easy", tmp_path / "arc", out) == {"train": 3, "test": 2}
+    manifest = json.loads((out / "prepared.json").read_text())
+    assert manifest["name"] == "arc-easy" and manifest["records"] == {"train": 3, "test": 2}
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match=r"holds the arc-easy data set .*preparing aqua there would mix"):
+        prepare.prepare("aqua", tmp_path / "aqua", out)
+    with pytest.raises(ValueError, match="arc-easy"):  # arc-challenge is another data set too
+        prepare.prepare("arc-challenge", tmp_path / "arc", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing replaced
+    assert prepare.prepare("arc-easy", tmp_path / "arc", out) == {"train": 3, "test": 2}  # the same: rewritten
+    (out / "prepared.json").unlink()  # jsonl files without a manifest: whose they are is unknown
+    with pytest.raises(ValueError, match="no prepared.json"):
+        prepare.prepare("arc-easy", tmp_path / "arc", out)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        prepare.prepare("aqua", tmp_path / "aqua", tmp_path / "file")
+    prepare.main(["aqua", "--src", str(tmp_path / "aqua"), "--out", str(tmp_path / "Q")])
+    with pytest.raises(SystemExit, match="preparing arc-easy there would mix"):  # the command: a message only
+        prepare.main(["arc-easy", "--src", str(tmp_path / "arc"), "--out", str(tmp_path / "Q")])

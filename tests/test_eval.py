@@ -6,8 +6,10 @@ import sys
 import pytest
 import torch
 
+import cli
 import eval as ev
 import train
+from cli import UserError
 from report import overlap
 from tokenizer import load_tokenizer
 
@@ -245,9 +247,9 @@ def test_eval_command_on_a_choice_run(tuned_run):
         for m, idx in per_metric.items():
             assert report["metrics"][source][m] == pytest.approx(100 * len(idx) / 6)
     assert report["overlap"]["sources"] == ["layer_2", "layer_3"]
-    written = json.loads((tuned_run / "run" / "eval-choice-test.json").read_text())
+    written = json.loads((tuned_run / "run" / "eval-choice-d1-test-n6-layers2.json").read_text())
     assert written["metrics"] == report["metrics"]
-    md = (tuned_run / "run" / "eval-choice-test.md").read_text()
+    md = (tuned_run / "run" / "eval-choice-d1-test-n6-layers2.md").read_text()
     assert "| model output |" in md and "layer 3/3" in md and "Venn" in md
     with_gen = ev.main(["--ckpt", str(tuned_run / "run"), "--n", "6", "--layers", "2", "--baseline", "--acc-gen"])
     assert set(with_gen["metrics"]["output"]) == {"acc", "acc_norm", "acc_gen"}
@@ -270,11 +272,12 @@ def test_eval_command_on_a_mod_and_molex_run(tuned_run):
     assert mx["mixed_layers"] == [1, 2, 3]
     assert [sum(row) for row in mx["counts"]] == [5, 5, 5]  # each test prompt counted once per mixed layer
     assert all(sum(row) == pytest.approx(1, abs=1e-3) for row in mx["fractions"])
-    md = (run / "eval-arith-test.md").read_text()
+    md = (run / "eval-arith-d1-test-n5-layers3-new6.md").read_text()
     assert "MoD ensemble of 2" in md and "layer 2/3 (MoD norm)" in md and "layer 1/3 (logit lens)" in md
     assert "MoD routing weights" in md and "MoLEx" in md
     if ev_has_matplotlib():
-        assert {p.name for p in run.glob("*.png")} >= {"eval-arith-test-routing.png", "eval-arith-test-molex.png"}
+        assert {p.name for p in run.glob("*.png")} >= {f"eval-arith-d1-test-n5-layers3-new6-{p}.png"
+                                                        for p in ("routing", "molex")}
 
 
 def ev_has_matplotlib():
@@ -294,7 +297,7 @@ def test_eval_of_an_untuned_base_and_no_matplotlib(tuned_run, monkeypatch, capsy
     assert set(report["metrics"]["output"]) == {"strict", "flexible", "lines", "answer_ce", "answer_acc"}
     assert set(report["metrics"]["layer_1"]) == {"strict", "flexible", "lines"}
     assert "matplotlib is not installed" in capsys.readouterr().out
-    assert (out / "eval-arith-test.md").is_file() and not list(out.glob("*.png"))
+    assert (out / "eval-arith-d1-test-n3-layersall-new6.md").is_file() and not list(out.glob("*.png"))
 
 
 def test_eval_bad_input(tuned_run, tmp_path, capsys):
@@ -325,6 +328,31 @@ def test_default_generation_length_leaves_room_for_the_prompts(context, shared_d
         longest = max(len(tok.encode(target_text(r))) for r in records)
         n = ev.generation_length(longest, max(map(len, prompts)), context)
         assert n >= 1 and context - n >= min(max(map(len, prompts)), context // 2), (name, n)
+
+
+def test_reports_of_different_evaluations_never_replace_one_another(tuned_run, tmp_path, monkeypatch):
+    out = tmp_path / "reports"
+    common = ["--init", str(tuned_run / "base"), "--data", "arith", "--difficulty", "1", "--max-new-tokens", "4",
+              "--layers", "1", "--out", str(out)]
+    ev.main(common + ["--n", "3"])
+    ev.main(common + ["--n", "2"])  # a smaller evaluation: its own report
+    assert json.loads((out / "eval-arith-d1-test-n3-layers1-new4.json").read_text())["n"] == 3
+    assert json.loads((out / "eval-arith-d1-test-n2-layers1-new4.json").read_text())["n"] == 2
+    ev.main(common + ["--n", "2"])  # the same evaluation again: replaced
+    before = (out / "eval-arith-d1-test-n2-layers1-new4.json").read_bytes()
+    with pytest.raises(UserError, match=r"is another evaluation \(--overlap-metric None there, 'flexible' now"):
+        ev.main(common + ["--n", "2", "--overlap-metric", "flexible"])
+    assert (out / "eval-arith-d1-test-n2-layers1-new4.json").read_bytes() == before
+
+    calls = []
+    monkeypatch.setattr(ev, "load_run", lambda *a, **k: calls.append(1))  # not even the model is loaded
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match=r"--out .*a-file/sub: cannot write the reports there"):
+        ev.main(common[:-1] + [str(tmp_path / "a-file" / "sub"), "--n", "2"])
+    assert calls == []
+    with pytest.raises(SystemExit) as e:  # the command: one line, no traceback
+        cli.run_main(lambda: ev.main(common[:-1] + [str(tmp_path / "a-file"), "--n", "2"]), "eval.py")
+    assert str(e.value.code).startswith("eval.py: error: --out") and calls == []
 
 
 def test_a_run_tuned_on_labels_is_scored_on_them_too(tuned_run):

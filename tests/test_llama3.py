@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchkit import varied_strings
 from bpe import ByteLevelBPE
 from chat import chat_format, chat_ids
 from tokenizer import load_tokenizer
@@ -207,12 +208,9 @@ def test_tiktoken_model_is_read_by_content(llama32, tmp_path):
     assert load_tokenizer(tmp_path / "vocab.bin").encode("Hello world", bos=True) == [128000, 9906, 1917]
 
 
-def test_tiktoken_model_ids_and_decode_equal_tokenizers(llama32):
-    from test_bpe import make_strings
-
-    from benchkit import varied_strings
+def test_tiktoken_model_ids_and_decode_equal_tokenizers(llama32, bpe_strings):
     ours, ref = llama32
-    strings = make_strings(3000, seed=7) + varied_strings(3000) + ["tiếng Việt", " Việt"]
+    strings = bpe_strings(3000, seed=7) + varied_strings(3000) + ["tiếng Việt", " Việt"]
     ours_ids = ours.encode_batch(strings, num_threads=1)
     ref_ids = [e.ids for e in ref.encode_batch(strings, add_special_tokens=False)]
     bad = [s for s, a, b in zip(strings, ours_ids, ref_ids) if a != b]

@@ -482,3 +482,45 @@ def test_meta_shards_with_different_tensors_are_named(tmp_path):
     torch.save(second, tmp_path / "consolidated.01.pth")
     with pytest.raises(ValueError, match=r"consolidated\.01\.pth.*layers\.1\.attention\.wq\.weight"):
         from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda index: index.pop("weight_map"), r"key 'weight_map' must be a non-empty object"),
+    (lambda index: index.update(weight_map=sorted(index["weight_map"])), r"key 'weight_map' must be a non-empty"),
+    (lambda index: index["weight_map"].update({"model.norm.weight": 3}), r"maps 'model.norm.weight' to 3"),
+    (lambda index: index["weight_map"].update({"model.norm.weight": "../x.safetensors"}), r"not a file name"),
+])
+def test_malformed_index_names_the_file_and_the_key(tmp_path, edit, message):
+    hf_model("mha").save_pretrained(tmp_path, max_shard_size="40KB")
+    path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    edit(index)
+    path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=message) as e:
+        from_pretrained(tmp_path)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("key, value", [("num_hidden_layers", "8"), ("hidden_size", 64.0), ("vocab_size", -1),
+                                        ("num_attention_heads", True), ("rms_norm_eps", "1e-5"),
+                                        ("rope_theta", float("nan")), ("tie_word_embeddings", "yes")])
+def test_config_values_of_the_wrong_type_name_the_file_and_the_key(hf_dir, key, value):
+    config = json.loads((hf_dir / "config.json").read_text())
+    config[key] = value
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(f"{hf_dir / 'config.json'}: key {key!r} must be")):
+        from_pretrained(hf_dir)
+    (hf_dir / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        from_pretrained(hf_dir)
+
+
+def test_a_tensor_in_two_shards_is_an_error(tmp_path):
+    hf_model("mha").save_pretrained(tmp_path, max_shard_size="40KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    first, last = load_file(tmp_path / shards[0]), load_file(tmp_path / shards[-1])
+    name = next(iter(first))
+    save_file({**last, name: torch.zeros_like(first[name])}, tmp_path / shards[-1])  # a stale copy in another
+    with pytest.raises(ValueError, match=re.escape(f"tensor {name!r} is in two shards, {shards[0]} and {shards[-1]}")):
+        from_pretrained(tmp_path)

@@ -155,15 +155,18 @@ def test_checkpoint_write_killed_midway_keeps_the_previous_one(tiny_base, tmp_pa
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(train.torch, "save", torn_save)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(SystemExit) as e:  # one line: what failed, why, what is kept
         train.main(base_argv(tiny_base, run, "--max-steps", "4", "--save-every", "2"))
     monkeypatch.setattr(train.torch, "save", real_save)
     assert calls == [2, 4]
-    assert (run / "ckpt.pt.tmp").exists()  # the torn file is the temporary one
+    assert "checkpoint of step 4" in str(e.value) and "simulated crash" in str(e.value)
+    assert "previous checkpoint (step 2) is kept" in str(e.value) and "\n" not in str(e.value)
+    assert not list(run.glob("*.tmp"))  # the torn temporary file is removed
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2
+    (run / "ckpt.pt.4242.tmp").write_bytes(b"PK half")  # what a killed writer (kill -9) leaves
     resumed = train.main(["--resume", str(run)])  # and the run carries on from it
-    assert resumed["step"] == 4 and not (run / "ckpt.pt.tmp").exists()
+    assert resumed["step"] == 4 and not list(run.glob("*.tmp"))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_base, tmp_path, monkeypatch):
@@ -183,7 +186,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_base, tmp_path, 
     good = {}
     real_save = train.save_checkpoint
     monkeypatch.setattr(train, "save_checkpoint",
-                        lambda state, path: (good.update(state["model"]), real_save(state, path)))
+                        lambda state, path, **kw: (good.update(state["model"]), real_save(state, path, **kw)))
     with pytest.raises(SystemExit) as e:
         train.main(base_argv(tiny_base, run, "--max-steps", "8", "--save-every", "2"))
     msg = str(e.value.code)

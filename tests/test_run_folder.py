@@ -1,0 +1,238 @@
+"""A run folder belongs to one run (issue 19): --resume A --out B, a folder in use, a folder holding another run,
+Ctrl-C / SIGTERM, a full disk, a resume with nothing to do, and the messages that name what the user gave."""
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as ev
+import model as model_module
+import train
+from model import Llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base_argv(base, out, *extra):
+    return ["--init", str(base), "--data", "arith", "--difficulty", "1", "--n-train", "24", "--max-len", "96",
+            "--batch-size", "4", "--lora-rank", "4", "--lr", "1e-2", "--warmup-steps", "2", "--eval-every", "0",
+            "--eval-n", "4", "--out", str(out), *extra]
+
+
+def steps(run):
+    return [json.loads(ln)["step"] for ln in (Path(run) / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(ln)]
+
+
+def ckpt_step(run):
+    return torch.load(Path(run) / "ckpt.pt", weights_only=True)["step"]
+
+
+def test_resume_into_another_folder_continues_a_copy_and_leaves_the_first_untouched(tiny_base, tmp_path):
+    a, b, whole = tmp_path / "A", tmp_path / "B", tmp_path / "whole"
+    train.main(base_argv(tiny_base, a, "--max-steps", "2"))
+    before = {p.name: p.read_bytes() for p in a.iterdir() if p.name != "lock"}
+    res = train.main(["--resume", str(a), "--out", str(b), "--max-steps", "4"])
+    assert res["run"] == str(b) and ckpt_step(b) == 4 and steps(b) == [1, 2, 3, 4]
+    assert {p.name: p.read_bytes() for p in a.iterdir() if p.name != "lock"} == before  # A as it was
+    assert json.loads((b / "args.json").read_text())["out"] == str(b)
+    full = train.main(base_argv(tiny_base, whole, "--max-steps", "4"))  # the copy goes on exactly
+    assert res["losses"] == full["losses"][2:]
+    with pytest.raises(SystemExit, match=r"already holds a run: continue it with --resume .*--overwrite"):
+        train.main(["--resume", str(a), "--out", str(b), "--max-steps", "4"])  # B is a run now: not replaced
+
+
+def test_a_new_run_refuses_a_folder_holding_another_run_unless_overwrite(tiny_base, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_forward, calls = Llama.forward, []
+
+    def forward(self, idx, targets=None, **kw):  # a run stopped before its first checkpoint (step 3)
+        if targets is not None and self.training:
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+        return real_forward(self, idx, targets, **kw)
+
+    monkeypatch.setattr(model_module.Llama, "forward", forward)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(base_argv(tiny_base, run, "--max-steps", "4", "--save-every", "0", "--seed", "1"))
+    monkeypatch.setattr(model_module.Llama, "forward", real_forward)
+    assert steps(run) == [1, 2] and not (run / "ckpt.pt").exists()
+    with pytest.raises(SystemExit, match=r"stopped before its first checkpoint \(args.json, metrics.jsonl, no ckpt"):
+        train.main(base_argv(tiny_base, run, "--max-steps", "4", "--seed", "2"))
+    assert steps(run) == [1, 2]  # nothing appended
+    train.main(base_argv(tiny_base, run, "--max-steps", "4", "--seed", "2", "--overwrite"))
+    assert steps(run) == [1, 2, 3, 4] and json.loads((run / "args.json").read_text())["seed"] == 2
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        train.main(base_argv(tiny_base, tmp_path / "file", "--max-steps", "1"))
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+f = open(sys.argv[1], "a+")
+fcntl.flock(f, fcntl.LOCK_EX)
+f.truncate(0); f.write(f"{os.getpid()}\\n"); f.flush()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_folder_in_use_is_refused_and_a_crashed_runs_lock_is_not(tiny_base, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run / "lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=rf"is in use by process {holder.pid} .*pick another --out"):
+            train.main(base_argv(tiny_base, run, "--max-steps", "1"))
+        assert sorted(p.name for p in run.iterdir()) == ["lock"]  # nothing written
+    finally:
+        holder.kill()  # a crash: the lock file stays, its flock goes with the process
+        holder.wait()
+    assert (run / "lock").read_text().strip() == str(holder.pid)
+    train.main(base_argv(tiny_base, run, "--max-steps", "1"))
+    assert steps(run) == [1] and not (run / "lock").exists()  # released at the end
+
+
+def test_ctrl_c_saves_the_last_finished_step_and_says_how_to_resume(tiny_base, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    real_forward, calls = Llama.forward, []
+
+    def forward(self, idx, targets=None, **kw):
+        if targets is not None and self.training:
+            calls.append(1)
+            if len(calls) == 3:  # Ctrl-C in the middle of step 3: step 3 finishes, then the run stops
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(self, idx, targets, **kw)
+
+    monkeypatch.setattr(model_module.Llama, "forward", forward)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as e:
+        train.main(base_argv(tiny_base, run, "--max-steps", "6", "--save-every", "0"))
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    assert f"stopped (SIGINT) after step 3 of 6: saved {run / 'ckpt.pt'}" in str(e.value)
+    assert f"python train.py --resume {run}" in str(e.value)
+    assert ckpt_step(run) == 3 and steps(run) == [1, 2, 3]
+    monkeypatch.setattr(model_module.Llama, "forward", real_forward)
+    assert train.main(["--resume", str(run)])["step"] == 6 and steps(run) == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_to_a_running_command_saves_and_exits(tiny_base, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *base_argv(tiny_base, run, "--max-steps",
+                             "100000", "--save-every", "0", "--threads", "1")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(steps(run)) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "train.py: error: stopped (SIGTERM) after step" in err and "Traceback" not in err
+    saved = ckpt_step(run)
+    assert saved == steps(run)[-1] and f"step {saved} of 100000" in err
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_why(tiny_base, tmp_path):
+    run = tmp_path / "run"
+    train.main(base_argv(tiny_base, run, "--max-steps", "2"))
+    size = (run / "ckpt.pt").stat().st_size
+
+    def small_files():  # files above half a checkpoint cannot grow: the disk is "full" for the next one
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, no signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(run), "--max-steps", "4"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]  # one line, the last
+    assert last.startswith("train.py: error: could not write the checkpoint of step 4") and "File too large" in last
+    assert "the previous checkpoint (step 2) is kept" in last and "Traceback" not in proc.stderr
+    assert ckpt_step(run) == 2 and not list(run.glob("*.tmp"))
+
+
+def test_resume_with_nothing_left_to_do_says_so(tiny_base, tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(base_argv(tiny_base, run, "--max-steps", "3"))
+    before = (run / "metrics.jsonl").read_text(), (run / "ckpt.pt").read_bytes()
+    for length in ("3", "2"):
+        res = train.main(["--resume", str(run), "--max-steps", length])
+        assert res["step"] == 3 and res["losses"] == []
+        out = capsys.readouterr().out
+        assert f"nothing to do: {run / 'ckpt.pt'} is at step 3 and the run ends at step {length}" in out
+        assert "nan" not in out and "steps 4-" not in out
+    assert ((run / "metrics.jsonl").read_text(), (run / "ckpt.pt").read_bytes()) == before
+
+
+def test_messages_name_what_the_user_gave(tiny_base, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "tokenizer": str(tmp_path / "gone.json")}))
+    with pytest.raises(SystemExit) as e:  # only --init was given: the message does not blame --tokenizer
+        train.main(base_argv(base, tmp_path / "r0", "--max-steps", "1"))
+    assert f"the tokenizer of --init {base}" in str(e.value) and "--tokenizer" not in str(e.value)
+    (base / "config.json").write_text(json.dumps(config))
+
+    moved = tmp_path / "moved"
+    train.main(base_argv(base, tmp_path / "run", "--max-steps", "1"))
+    base.rename(moved)  # the base moves away after training
+    for call in (lambda: ev.main(["--ckpt", str(tmp_path / "run"), "--n", "1"]),
+                 lambda: train.main(["--resume", str(tmp_path / "run"), "--max-steps", "2"])):
+        with pytest.raises(SystemExit) as e:
+            call()
+        msg = str(e.value) + capsys.readouterr().err  # train.py's flag errors go through argparse (exit 2)
+        assert f"the base of the run {tmp_path / 'run'}, {base} (saved in its settings), is not there" in msg
+        assert "--init where it is now" in msg and f"--init {base}" not in msg
+    report = ev.main(["--ckpt", str(tmp_path / "run"), "--init", str(moved), "--n", "1", "--layers", "0",
+                      "--max-new-tokens", "2"])
+    assert report["init"] == str(moved)
+
+
+def test_a_run_knows_its_base_by_a_fingerprint(tiny_base, tmp_path, capsys):
+    from conftest import TINY_BASE
+
+    from weights import save_hf
+    other = tmp_path / "other-base"  # the same shape, other weights
+    save_hf(Llama(model_module.LlamaConfig(**TINY_BASE)).init_weights(seed=1, std=0.05), other,
+            extra_config={"tokenizer": "byte"})
+    run = tmp_path / "run"
+    train.main(base_argv(tiny_base, run, "--max-steps", "1"))
+    saved = json.loads((run / "args.json").read_text())["base_fingerprint"]
+    assert len(saved) == 16
+    with pytest.raises(SystemExit, match=rf"--init {other} is not the base the run {run} was trained on"):
+        ev.main(["--ckpt", str(run), "--init", str(other), "--n", "1"])
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run), "--init", str(other), "--max-steps", "2"])
+    assert "is not the base" in str(e.value) and ckpt_step(run) == 1
+    moved = tmp_path / "moved-base"
+    shutil.copytree(tiny_base, moved)  # the same base elsewhere (a copy: new file dates) is accepted
+    assert train.main(["--resume", str(run), "--init", str(moved), "--max-steps", "2"])["step"] == 2
+    assert json.loads((run / "args.json").read_text())["init"] == str(moved)
+    report = ev.main(["--ckpt", str(run), "--init", str(tiny_base), "--n", "1", "--layers", "0",
+                      "--max-new-tokens", "2", "--dtype", "bfloat16"])  # another dtype: the same fingerprint
+    assert report["n"] == 1
+
+
+def test_hand_edits_to_args_json_are_refused(tiny_base, tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(base_argv(tiny_base, run, "--max-steps", "1"))
+    good = (run / "args.json").read_text()
+    (run / "args.json").write_text(good.replace('"lr": 0.01', '"lr": 0.02'))
+    for call in (lambda: train.main(["--resume", str(run), "--max-steps", "2"]),
+                 lambda: ev.main(["--ckpt", str(run), "--n", "1"])):
+        with pytest.raises(SystemExit) as e:
+            call()
+        msg = str(e.value) + capsys.readouterr().err
+        assert f"{run / 'args.json'} differs from the settings saved in ckpt.pt (lr: 0.01 in ckpt.pt, 0.02" in msg
+    (run / "args.json").write_text(good)
+    assert train.main(["--resume", str(run), "--max-steps", "2"])["step"] == 2
