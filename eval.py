@@ -9,9 +9,11 @@ alone (logit lens), plus which layers solve which problems.
 Scoring (docs/design.md#evaluation):
 - generation (GSM8K-like): batched greedy generation (left-padded); "strict" reads "#### N" / "The answer is N",
   "flexible" the last number. The output is cut at the first "Question:" or blank line (the model moving on).
-- choice (ARC-like): acc = the option whose text (after the prompt without the option list) has the highest total
-  log-likelihood; acc_norm = the same divided by the option's length in characters (of the scored text " option",
-  as lm-eval-harness does); acc_gen = the label the model writes after the prompt with the option list.
+- choice (ARC-like), as lm-eval-harness 0.4.13 scores: acc = the option whose text (" option" after the prompt
+  without the option list) has the highest total log-likelihood; acc_norm = the same divided by the length of the
+  option's text in characters (without the space before it); every option's log-likelihood is in the JSON
+  report. acc_gen (--acc-gen, on by default for a run tuned on labels) = the label the model writes after the
+  prompt with the option list.
 
 Per-layer readout: the hidden state after layer i through a norm and the LM head, used as the model's logits
 (for generation, every generated token comes from that layer). The norm is MoD's trained norm for the layers of a
@@ -101,6 +103,9 @@ def get_parser():
                    help="per-layer table over the last N layers ('all' for every layer, 0 for none)")
     p.add_argument("--overlap-metric", default=None,
                    help="metric whose solved sets the overlap counts; default strict (generation) or acc (choice)")
+    p.add_argument("--acc-gen", action=argparse.BooleanOptionalAction, default=None,
+                   help="multiple choice: also generate the label after the prompt with the options (acc_gen); "
+                        "default: only for a run tuned on labels (train.py --choice-target label or both)")
     p.add_argument("--baseline", action="store_true",
                    help="with --ckpt: also score the untuned base's output (one more row)")
     p.add_argument("--out", default=None,
@@ -136,8 +141,9 @@ def line_accuracy(output, record):
 
 
 def score_choice_lls(option_lls, option_texts, gold_index):
-    """{'acc': bool, 'acc_norm': bool} from each option's total log-likelihood and its scored text:
-    acc picks the highest total, acc_norm the highest total per character (first option on ties)."""
+    """{'acc': bool, 'acc_norm': bool} from each option's total log-likelihood and its text (the record's choice,
+    without the space scored before it): acc picks the highest total, acc_norm the highest total per character
+    of the text, as lm-eval-harness 0.4.13 (api/task.py: ll / len(choice)); the first option on ties."""
     if len(option_lls) != len(option_texts):
         raise ValueError(f"{len(option_lls)} log-likelihoods for {len(option_texts)} options")
     best = max(range(len(option_lls)), key=lambda i: option_lls[i])
@@ -322,10 +328,12 @@ def mod_routing(model, tokenizer, records, batch_size, autocast=nullcontext()):
 
 
 def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=None, autocast=nullcontext(),
-             baseline=None):
+             baseline=None, acc_gen=True):
     """Score `records` with the model's output and with each layer in `layers` (0-based) read out alone.
     Returns {"kind", "metrics": {source: {metric: accuracy %}}, "solved": {source: {metric: [indices]}},
-    "outputs": {source: [text]}}. baseline: an untuned model whose output is scored as source "base"."""
+    "outputs": {source: [text]}}, and for choice records "option_logliks": {source: [[ll of each option]]}.
+    baseline: an untuned model whose output is scored as source "base". acc_gen=False: choice records are
+    scored by log-likelihood only (no generation)."""
     kind = task_kind(records[0])
     if any(task_kind(r) != kind for r in records):
         raise ValueError("mixed generation and choice records in one evaluation")
@@ -333,6 +341,7 @@ def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=No
     sources = {"output": None, **{f"layer_{i + 1}": i for i in layers}}
     correct = {s: [] for s in list(sources) + (["base"] if baseline is not None else [])}  # per problem dicts
     outputs = {}
+    generate = kind == "generation" or acc_gen
     if kind == "generation":
         prompts = [encode_prompt(tokenizer, r) for r in records]
         if max_new_tokens is None:
@@ -353,7 +362,7 @@ def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=No
     runs = [(s, model, layer) for s, layer in sources.items()]
     if baseline is not None:
         runs.append(("base", baseline, None))
-    for s, m, layer in runs:
+    for s, m, layer in runs if generate else []:
         if m.molex is not None:  # routing is the prompt's whatever the readout: count each prompt once
             m.molex.collect_stats = s == "output"
         with readout(m, layer):
@@ -365,16 +374,19 @@ def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=No
             else:
                 correct[s].append({"acc_gen": extract_choice(out, rec["labels"]) == rec["gold"]})
     if model.molex is not None:
-        model.molex.collect_stats = False
+        model.molex.collect_stats = not generate  # without generation, the routing stats come from the scoring
     if kind == "choice":
+        if not generate:
+            correct = {s: [{} for _ in records] for s in correct}
         lls = option_logliks(model, tokenizer, records, layers, batch_size, autocast)
+        if model.molex is not None:
+            model.molex.collect_stats = False
         if baseline is not None:
             lls["base"] = option_logliks(baseline, tokenizer, records, [], batch_size, autocast)["output"]
         for s, per_record in lls.items():
             for r, (rec, ll) in enumerate(zip(records, per_record)):
-                texts = choice_continuations(rec, by="text")
-                correct[s][r].update(score_choice_lls(ll, texts, rec["labels"].index(rec["gold"])))
-    metric_names = GENERATION_METRICS if kind == "generation" else CHOICE_METRICS
+                correct[s][r].update(score_choice_lls(ll, rec["choices"], rec["labels"].index(rec["gold"])))
+    metric_names = GENERATION_METRICS if kind == "generation" else CHOICE_METRICS[:3 if acc_gen else 2]
     solved = {s: {m: [i for i, c in enumerate(cs) if c[m]] for m in metric_names} for s, cs in correct.items()}
     if kind == "generation":
         metric_names += ("lines",)
@@ -385,6 +397,8 @@ def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=No
                                                                               autocast)
     res = {"kind": kind, "max_new_tokens": max_new_tokens, "metrics": metrics, "solved": solved, "outputs": outputs,
            "mod_k": model.mod.k if model.mod is not None else 0}
+    if kind == "choice":
+        res["option_logliks"] = lls
     if model.mod is not None:
         res["mod_routing"] = mod_routing(model, tokenizer, records, batch_size, autocast)
     if model.molex is not None:
@@ -396,7 +410,8 @@ def evaluate(model, tokenizer, records, layers, batch_size=64, max_new_tokens=No
 # Where the report goes
 
 def report_name(name, difficulty, args, n, default_layers):
-    """eval-<data>[-d<difficulty>]-<split>[-n<N>][-layers<L>][-new<M>]: what tells two evaluations apart."""
+    """eval-<data>[-d<difficulty>]-<split>[-n<N>][-layers<L>][-new<M>][-gen|-nogen]: what tells two evaluations
+    apart."""
     parts = [name] + ([f"d{difficulty}"] if difficulty is not None else []) + [args.split]
     if args.n is not None:
         parts.append(f"n{n}")
@@ -404,6 +419,8 @@ def report_name(name, difficulty, args, n, default_layers):
         parts.append(f"layers{args.layers}")
     if args.max_new_tokens is not None:
         parts.append(f"new{args.max_new_tokens}")
+    if args.acc_gen is not None:  # --acc-gen / --no-acc-gen: another set of metrics
+        parts.append("gen" if args.acc_gen else "nogen")
     return "eval-" + "-".join(parts)
 
 
@@ -498,7 +515,11 @@ def main(argv=None):
     check_report_folder(stem, settings)  # before the work, not after it
     print(f"evaluating {title_model} on {name} {args.split}: {len(records)} problems, layers "
           f"{[i + 1 for i in layers]} read out alone")
-    res = evaluate(model, tokenizer, records, layers, args.batch_size, args.max_new_tokens, autocast, baseline)
+    acc_gen = args.acc_gen
+    if acc_gen is None:  # a run saved before --choice-target was trained on labels
+        acc_gen = ckpt is not None and saved.get("choice_target", "label") != "text"
+    res = evaluate(model, tokenizer, records, layers, args.batch_size, args.max_new_tokens, autocast, baseline,
+                   acc_gen)
     metric = args.overlap_metric or ("strict" if res["kind"] == "generation" else "acc")
     if metric not in res["metrics"]["output"]:
         parser.error(f"--overlap-metric {metric!r}: this task has {list(res['metrics']['output'])}")
@@ -510,7 +531,7 @@ def main(argv=None):
     report = {"title": title, "ckpt": str(args.ckpt) if args.ckpt else None, "init": str(saved["init"]),
               "data": data, "difficulty": difficulty, "split": args.split, "n": len(records), "settings": settings,
               **res,
-              "problems": [{"question": r["question"], "gold": r["gold"]} for r in records]}
+              "problems": [{k: r[k] for k in ("question", "choices", "labels", "gold") if k in r} for r in records]}
     Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     md = markdown_report(res, title, n_layers)
     Path(f"{stem}.md").write_text(md)

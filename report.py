@@ -197,3 +197,37 @@ def ablation_plot(results, labels, metrics, path, title):
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
+
+
+def solved_overlap_plot(ov, labels, path, title):
+    """The overlap of the problems each configuration solves (as the MoD paper's Figure 2 does for layers): the
+    pairwise matrix |A & B| (diagonal = |A|) and the number of problems solved by exactly each subset of
+    configurations. ov: overlap()'s result; labels: {config: short name}. False without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    names = [labels[s] for s in ov["sources"]]
+    regions = [r for r in ov.get("exact", []) if r["sources"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(6 + 1.2 * len(names), 1.5 + 0.9 * max(len(names), 3)),
+                                      gridspec_kw={"width_ratios": [1, 1.3]}, layout="constrained")
+    left.imshow(ov["pairwise"], cmap="viridis")
+    top = max(map(max, ov["pairwise"]))
+    for i, row in enumerate(ov["pairwise"]):
+        for j, v in enumerate(row):
+            left.text(j, i, str(v), ha="center", va="center", color="w" if v < top / 2 else "k", fontsize=8)
+    left.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    left.set_yticks(range(len(names)), names, fontsize=8)
+    left.set_title("solved by both (diagonal: solved)", fontsize=9)
+    y = range(len(regions))
+    right.barh(list(y), [r["count"] for r in regions], color="tab:blue", alpha=0.7)
+    for i, r in enumerate(regions):
+        right.text(r["count"], i, f" {r['count']}", va="center", fontsize=7)
+    right.set_yticks(list(y), [" + ".join(labels[s] for s in r["sources"]) + (" only" if len(r["sources"]) == 1
+                                                                             else "") for r in regions], fontsize=7)
+    right.invert_yaxis()
+    right.set_xlabel(f"problems (of {ov['n']}; solved by none: {ov['none']})")
+    right.set_title("solved by exactly these", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True

@@ -9,6 +9,7 @@ from checkpoint import ADDONS, CHANGEABLE_ON_RESUME, check_base_is_there, checkp
 from cli import HelpFormatter, UserError, add_config_flags, add_device_flags, config_from, given_fields, store_config
 from data import BUILTIN_TASKS, resolve_path
 from data.builtin import DEFAULT_DIFFICULTY
+from data.format import CHOICE_TARGETS
 from errors import bad_flag
 from mod import MoDConfig
 from model import LoRAConfig
@@ -44,6 +45,10 @@ def get_parser():
                    help="longest training sequence in tokens (longer examples lose the start of their prompt); "
                         "default: 128 with --pretrain, else the model's context")
     g.add_argument("--prompt-loss", action="store_true", help="include the prompt tokens in the loss")
+    g.add_argument("--choice-target", default="text", choices=CHOICE_TARGETS,
+                   help="what a multiple-choice record teaches: its gold option's text after the prompt without the "
+                        "options (what acc / acc_norm score), its label after the prompt with them (what acc_gen "
+                        "reads), or both (two examples per record)")
     g.add_argument("--length-groups", action=argparse.BooleanOptionalAction, default=True,
                    help="batches of examples of similar length (seeded; less padding); --no-length-groups: "
                         "random batches")
@@ -127,6 +132,7 @@ def resumed_args(parser, args, argv):
     if changed:
         raise UserError("--resume continues a run with its saved settings; these flags differ: " + ", ".join(changed))
     defaults = vars(parser.parse_args([]))  # flags newer than the checkpoint get their defaults
+    defaults["choice_target"] = "label"  # except this one: a run saved before it trained on labels
     defaults["length_groups"] = False  # but a run saved before length grouping had random batches
     args = argparse.Namespace(**{**defaults, **saved, **{k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}})
     if "init" not in given:

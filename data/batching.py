@@ -12,7 +12,7 @@ from errors import UserError
 
 from . import BUILTIN_TASKS, load_examples
 from .builtin import make_corpus
-from .format import IGNORE_INDEX, encode_example
+from .format import IGNORE_INDEX, training_examples
 
 
 def lm_examples(text, tokenizer, max_len):
@@ -49,7 +49,8 @@ def load_training_data(a, tokenizer, max_len):
         raise UserError(f"--data {a['data']}: {e}") from None
     if a["n_train"] is not None and len(records) < a["n_train"]:
         print(f"note: --n-train {a['n_train']} but {a['data']} has {len(records)} training records")
-    train = [encode_example(tokenizer, r, prompt_loss=a["prompt_loss"], max_len=max_len) for r in records]
+    target = a.get("choice_target", "label")  # a run saved before the flag was trained on labels
+    train = [ex for r in records for ex in training_examples(tokenizer, r, a["prompt_loss"], max_len, target)]
     train = [ex for ex in train if any(t != IGNORE_INDEX for t in ex[1])]
     if not train:
         raise UserError(f"--data {a['data']}: no training example keeps a target token within --max-len {max_len}")
@@ -57,7 +58,8 @@ def load_training_data(a, tokenizer, max_len):
     if a["eval_n"] and (builtin or (Path(a["data"]).is_dir() and (Path(a["data"]) / "test.jsonl").is_file())):
         try:
             val_records = load_examples(a["data"], "test", n=a["eval_n"], seed=0, difficulty=difficulty)
-            val = [encode_example(tokenizer, r, max_len=max_len) for r in val_records]
+            val = [ex for r in val_records for ex in training_examples(tokenizer, r, max_len=max_len,
+                                                                        choice_target=target)]
         except (FileNotFoundError, ValueError) as e:
             print(f"note: no validation loss ({e})")
     return train, val

@@ -2,8 +2,13 @@
 
 Templates are short on purpose: the tiny built-in model has a context of a few hundred bytes.
 
-    generation   "Question: {question}\\nAnswer:"                 target " {worked solution}"
-    choice       "Question: {question}\\nA. ...\\nB. ...\\nAnswer:"   target " B"
+    generation      "Question: {question}\\nAnswer:"                   target " {worked solution}"
+    choice, text    "Question: {question}\\nAnswer:"                   target " {gold option's text}"
+    choice, label   "Question: {question}\\nA. ...\\nB. ...\\nAnswer:"   target " B"
+
+A choice record is trained by default on its gold option's text after the prompt without the option list: the
+exact continuation acc / acc_norm score by log-likelihood (as lm-eval-harness does), so tuning teaches what is
+graded. The label target (choice_target="label") teaches what acc_gen reads; "both" trains one example of each.
 
 Scoring follows docs/design.md#evaluation: GSM8K-style answers are compared as numbers (strict: "#### N" or
 "The answer is N"; flexible: the last number), multiple choice by the gold label.
@@ -27,9 +32,18 @@ def prompt_text(record, with_options=True):
     return text + "Answer:"
 
 
-def target_text(record):
-    """The text the model should write after the prompt: the worked solution, or the gold label."""
+CHOICE_TARGETS = ("text", "label", "both")
+
+
+def target_text(record, choice_target="text"):
+    """The text the model should write after the prompt: the worked solution; for a choice record the gold
+    label (choice_target="label", after the prompt with the options) or the gold option's text ("text", after
+    the prompt without them)."""
     if task_kind(record) == CHOICE:
+        if choice_target == "text":
+            return " " + record["choices"][record["labels"].index(record["gold"])]
+        if choice_target != "label":
+            raise ValueError(f"choice_target must be 'text' or 'label', got {choice_target!r}")
         return " " + record["gold"]
     return " " + record["answer"]
 
@@ -70,8 +84,19 @@ def split_encode(tokenizer, prompt, target):
     return prompt_ids, tokenizer.encode(target)
 
 
-def encode_example(tokenizer, record, prompt_loss=False, max_len=None):
-    """(ids, labels) for one training example, both of length len(ids).
+def training_examples(tokenizer, record, prompt_loss=False, max_len=None, choice_target="text"):
+    """The (ids, labels) examples a record trains: one, or for a choice record with choice_target="both" two
+    (its option text after the option-less prompt, its label after the prompt with the options)."""
+    if task_kind(record) == CHOICE and choice_target == "both":
+        return [encode_example(tokenizer, record, prompt_loss, max_len, t) for t in ("text", "label")]
+    if choice_target not in CHOICE_TARGETS:
+        raise ValueError(f"choice_target must be one of {CHOICE_TARGETS}, got {choice_target!r}")
+    return [encode_example(tokenizer, record, prompt_loss, max_len, choice_target)]
+
+
+def encode_example(tokenizer, record, prompt_loss=False, max_len=None, choice_target="text"):
+    """(ids, labels) for one training example, both of length len(ids). A choice record's target is its gold
+    option's text after the prompt without the options (choice_target="text") or its label ("label").
 
     ids = [bos] + prompt ids + target ids + [eos] (bos only if the tokenizer adds one);
     labels[i] = ids[i + 1] (the token position i must predict), labels[-1] = -100, and the positions whose next
@@ -83,7 +108,8 @@ def encode_example(tokenizer, record, prompt_loss=False, max_len=None):
     fit, the prompt keeps its last max_len // 2 tokens (or all of them if fewer) and the target is cut
     from the right, losing eos.
     """
-    prompt_ids, target_ids = split_encode(tokenizer, prompt_text(record), target_text(record))
+    prompt = prompt_text(record, with_options=choice_target != "text")
+    prompt_ids, target_ids = split_encode(tokenizer, prompt, target_text(record, choice_target))
     body = target_ids + [tokenizer.eos_id]
     if max_len is not None:
         if max_len < 2:

@@ -11,7 +11,7 @@ import ablate
 @pytest.mark.slow
 def test_ablation_table_and_continuation(tmp_path, monkeypatch, tiny_base):
     base = tiny_base
-    argv = ["--configs", "lora,mod2,molex-seq", "--seeds", "0", "1", "--steps", "2", "--eval-n", "3",
+    argv = ["--configs", "lora,mod2,molex-seq", "--seeds", "0", "1", "--steps", "2", "--eval-n", "3", "--jobs", "2",
             "--out", str(tmp_path / "abl"), "--", "--init", str(base), "--difficulty", "1", "--n-train", "8",
             "--max-len", "96", "--batch-size", "2", "--eval-n", "0", "--lr", "1e-2"]
     results = ablate.main(argv)
@@ -34,6 +34,19 @@ def test_ablation_table_and_continuation(tmp_path, monkeypatch, tiny_base):
             diffs = [results[name][s][metric] - results["lora"][s][metric] for s in (0, 1)]
             assert paired[name][metric]["mean"] == pytest.approx(statistics.mean(diffs))
             assert paired[name][metric]["pairs"] == 2
+    record = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    def report(name, s):
+        return json.loads((tmp_path / "abl" / f"{name}-seed{s}" / "eval-arith-d1-test-n3-layers0.json").read_text())
+
+    solved = {(name, s): set(report(name, s)["solved"]["output"]["strict"]) for name in results for s in (0, 1)}
+    for name in results:  # by seed and question: each question's mean over seeds of (solved) - (LoRA solved)
+        d = [sum((q in solved[name, s]) - (q in solved["lora", s]) for s in (0, 1)) / 2 for q in range(3)]
+        got = record["paired_vs_lora"][name]["strict_by_question"]
+        assert got["mean"] == pytest.approx(100 * statistics.mean(d))
+        assert got["ci95"] == pytest.approx(100 * 1.96 * statistics.stdev(d) / 3 ** 0.5)
+        most = {q for q in range(3) if q in solved[name, 0] and q in solved[name, 1]}  # most of 2 seeds = both
+        assert record["overlap"]["solved"][name] == len(most)
+    assert "by seed × question" in table and (tmp_path / "abl" / "ablation-overlap.png").is_file()
     # a second call finds every run done: no training
     monkeypatch.setattr(ablate.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
     assert ablate.main(argv) == results

@@ -23,6 +23,7 @@ from data.format import (
     prompt_text,
     same_number,
     target_text,
+    training_examples,
 )
 from data.records import check_record, write_jsonl
 
@@ -421,16 +422,19 @@ def test_prompt_and_target_texts():
     assert target_text(GEN) == " " + GEN["answer"]
     assert prompt_text(MC) == "Question: Which is largest?\nA. 2\nB. 9\nC. 4\nAnswer:"
     assert prompt_text(MC, with_options=False) == "Question: Which is largest?\nAnswer:"
-    assert target_text(MC) == " B"
+    assert target_text(MC, "label") == " B"
+    assert target_text(MC) == target_text(MC, "text") == " 9"  # the gold option's text, what acc scores
     assert choice_continuations(MC) == [" A", " B", " C"]
     assert choice_continuations(MC, by="text") == [" 2", " 9", " 4"]
 
 
-@pytest.mark.parametrize("record", [GEN, MC])
-def test_encode_example_masks_the_prompt(record):
+@pytest.mark.parametrize("record, choice_target", [(GEN, "text"), (MC, "text"), (MC, "label")])
+def test_encode_example_masks_the_prompt(record, choice_target):
     tok = ByteTokenizer()
-    ids, labels = encode_example(tok, record)
-    prompt, target = tok.encode(prompt_text(record)), tok.encode(target_text(record))
+    ids, labels = encode_example(tok, record, choice_target=choice_target)
+    with_options = choice_target == "label"  # the option text follows the prompt the scorer uses (no options)
+    prompt = tok.encode(prompt_text(record, with_options))
+    target = tok.encode(target_text(record, choice_target))
     assert ids == [tok.bos_id] + prompt + target + [tok.eos_id]
     assert len(labels) == len(ids) and labels[-1] == IGNORE_INDEX
     n_masked = len(prompt)  # positions 0 .. len(prompt) - 1 predict prompt tokens
@@ -438,10 +442,27 @@ def test_encode_example_masks_the_prompt(record):
     # every other position predicts the next token: the target, then eos
     assert labels[n_masked:-1] == ids[n_masked + 1:]
     assert labels[n_masked:-1] == target + [tok.eos_id]
-    assert tok.decode(t for t in labels if t != IGNORE_INDEX) == target_text(record)
-    assert encode_prompt(tok, record) == ids[:1 + len(prompt)]
-    ids2, labels2 = encode_example(tok, record, prompt_loss=True)
+    assert tok.decode(t for t in labels if t != IGNORE_INDEX) == target_text(record, choice_target)
+    assert encode_prompt(tok, record, with_options) == ids[:1 + len(prompt)]
+    ids2, labels2 = encode_example(tok, record, prompt_loss=True, choice_target=choice_target)
     assert ids2 == ids and labels2 == ids[1:] + [IGNORE_INDEX]
+
+
+def test_training_examples_per_choice_target():
+    tok = ByteTokenizer()
+
+    def decoded(example):  # the text without bos and eos
+        return tok.decode(example[0][1:-1])
+
+    assert [decoded(ex) for ex in training_examples(tok, MC)] == ["Question: Which is largest?\nAnswer: 9"]
+    assert [decoded(ex) for ex in training_examples(tok, MC, choice_target="label")] == [
+        "Question: Which is largest?\nA. 2\nB. 9\nC. 4\nAnswer: B"]
+    both = training_examples(tok, MC, choice_target="both")
+    assert [decoded(ex) for ex in both] == ["Question: Which is largest?\nAnswer: 9",
+                                            "Question: Which is largest?\nA. 2\nB. 9\nC. 4\nAnswer: B"]
+    assert training_examples(tok, GEN, choice_target="both") == [encode_example(tok, GEN)]  # one per generation
+    with pytest.raises(ValueError, match="choice_target"):
+        training_examples(tok, MC, choice_target="gold")
 
 
 def test_encode_example_truncates_the_prompt_from_the_left():

@@ -16,16 +16,25 @@ from tokenizer import load_tokenizer
 # ---------------------------------------------------------------- scoring
 
 def test_acc_and_acc_norm_differ_where_length_matters():
-    texts = [" ant", " elephant seal", " cat"]  # 4, 14, 4 characters
+    texts = ["ant", "elephant seal", "cat"]  # 3, 13, 3 characters
     lls = [-6.0, -9.8, -8.0]
-    # acc: highest total (-6.0, option 0); acc_norm: per character -1.5, -0.7, -2.0 -> option 1
+    # acc: highest total (-6.0, option 0); acc_norm: per character -2.0, -0.75, -2.67 -> option 1
     assert ev.score_choice_lls(lls, texts, gold_index=0) == {"acc": True, "acc_norm": False}
     assert ev.score_choice_lls(lls, texts, gold_index=1) == {"acc": False, "acc_norm": True}
     assert ev.score_choice_lls(lls, texts, gold_index=2) == {"acc": False, "acc_norm": False}
     # equal lengths: both agree
-    assert ev.score_choice_lls([-3.0, -1.0], [" ab", " cd"], 1) == {"acc": True, "acc_norm": True}
+    assert ev.score_choice_lls([-3.0, -1.0], ["ab", "cd"], 1) == {"acc": True, "acc_norm": True}
     with pytest.raises(ValueError, match="2 log-likelihoods for 3 options"):
         ev.score_choice_lls([-1.0, -2.0], texts, 0)
+
+
+def test_acc_norm_divides_by_the_option_text_as_lm_eval_does():
+    """lm-eval-harness 0.4.13 (api/task.py, multiple_choice): completion_len = len(choice) of doc_to_choice's text,
+    pred_norm = argmax(lls / completion_len); the scored continuation is " " + choice, but the space is not
+    counted. By hand: "a" -2.0 / 1 = -2.0 against "abc" -5.0 / 3 = -1.67 -> option 1; counting the space
+    (-2.0 / 2 = -1.0 against -5.0 / 4 = -1.25) would pick option 0."""
+    assert ev.score_choice_lls([-2.0, -5.0], ["a", "abc"], 1) == {"acc": False, "acc_norm": True}
+    assert ev.score_choice_lls([-2.0, -5.0], ["a", "abc"], 0) == {"acc": True, "acc_norm": False}
 
 
 def test_generation_scoring_strict_and_flexible():
@@ -227,7 +236,13 @@ def test_eval_command_on_a_choice_run(tuned_run):
     report = ev.main(["--ckpt", str(tuned_run / "run"), "--n", "6", "--layers", "2", "--baseline"])
     assert report["data"] == "choice" and report["difficulty"] == 1 and report["n"] == 6
     assert set(report["metrics"]) == {"output", "layer_2", "layer_3", "base"}
-    assert set(report["metrics"]["output"]) == {"acc", "acc_norm", "acc_gen"}
+    assert set(report["metrics"]["output"]) == {"acc", "acc_norm"}  # tuned on option texts: no acc_gen
+    assert report["outputs"] == {}  # nothing generated
+    for source, per_record in report["option_logliks"].items():  # every option's log-likelihood, as scored
+        for r, (lls, problem) in enumerate(zip(per_record, report["problems"])):
+            assert len(lls) == len(problem["choices"])
+            gold = problem["labels"].index(problem["gold"])
+            assert (r in report["solved"][source]["acc"]) == (max(range(len(lls)), key=lls.__getitem__) == gold)
     for source, per_metric in report["solved"].items():  # percentages agree with the solved lists
         for m, idx in per_metric.items():
             assert report["metrics"][source][m] == pytest.approx(100 * len(idx) / 6)
@@ -236,6 +251,12 @@ def test_eval_command_on_a_choice_run(tuned_run):
     assert written["metrics"] == report["metrics"]
     md = (tuned_run / "run" / "eval-choice-d1-test-n6-layers2.md").read_text()
     assert "| model output |" in md and "layer 3/3" in md and "Venn" in md
+    with_gen = ev.main(["--ckpt", str(tuned_run / "run"), "--n", "6", "--layers", "2", "--baseline", "--acc-gen"])
+    assert set(with_gen["metrics"]["output"]) == {"acc", "acc_norm", "acc_gen"}
+    assert set(with_gen["metrics"]["base"]) == {"acc", "acc_norm", "acc_gen"} and len(with_gen["outputs"]["base"]) == 6
+    for source in report["metrics"]:  # generating changes no log-likelihood score
+        for m in ("acc", "acc_norm"):
+            assert with_gen["metrics"][source][m] == report["metrics"][source][m]
 
 
 def test_eval_command_on_a_mod_and_molex_run(tuned_run):
@@ -332,3 +353,14 @@ def test_reports_of_different_evaluations_never_replace_one_another(tuned_run, t
     with pytest.raises(SystemExit) as e:  # the command: one line, no traceback
         cli.run_main(lambda: ev.main(common[:-1] + [str(tmp_path / "a-file"), "--n", "2"]), "eval.py")
     assert str(e.value.code).startswith("eval.py: error: --out") and calls == []
+
+
+def test_a_run_tuned_on_labels_is_scored_on_them_too(tuned_run):
+    run = tuned_run / "labels"
+    train.main(["--init", str(tuned_run / "base"), "--data", "choice", "--difficulty", "1", "--n-train", "8",
+                "--max-len", "96", "--batch-size", "4", "--max-steps", "1", "--eval-n", "0",
+                "--choice-target", "label", "--out", str(run)])
+    report = ev.main(["--ckpt", str(run), "--n", "4", "--layers", "0"])
+    assert set(report["metrics"]["output"]) == {"acc", "acc_norm", "acc_gen"}
+    assert set(ev.main(["--ckpt", str(run), "--n", "4", "--layers", "0", "--no-acc-gen"])["metrics"]["output"]) == {
+        "acc", "acc_norm"}

@@ -115,7 +115,8 @@ def test_the_pipeline_runs_on_it(smollm2_gguf_path, tmp_path):
     result = train.main(["--init", str(smollm2_gguf_path), "--data", str(data), "--max-steps", "2", "--batch-size", "2",
                          "--lora-targets", "q,v", "--eval-n", "0", "--out", str(run)])
     assert result["step"] == 2 and all(map(torch.isfinite, map(torch.tensor, result["losses"])))
-    report = ev.main(["--ckpt", str(run), "--data", str(data), "--split", "train", "--n", "3", "--layers", "1"])
+    report = ev.main(["--ckpt", str(run), "--data", str(data), "--split", "train", "--n", "3", "--layers", "1",
+                      "--acc-gen"])
     assert report["n"] == 3 and set(report["metrics"]["output"]) == {"acc", "acc_norm", "acc_gen"}
     out = export.main(["--ckpt", str(run), "--out", str(tmp_path / "hf"), "--dtype", "bfloat16"])
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True

@@ -452,3 +452,13 @@ def test_length_groups_are_seeded_resumable_and_pad_less():
     assert grouped != batches(DataOrder(203, 4, lengths, bs), 80)  # the seed counts
     # equal lengths (pretraining windows): the same order as without grouping
     assert batches(DataOrder(203, 3, [7] * 203, bs), 80) == plain
+
+
+def test_bounded_mod_share_stays_in_0_1_through_training(tiny_base, tmp_path):
+    shares = {}
+    for share in ("free", "bounded"):  # a large lr: a few AdamW steps move g by about lr each
+        train.main(base_argv(tiny_base, tmp_path / share, "--max-steps", "4", "--mod-k", "2", "--mod-share", share,
+                             "--lr", "0.5", "--warmup-steps", "1", "--eval-n", "0"))
+        shares[share] = float(ckpt_params(tmp_path / share)["mod.ensemble_weight"])
+    assert not 0 <= shares["free"] <= 1  # the free share leaves [0, 1] here ...
+    assert 0 <= shares["bounded"] <= 1  # ... the bounded one is projected back after every step
