@@ -39,7 +39,7 @@ CONFIGS = {  # name: (label, train.py flags added to the LoRA baseline)
     "mod2": ("LoRA + MoD k=2", ["--mod-k", "2"]),
     "mod4": ("LoRA + MoD k=4", ["--mod-k", "4"]),
     "mod4-last": ("LoRA on the last 4 layers + MoD k=4", ["--mod-k", "4", "--lora-layers", "4"]),
-    "mod4-bounded": ("LoRA + MoD k=4, share g in [0, 1]", ["--mod-k", "4", "--mod-share", "bounded"]),
+    "mod4-bounded": ("LoRA + MoD k=4, ensemble weight g in [0, 1]", ["--mod-k", "4", "--mod-weight-range", "bounded"]),
     "molex": ("LoRA + MoLEx, paper rule (one expert per batch)", ["--molex"]),
     "molex-seq": ("LoRA + MoLEx, per-sequence rule", ["--molex", "--molex-rule", "sequence"]),
     "molex-decoder": ("LoRA + MoLEx, decoder recipe (alpha 0.95 fixed, first half)",

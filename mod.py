@@ -9,7 +9,7 @@ the k layers, and the ensemble logits are
     start "uniform" (paper):  z = sum_i w_i l_i                              (g = 1: the router's uniform start)
 
 so by default a tuned model starts exactly at its base, as LoRA's zero B does, and g has a gradient at 0 (the
-ensemble grows in; a saturated softmax on the final layer would give the other layers none). With share
+ensemble grows in; a saturated softmax on the final layer would give the other layers none). With weight range
 "bounded" g stays in [0, 1], so z stays an interpolation between the final layer and the router mix: a smooth map
 onto [0, 1] has a zero derivative where it reaches 0, so g is not squashed but clamped, at use (clamp passes the
 gradient at the bounds: 1 at g = 0) and after each optimizer step (after_step: projected gradient descent).
@@ -39,7 +39,7 @@ from model import check_choices, target_rows
 
 ROUTERS = ("token", "sequence", "vector")
 STARTS = ("final", "uniform")
-SHARES = ("free", "bounded")
+WEIGHT_RANGES = ("free", "bounded")
 ROUTER_INPUTS = ("scaled", "normed")
 TOP_K_WEIGHTS = ("kept", "renormalized")
 DIRECTIONS = ("forward", "reverse")
@@ -54,8 +54,8 @@ class MoDConfig:
     start: str = field(default="final", metadata={"choices": STARTS, "help": (
         "final: z = l_final + g * (router mix - l_final) with a learned g from 0, so step 0 is the base model; "
         "uniform: z = the router mix, which starts as the average of the k layers (the paper)")})
-    share: str = field(default="free", metadata={"choices": SHARES, "help": (
-        "with start final, the share g: free = any real number (it grew to about 3 on the built-in task: an "
+    weight_range: str = field(default="free", metadata={"choices": WEIGHT_RANGES, "help": (
+        "with start final, the ensemble weight g: free = any real number (it grew to about 3 on the built-in task: an "
         "extrapolation past the final layer); bounded = kept in [0, 1], so z interpolates between the final "
         "layer and the router mix (clamped, with its gradient at 0)")})
     # sequence: causal, so cached generation equals the full forward (needs model.forward's cache= and n_pad=)
@@ -126,10 +126,10 @@ class DepthEnsemble(nn.Module):
 
     @torch.no_grad()
     def after_step(self):
-        """The add-on interface (model.addons), after each optimizer step: with share "bounded", g is put back
+        """The add-on interface (model.addons), after each optimizer step: with weight_range "bounded", g is put back
         into [0, 1] (projected gradient descent), so that at a bound it keeps the gradient the clamp passes there;
         a g left below 0 would get none and never come back."""
-        if self.ensemble_weight is not None and self.cfg.share == "bounded":
+        if self.ensemble_weight is not None and self.cfg.weight_range == "bounded":
             self.ensemble_weight.clamp_(0, 1)
 
     def log_numbers(self):
@@ -197,7 +197,7 @@ class DepthEnsemble(nn.Module):
             one_hot = F.one_hot(torch.tensor(self.only_layer, device=hidden[-1].device), self.k)
             return one_hot.float().expand(B, T, -1), None
         g = self.ensemble_weight
-        if g is not None and self.cfg.share == "bounded":
+        if g is not None and self.cfg.weight_range == "bounded":
             g = g.clamp(0, 1)  # the clamp passes the gradient at the bounds: 1 at g = 0
         return self.routing_weights(model, hidden, cache, n_pad), g
 

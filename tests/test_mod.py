@@ -93,7 +93,7 @@ def reference_loss(model, hidden, y, cfg):
 
 START_CASES = [MoDConfig(k=3), MoDConfig(k=4, router="sequence"), MoDConfig(k=2, router="vector"),
                MoDConfig(k=3, top_k=1), MoDConfig(k=4, top_k=2, top_k_weights="renormalized"),
-               MoDConfig(k=3, router_input="normed", layer_ce=False), MoDConfig(k=3, share="bounded")]
+               MoDConfig(k=3, router_input="normed", layer_ce=False), MoDConfig(k=3, weight_range="bounded")]
 
 
 @pytest.mark.parametrize("cfg", START_CASES, ids=str)
@@ -192,16 +192,16 @@ def test_gradients_reach_router_norms_and_lora_only(lora, tiny):
     assert lora_layers == {None: set(), "all": {0, 1, 2, 3}, "last": {1, 2, 3}}[lora]
 
 
-def test_bounded_share_has_the_free_gradient_at_0_and_stays_in_0_1(tiny):
+def test_bounded_weight_has_the_free_gradient_at_0_and_stays_in_0_1(tiny):
     idx, y = batch()
     grads = {}
     for share in ("free", "bounded"):
         torch.manual_seed(0)  # the same random LoRA B for both
-        model = trainable_setup(tiny(), "all", MoDConfig(k=3, share=share))
+        model = trainable_setup(tiny(), "all", MoDConfig(k=3, weight_range=share))
         model(idx, y)[1].backward()
         grads[share] = model.mod.ensemble_weight.grad.clone()
     assert grads["bounded"].abs() > 0 and torch.equal(grads["bounded"], grads["free"])  # g = 0: d clamp / dg = 1
-    model = trainable_setup(tiny(), "all", MoDConfig(k=3, share="bounded"))
+    model = trainable_setup(tiny(), "all", MoDConfig(k=3, weight_range="bounded"))
     randomize_mod(model)
     _, hidden = model.forward_hidden(idx)
     w = model.mod.routing_weights(model, hidden)
@@ -437,7 +437,8 @@ def test_bf16_model_trains(tiny):
     (dict(distill_direction="both"), "distill_direction"), (dict(start="x"), "start"),
     (dict(top_k_weights="x"), "top_k_weights"), (dict(router_input="x"), "router_input"),
     (dict(distill_temp=0.0), "distill_temp"),
-    (dict(distill_weight=-1.0), "distill_weight"), (dict(chunk_size=0), "chunk_size"), (dict(share="x"), "share")])
+    (dict(distill_weight=-1.0), "distill_weight"), (dict(chunk_size=0), "chunk_size"),
+    (dict(weight_range="x"), "weight_range")])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MoDConfig(**kwargs)

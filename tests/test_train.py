@@ -454,11 +454,11 @@ def test_length_groups_are_seeded_resumable_and_pad_less():
     assert batches(DataOrder(203, 3, [7] * 203, bs), 80) == plain
 
 
-def test_bounded_mod_share_stays_in_0_1_through_training(tiny_base, tmp_path):
-    shares = {}
-    for share in ("free", "bounded"):  # a large lr: a few AdamW steps move g by about lr each
-        train.main(base_argv(tiny_base, tmp_path / share, "--max-steps", "4", "--mod-k", "2", "--mod-share", share,
-                             "--lr", "0.5", "--warmup-steps", "1", "--eval-n", "0"))
-        shares[share] = float(ckpt_params(tmp_path / share)["mod.ensemble_weight"])
-    assert not 0 <= shares["free"] <= 1  # the free share leaves [0, 1] here ...
-    assert 0 <= shares["bounded"] <= 1  # ... the bounded one is projected back after every step
+def test_bounded_mod_weight_stays_in_0_1_through_training(tiny_base, tmp_path):
+    weights = {}
+    for weight_range in ("free", "bounded"):  # a large lr: a few AdamW steps move g by about lr each
+        train.main(base_argv(tiny_base, tmp_path / weight_range, "--max-steps", "4", "--mod-k", "2",
+                             "--mod-weight-range", weight_range, "--lr", "0.5", "--warmup-steps", "1", "--eval-n", "0"))
+        weights[weight_range] = float(ckpt_params(tmp_path / weight_range)["mod.ensemble_weight"])
+    assert not 0 <= weights["free"] <= 1  # a free g leaves [0, 1] here ...
+    assert 0 <= weights["bounded"] <= 1  # ... the bounded one is projected back after every step
