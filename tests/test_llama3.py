@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import random_hf_llama
 
 from benchkit import varied_strings
 from bpe import ByteLevelBPE
@@ -37,13 +38,7 @@ def hf_llama(tied, vocab=96, scaling=LLAMA3, theta=10000.0, seed=0, max_pos=128)
         rope_scaling=dict(scaling) if scaling else None,
         max_position_embeddings=max_pos, tie_word_embeddings=tied, initializer_range=0.1,
         attn_implementation="eager")
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.copy_(1 + 0.2 * torch.randn(p.shape))
-    return model
+    return random_hf_llama(transformers, cfg, seed)
 
 
 def tokens(vocab, length=T, rows=2, seed=0):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import random_hf_llama
 
 from model import apply_lora, lora_layers, merge_lora
 from weights import from_pretrained, save_hf
@@ -42,13 +43,7 @@ def hf_model(case, rope_theta=10000.0, seed=0):
         num_key_value_heads=c["n_kv_heads"], vocab_size=VOCAB, rms_norm_eps=c["norm_eps"], rope_theta=rope_theta,
         intermediate_size=ffn_width(c["dim"], c["multiple_of"], c["ffn_dim_multiplier"]),
         max_position_embeddings=64, tie_word_embeddings=False, initializer_range=0.1, attn_implementation="eager")
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.copy_(1 + 0.2 * torch.randn(p.shape))
-    return model
+    return random_hf_llama(transformers, cfg, seed)
 
 
 def hf_logits(model, idx=IDX):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import base_argv
 
 import eval as ev
 import model as model_module
@@ -19,12 +20,6 @@ import train
 from model import Llama
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def base_argv(base, out, *extra):
-    return ["--init", str(base), "--data", "arith", "--difficulty", "1", "--n-train", "24", "--max-len", "96",
-            "--batch-size", "4", "--lora-rank", "4", "--lr", "1e-2", "--warmup-steps", "2", "--eval-every", "0",
-            "--eval-n", "4", "--out", str(out), *extra]
 
 
 def steps(run):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import base_argv
 
 import checkpoint
 import model as model_module
@@ -25,12 +26,6 @@ from threads import Threads
 from weights import from_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def base_argv(base, out, *extra):
-    return ["--init", str(base), "--data", "arith", "--difficulty", "1", "--n-train", "24", "--max-len", "96",
-            "--batch-size", "4", "--lora-rank", "4", "--lr", "1e-2", "--warmup-steps", "2", "--eval-every", "0",
-            "--eval-n", "4", "--out", str(out), *extra]
 
 
 def metrics(run):
