@@ -57,9 +57,10 @@ PRESETS = {  # name: settings of one complete ablation; flags given on the comma
     "smollm2-arc-easy": {
         "configs": "lora,mod4,mod4-bounded,molex", "seeds": [0, 1, 2], "data": "data/arc-easy", "eval_n": 800,
         "jobs": 2, "out": "runs/ablation-smollm2-arc-easy",
-        # the README's SmolLM2 tuning (1,000 training questions, 63 steps of 16), one thread per run
+        # the README's SmolLM2 tuning (1,000 training questions, 63 steps of 16, length-grouped batches as
+        # train.py makes by default), one thread per run
         "train": ["--init", "<smollm2>", "--n-train", "1000", "--lr", "1e-3", "--warmup-steps", "10",
-                  "--batch-size", "16", "--eval-n", "0", "--threads", "1"]},
+                  "--batch-size", "16", "--eval-n", "0", "--threads", "1", "--length-groups"]},
 }
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t, 97.5%, df 1..10
 
