@@ -768,16 +768,21 @@ def bench_quant(args):
               f"{r['matrix_bytes'] / 1e9:.3f} GB of it the block matrices; the float bfloat16 base: "
               f"{2 * r['params'] / 1e9:.2f} GB; built in {r['seconds']:.0f} s, peak RSS {r['peak_mib']:,.0f} MiB")
     if "7b-count" in parts:
+        # Counted for 1 and 2 blocks and extrapolated to 32: every block adds the same tensors (its blocks, what it
+        # keeps for the backward pass), and counting all 32 on fake tensors takes CPU minutes this machine's share
+        # did not give.
+        kinds = ("Parameter", "Buffer", "Activation", "Temp", "Optstate", "Gradient", "Total")
         print("\nLoRA step on the LLaMA-2-7B-shaped nf4 base, counted on fake tensors (MemTracker; batch 1 x 512, "
-              "bfloat16 autocast): peak bytes of live tensors, MiB\n")
-        print("| | Parameter | Buffer | Activation | Temp | Optstate | Gradient | Total | GB |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "bfloat16 autocast): peak bytes of live tensors, MiB; 32 blocks = 2 blocks + 30 x (2 blocks - 1)\n")
+        print("| | blocks | " + " | ".join(kinds) + " | GB |")
+        print("|---|---:|" + "---:|" * (len(kinds) + 1))
         for ckpt in (False, True):
-            peak = quant_7b_count(ckpt)
-            print(f"| {'--grad-checkpointing' if ckpt else 'no checkpointing'} | "
-                  + " | ".join(f"{peak.get(k, 0) / 2 ** 20:,.0f}" for k in
-                               ("Parameter", "Buffer", "Activation", "Temp", "Optstate", "Gradient", "Total"))
-                  + f" | {peak['Total'] / 1e9:.2f} |", flush=True)
+            one, two = quant_7b_count(ckpt, 1), quant_7b_count(ckpt, 2)
+            whole = {k: two.get(k, 0) + 30 * (two.get(k, 0) - one.get(k, 0)) for k in kinds}
+            for n, peak in ((1, one), (2, two), (32, whole)):
+                print(f"| {'--grad-checkpointing' if ckpt else 'no checkpointing'} | {n} | "
+                      + " | ".join(f"{peak.get(k, 0) / 2 ** 20:,.0f}" for k in kinds)
+                      + f" | {peak['Total'] / 1e9:.2f} |", flush=True)
     if "7b-step" in parts:
         ckpt = ["--grad-checkpointing"] if args.grad_checkpointing else []
         r = run_child(["quant-7b", "--step", *ckpt], env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
@@ -796,8 +801,8 @@ def bench_quant(args):
               f"loss {r['loss']:.4f}; {r['lora_params']:,} LoRA parameters")
 
 
-def quant_7b_count(grad_checkpointing):
-    """The LoRA step of the 7B-shaped nf4 base (all 32 blocks, batch 1 x 512, bfloat16 autocast, AdamW), run on
+def quant_7b_count(grad_checkpointing, n_layers):
+    """The LoRA step of the 7B-shaped nf4 base cut to n_layers blocks (batch 1 x 512, bfloat16 autocast, AdamW), run on
     fake tensors (shapes only: no memory, no arithmetic) under torch's MemTracker: the peak of the bytes of live
     tensors, by kind. This is what a GPU's allocator must hold at least (its workspace, fragmentation and the CUDA
     context come on top); the same model, step and operators as --parts 7b-step, in seconds instead of hours."""
@@ -818,7 +823,7 @@ def quant_7b_count(grad_checkpointing):
         y = targets.reshape(-1)
         return [t.reshape(len(y), *t.shape[2:]) for t in tensors], y, None
 
-    cfg = LlamaConfig(**SHAPES["7b"], max_seq_len=4096)
+    cfg = LlamaConfig(**{**SHAPES["7b"], "n_layers": n_layers}, max_seq_len=4096)
     with FakeTensorMode(allow_non_fake_inputs=True), mock.patch.object(model_module, "target_rows", all_rows):
         torch.set_default_dtype(torch.bfloat16)  # the base in bfloat16 (fake tensors cannot be converted in place)
         model = Llama(cfg)
