@@ -10,6 +10,7 @@
     python bench.py padding --data DIR ...    # share of padded positions: random vs length-grouped batches
     python bench.py score --data DIR          # ARC option scoring with SmolLM2: LoRA + MoD vs LoRA (time, memory)
     python bench.py generate                  # greedy generation with SmolLM2: ours vs transformers' generate
+    python bench.py lm-eval --data DIR        # multiple-choice scoring: eval.py vs lm-eval-harness (bench_lm_eval.py)
     python bench.py quant                     # --base-bits: formats' error, train.py peak RSS / step time, 7B memory
 """
 import argparse
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import bench_lm_eval
 from benchkit import (
     RESULT_TAG,
     StepTimer,
@@ -947,7 +949,8 @@ def bench_quant_7b(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{tokenizer,load,gguf,bpe,llama3-tokenizer,train,padding,score,generate,quant}")
+                                metavar="{tokenizer,load,gguf,bpe,llama3-tokenizer,train,padding,score,generate,lm-eval,"
+                                        "quant}")
     shapes = ("small: 8 layers, dim 512; tinyllama: TinyLlama-1.1B; 7b: LLaMA-2-7B; smollm2: SmolLM2-135M, tied "
               "embeddings; llama3.2-1b: LLaMA-3.2-1B, tied, vocabulary 128,256 (random weights)")
     p = sub.add_parser("tokenizer", help="encode throughput of tokenizer.py vs sentencepiece")
@@ -1015,6 +1018,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="runs of each, alternating (the median is reported)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.set_defaults(func=bench_generate)
+    bench_lm_eval.add_parser(sub, smollm2)
     p = sub.add_parser("train", help="training step speed and memory: ours (LoRA, MoD, MoLEx) vs transformers+PEFT")
     p.add_argument("--shape", choices=list(SHAPES), default="small", help=f"{shapes}; small and smollm2 run on the CPU")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cpu for small and smollm2, "
