@@ -90,16 +90,23 @@ def quantize(w, fmt):
 
 
 def dequantize(blocks, fmt, shape, dtype=torch.float32):
-    """Blocks (any shape holding whole blocks) -> the float matrix of `shape`, computed in float32, then cast."""
+    """Blocks (any shape holding whole blocks) -> the float matrix of `shape`, computed in float32, then cast.
+    About 4M values at a time, written into the result: the float32 and index temporaries (16 bytes a value)
+    stay small, so a layer's peak is its result alone (2 bytes a value in bfloat16)."""
+    values = BLOCKS[fmt][0]
     rows = blocks.reshape(-1, BLOCKS[fmt][1])
-    if fmt == "nf4":
-        absmax = rows[:, :2].contiguous().view(torch.float16).float()
-        packed = rows[:, 2:]
-        q = torch.cat([packed & 0x0F, packed >> 4], dim=1).long()
-        w = NF4_CODE.to(rows.device)[q] * absmax
-    else:
-        w = dequantize_blocks(rows, GGML_TYPES[fmt])
-    return w.reshape(shape).to(dtype)
+    out = torch.empty(rows.shape[0], values, dtype=dtype, device=rows.device)
+    step = max(1, 2 ** 22 // values)
+    for start in range(0, rows.shape[0], step):
+        part = rows[start:start + step]
+        if fmt == "nf4":
+            absmax = part[:, :2].contiguous().view(torch.float16).float()
+            packed = part[:, 2:]
+            q = torch.cat([packed & 0x0F, packed >> 4], dim=1).long()
+            out[start:start + step] = NF4_CODE.to(rows.device)[q] * absmax
+        else:
+            out[start:start + step] = dequantize_blocks(part, GGML_TYPES[fmt])
+    return out.reshape(shape)
 
 
 def round_away(x):
