@@ -10,7 +10,8 @@
     python bench.py padding --data DIR ...    # share of padded positions: random vs length-grouped batches
     python bench.py score --data DIR          # ARC option scoring with SmolLM2: LoRA + MoD vs LoRA (time, memory)
     python bench.py generate                  # greedy generation with SmolLM2: ours vs transformers' generate
-    python bench.py quant                     # --base-bits: formats' error, train.py peak RSS / step time, 7B bytes
+    python bench.py lm-eval --data DIR        # multiple-choice scoring: eval.py vs lm-eval-harness (bench_lm_eval.py)
+    python bench.py quant                     # --base-bits: formats' error, train.py peak RSS / step time, 7B memory
 """
 import argparse
 import json
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import bench_lm_eval
 from benchkit import (
     RESULT_TAG,
     StepTimer,
@@ -707,8 +709,9 @@ def bench_quant(args):
     from quant import BLOCKS, QuantConfig, dequantize, quantize
     from weights import from_pretrained
     print(facts())
+    parts = args.parts.split(",")
     gguf_path = smollm2_file(args.path)
-    if "error" in args.parts:
+    if "error" in parts:
         # Reconstruction error of each format on SmolLM2's 210 block matrices (their Q4_1 values, dequantized, are
         # the reference), and the next-token loss of the whole model on GSM8K text with each format.
         from gguf_file import GGUFFile
@@ -744,13 +747,13 @@ def bench_quant(args):
                   f"{loss - ref:+.4f} |")
     common = ["--data", "arith", "--n-train", "8", "--eval-every", "0", "--eval-n", "0", "--save-every", "0",
               "--threads", str(args.threads)]
-    if "smollm2" in args.parts:
+    if "smollm2" in parts:
         base = ["--init", str(gguf_path), "--max-len", "128", "--batch-size", "4", *common]
         quant_runs("SmolLM2-135M (its Q4_1 GGUF), LoRA on q,k,v,o,gate,up,down, batch 4 x <= 128 tokens, CPU",
                    {"float32": base, "--base-bits 4 (Q4_1 kept), float32": [*base, "--base-bits", "4"],
                     "--base-bits 4 --base-format nf4, float32": [*base, "--base-bits", "4", "--base-format", "nf4"]},
                    args.rounds, args.steps)
-    if "tinyllama" in args.parts:
+    if "tinyllama" in parts:
         from model import LlamaConfig
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             size = write_random_checkpoint(Path(tmp) / "hf", "hf", LlamaConfig(**SHAPES["tinyllama"]))
@@ -761,44 +764,126 @@ def bench_quant(args):
             quant_runs("TinyLlama-1.1B-shaped bfloat16 Hugging Face folder, computing in bfloat16, batch 1 x <= 64 "
                        "tokens, CPU", {"bfloat16": base, "--base-bits 4 (nf4), bfloat16": [*base, "--base-bits", "4"]},
                        1, 0)
-    if "7b" in args.parts:
+    if "7b" in parts:
         r = run_child(["quant-7b", "--layers", "0"])
         print(f"\nLLaMA-2-7B-shaped base quantized as it is built (nf4; embedding and head bfloat16; one block built "
               f"and quantized, the 32 blocks being the same tensors): "
               f"{r['bytes'] / 1e9:.3f} GB ({r['bytes'] / 2 ** 30:.3f} GiB) for {r['params'] / 1e9:.2f} B weights, "
               f"{r['matrix_bytes'] / 1e9:.3f} GB of it the block matrices; the float bfloat16 base: "
               f"{2 * r['params'] / 1e9:.2f} GB; built in {r['seconds']:.0f} s, peak RSS {r['peak_mib']:,.0f} MiB")
-        rows = [run_child(["quant-7b", "--layers", str(n), "--step"]) for n in (1, 2)]
-        per_layer = rows[1]["peak_mib"] - rows[0]["peak_mib"]
-        fixed = rows[0]["peak_mib"] - per_layer
-        print(f"\nLoRA step (r 8 on q,k,v,o,gate,up,down, batch 1 x 512, float32 compute, CPU) on the 7B shape cut "
-              f"to 1 and 2 layers: peak RSS {rows[0]['peak_mib']:,.0f} and {rows[1]['peak_mib']:,.0f} MiB (the "
-              f"whole process); {rows[0]['step_s']:.1f} s and {rows[1]['step_s']:.1f} s per step. Extrapolated to "
-              f"32 layers: {fixed:,.0f} + 32 x {per_layer:,.0f} = {fixed + 32 * per_layer:,.0f} MiB")
+    if "7b-count" in parts:
+        # Counted for 1 and 2 blocks and extrapolated to 32: every block adds the same tensors (its blocks, what it
+        # keeps for the backward pass), and counting all 32 on fake tensors takes CPU minutes this machine's share
+        # did not give.
+        kinds = ("Parameter", "Buffer", "Activation", "Temp", "Optstate", "Gradient", "Total")
+        print("\nLoRA step on the LLaMA-2-7B-shaped nf4 base, counted on fake tensors (MemTracker; batch 1 x 512, "
+              "bfloat16 autocast): peak bytes of live tensors, MiB; 32 blocks = 2 blocks + 30 x (2 blocks - 1)\n")
+        print("| | blocks | " + " | ".join(kinds) + " | GB |")
+        print("|---|---:|" + "---:|" * (len(kinds) + 1))
+        for ckpt in (False, True):
+            one, two = quant_7b_count(ckpt, 1), quant_7b_count(ckpt, 2)
+            whole = {k: two.get(k, 0) + 30 * (two.get(k, 0) - one.get(k, 0)) for k in kinds}
+            for n, peak in ((1, one), (2, two), (32, whole)):
+                print(f"| {'--grad-checkpointing' if ckpt else 'no checkpointing'} | {n} | "
+                      + " | ".join(f"{peak.get(k, 0) / 2 ** 20:,.0f}" for k in kinds)
+                      + f" | {peak['Total'] / 1e9:.2f} |", flush=True)
+    if "7b-step" in parts:
+        ckpt = ["--grad-checkpointing"] if args.grad_checkpointing else []
+        r = run_child(["quant-7b", "--step", *ckpt], env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+        if "error" in r:
+            sys.exit(f"the 7B step {r['error']}")
+        print(f"\nLoRA step (r 8 on q,k,v,o,gate,up,down; AdamW) on a LLaMA-2-7B-shaped nf4 base, all 32 blocks, "
+              f"batch 1 x 512, bfloat16 autocast{', --grad-checkpointing' if ckpt else ''}, CPU (glibc "
+              f"MALLOC_MMAP_THRESHOLD_=65536, so RSS follows the live tensors):\n")
+        print("| RSS of the process | MiB |\n|---|---:|")
+        print(f"| before the model (interpreter, torch) | {r['runtime_mib']:,.0f} |")
+        print(f"| after the base is built (its tensors: {r['base_bytes'] / 2 ** 20:,.0f} MiB) | {r['base_mib']:,.0f} |")
+        print(f"| after LoRA is attached | {r['lora_mib']:,.0f} |")
+        print(f"| peak during forward + backward + optimizer step | {r['peak_mib']:,.0f} |")
+        print(f"| the step's addition (peak - after LoRA) | {r['peak_mib'] - r['lora_mib']:,.0f} |")
+        print(f"\nforward {r['forward_s']:.0f} s, backward {r['backward_s']:.0f} s, optimizer {r['opt_s']:.1f} s; "
+              f"loss {r['loss']:.4f}; {r['lora_params']:,} LoRA parameters")
+
+
+def quant_7b_count(grad_checkpointing, n_layers):
+    """The LoRA step of the 7B-shaped nf4 base cut to n_layers blocks (batch 1 x 512, bfloat16 autocast, AdamW), run on
+    fake tensors (shapes only: no memory, no arithmetic) under torch's MemTracker: the peak of the bytes of live
+    tensors, by kind. This is what a GPU's allocator must hold at least (its workspace, fragmentation and the CUDA
+    context come on top); the same model, step and operators as --parts 7b-step, in seconds instead of hours."""
+    from unittest import mock
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    import model as model_module
+    from model import Llama, LlamaConfig, QuantizedLinear, apply_lora
+    from weights import QUANTIZABLE
+
+    class Tracker(MemTracker):  # MemTracker hooks every parameter's gradient: the frozen base has none
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+    def all_rows(targets, *tensors):  # every position has a target here: the rows without a data-dependent nonzero
+        y = targets.reshape(-1)
+        return [t.reshape(len(y), *t.shape[2:]) for t in tensors], y, None
+
+    cfg = LlamaConfig(**{**SHAPES["7b"], "n_layers": n_layers}, max_seq_len=4096)
+    with FakeTensorMode(allow_non_fake_inputs=True), mock.patch.object(model_module, "target_rows", all_rows):
+        torch.set_default_dtype(torch.bfloat16)  # the base in bfloat16 (fake tensors cannot be converted in place)
+        model = Llama(cfg)
+        torch.set_default_dtype(torch.float32)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, torch.nn.Linear) and QUANTIZABLE.fullmatch(name + ".weight"):
+                out_f, in_f = module.weight.shape
+                blocks = torch.empty(out_f, in_f // 64 * 34, dtype=torch.uint8)  # nf4: 34 bytes per 64 weights
+                parent, attr = name.rsplit(".", 1)
+                setattr(model.get_submodule(parent), attr, QuantizedLinear(blocks, "nf4", in_f, out_f, torch.bfloat16))
+        model.build_rope("cpu")
+        apply_lora(model, rank=8, alpha=16, targets="q,k,v,o,gate,up,down", verbose=False)
+        model.grad_checkpointing = grad_checkpointing
+        model.train()
+        idx = torch.randint(0, cfg.vocab_size, (1, 512))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        tracker = Tracker()
+        tracker.track_external(model, opt)
+        with tracker:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                _, loss = model(idx, torch.roll(idx, -1, 1))
+            loss.backward()
+            opt.step()
+        peak = tracker.get_tracker_snapshot("peak")
+        return {getattr(k, "value", k): int(v) for k, v in next(iter(peak.values())).items()}  # "Parameter": bytes
 
 
 def bench_quant_7b(args):
-    """(internal) A LLaMA-2-7B-shaped model, its block matrices drawn and quantized to nf4 one at a time (never a
-    float copy of the whole model); --layers 0: the bytes of the whole base, from its embedding, head and one block
-    built for real (all 32 blocks hold the same tensors); --step: build N blocks, run one LoRA step and report
-    its peak RSS."""
+    """(internal) A LLaMA-2-7B-shaped model whose block matrices are drawn in float32 and quantized to nf4 one at a
+    time (never a float copy of the model). --layers 0: the bytes of the whole base, from its embedding, head and one
+    block built for real (the 32 blocks hold the same tensors' sizes). --step: all blocks built for real (block 0's
+    matrices drawn and quantized, the other blocks holding copies of its blocks: the same bytes, no redrawing),
+    then one LoRA step at batch 1 x 512 in bfloat16 autocast, as train.py --dtype bfloat16 takes it; reports the
+    process's RSS before the model, after the base, after LoRA and its peak during the step."""
+    from tqdm import tqdm
+
     from model import Llama, LlamaConfig, QuantizedLinear, apply_lora
     from quant import nbytes, quantize
     from weights import QUANTIZABLE
+    runtime_mib = rss_mib()
     cfg = LlamaConfig(**SHAPES["7b"], max_seq_len=4096)
     n_layers = args.layers or cfg.n_layers
-    cfg.n_layers = n_layers if args.step else 1
     t0 = time.time()
-    dtype = torch.float32 if args.step else torch.bfloat16  # the CPU step computes in float32
+    dtype = torch.bfloat16
     with torch.device("meta"):
-        model = Llama(cfg)
+        model = Llama(LlamaConfig(**{**SHAPES["7b"], "n_layers": n_layers if args.step else 1}, max_seq_len=4096))
     model = model.to(dtype)
     g = torch.Generator().manual_seed(0)
-    for name, module in list(model.named_modules()):
+    drawn = {}  # block 0's quantized matrices by name within a block: later blocks copy them
+    for name, module in tqdm(list(model.named_modules()), desc="building the nf4 base", disable=not args.step):
         if isinstance(module, torch.nn.Linear) and QUANTIZABLE.fullmatch(name + ".weight"):
             out_f, in_f = module.weight.shape
-            q = QuantizedLinear(quantize(torch.randn(out_f, in_f, generator=g) * 0.02, "nf4"), "nf4", in_f, out_f,
-                                dtype)
+            local = name.split(".", 2)[2]  # e.g. attn.q
+            if local not in drawn:
+                drawn[local] = quantize(torch.randn(out_f, in_f, generator=g) * 0.02, "nf4")
+            q = QuantizedLinear(drawn[local].clone(), "nf4", in_f, out_f, dtype)
             parent, attr = name.rsplit(".", 1)
             setattr(model.get_submodule(parent), attr, q)
     for m in [model.embed, model.norm, model.lm_head, *[l.attn_norm for l in model.layers],
@@ -816,29 +901,58 @@ def bench_quant_7b(args):
     layer_matrix = sum(m.blocks.numel() for m in model.layers[0].modules() if isinstance(m, QuantizedLinear))
     outside = nbytes(model) - nbytes(model.layers)
     if not args.step:  # one layer built for real; the other 31 are the same tensors' sizes
-        total = outside + n_layers * layer_bytes
-        matrices = n_layers * layer_matrix
-        params = (2 * cfg.vocab_size * cfg.dim + cfg.dim + n_layers * (2 * cfg.dim + 4 * cfg.dim * cfg.dim
-                                                                        + 3 * cfg.dim * cfg.hidden_dim))
+        total = outside + cfg.n_layers * layer_bytes
+        matrices = cfg.n_layers * layer_matrix
+        params = (2 * cfg.vocab_size * cfg.dim + cfg.dim + cfg.n_layers * (2 * cfg.dim + 4 * cfg.dim * cfg.dim
+                                                                            + 3 * cfg.dim * cfg.hidden_dim))
         print(RESULT_TAG + json.dumps({"bytes": total, "matrix_bytes": matrices, "params": params,
                                        "seconds": time.time() - t0, "peak_mib": rss_mib("VmHWM:")}))
         return
+    del drawn
+    base_bytes, base_mib = nbytes(model), rss_mib()
     torch.manual_seed(0)
-    apply_lora(model, rank=8, alpha=16, targets="q,k,v,o,gate,up,down", verbose=False)
+    lora_params = apply_lora(model, rank=8, alpha=16, targets="q,k,v,o,gate,up,down", verbose=False)
+    model.grad_checkpointing = args.grad_checkpointing
     model.train()
     idx = torch.randint(0, cfg.vocab_size, (1, 512), generator=g)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    lora_mib = rss_mib()
+    reset_peak_rss()  # the peak from here on: the step's
+
+    def progress(what):
+        print(f"  {what}: {time.time() - t:.0f} s, RSS {rss_mib():,.0f} MiB, peak {rss_mib('VmHWM:'):,.0f} MiB",
+              file=sys.stderr, flush=True)
+
+    def after_block(i):
+        def hook(module, inputs, out):
+            if (i, "f") not in seen:  # not again when --grad-checkpointing recomputes the block
+                seen.add((i, "f"))
+                progress(f"forward block {i + 1}/{n_layers}")
+                out.register_hook(lambda grad: progress(f"backward reaches block {i + 1}/{n_layers}"))
+        return hook
+    seen = set()
+    for i, block in enumerate(model.layers):
+        block.register_forward_hook(after_block(i))
     t = time.time()
-    _, loss = model(idx, torch.roll(idx, -1, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(idx, torch.roll(idx, -1, 1))
+    forward_s = time.time() - t
     loss.backward()
+    backward_s = time.time() - t - forward_s
     opt.step()
-    print(RESULT_TAG + json.dumps({"peak_mib": rss_mib("VmHWM:"), "step_s": time.time() - t,
-                                   "loss": float(loss.detach()), "bytes": nbytes(model)}))
+    opt_s = time.time() - t - forward_s - backward_s
+    progress("optimizer step done")
+    print(RESULT_TAG + json.dumps({"runtime_mib": runtime_mib, "base_mib": base_mib, "base_bytes": base_bytes,
+                                   "lora_mib": lora_mib, "peak_mib": rss_mib("VmHWM:"), "forward_s": forward_s,
+                                   "backward_s": backward_s, "opt_s": opt_s, "loss": float(loss.detach()),
+                                   "lora_params": lora_params, "build_s": t - t0}))
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{tokenizer,load,gguf,bpe,llama3-tokenizer,train,padding,score,generate,quant}")
+                                metavar="{tokenizer,load,gguf,bpe,llama3-tokenizer,train,padding,score,generate,lm-eval,"
+                                        "quant}")
     shapes = ("small: 8 layers, dim 512; tinyllama: TinyLlama-1.1B; 7b: LLaMA-2-7B; smollm2: SmolLM2-135M, tied "
               "embeddings; llama3.2-1b: LLaMA-3.2-1B, tied, vocabulary 128,256 (random weights)")
     p = sub.add_parser("tokenizer", help="encode throughput of tokenizer.py vs sentencepiece")
@@ -906,6 +1020,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="runs of each, alternating (the median is reported)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.set_defaults(func=bench_generate)
+    bench_lm_eval.add_parser(sub, smollm2)
     p = sub.add_parser("train", help="training step speed and memory: ours (LoRA, MoD, MoLEx) vs transformers+PEFT")
     p.add_argument("--shape", choices=list(SHAPES), default="small", help=f"{shapes}; small and smollm2 run on the CPU")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cpu for small and smollm2, "
@@ -941,7 +1056,11 @@ def main():
     p.set_defaults(func=bench_train)
     p = sub.add_parser("quant", help="--base-bits: reconstruction error of the 4-bit formats, peak RSS and step "
                                      "time of train.py runs (SmolLM2, TinyLlama shape), the 7B base's bytes")
-    p.add_argument("--parts", default="error,smollm2,tinyllama,7b", help="comma list of error, smollm2, tinyllama, 7b")
+    p.add_argument("--parts", default="error,smollm2,tinyllama,7b,7b-count",
+                   help="comma list of error, smollm2, tinyllama, 7b (the base's bytes), 7b-count (a 7B LoRA step's "
+                        "peak tensor bytes, counted on fake tensors), 7b-step (that step for real on the CPU: about 5 "
+                        "GiB of RSS with --grad-checkpointing, and hours of a loaded 2-core CPU)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="7b-step: recompute each block in backward")
     p.add_argument("--path", default=None, help=smollm2)
     p.add_argument("--docs", type=int, default=8, help="GSM8K documents for the next-token loss of each format")
     p.add_argument("--rounds", type=int, default=2, help="SmolLM2 runs of each configuration, round-robin")
@@ -952,6 +1071,7 @@ def main():
     p = sub.add_parser("quant-7b")  # internal: the 7B-shaped quantized base, in its own process
     p.add_argument("--layers", type=int, default=0)
     p.add_argument("--step", action="store_true")
+    p.add_argument("--grad-checkpointing", action="store_true")
     p.set_defaults(func=bench_quant_7b)
     args = parser.parse_args()
     args.func(args)

@@ -364,3 +364,44 @@ def test_a_run_tuned_on_labels_is_scored_on_them_too(tuned_run):
     assert set(report["metrics"]["output"]) == {"acc", "acc_norm", "acc_gen"}
     assert set(ev.main(["--ckpt", str(run), "--n", "4", "--layers", "0", "--no-acc-gen"])["metrics"]["output"]) == {
         "acc", "acc_norm"}
+
+
+# ---------------------------------------------------------------- against lm-evaluation-harness
+
+# ARC-Easy-like questions (written for this test): options of unlike lengths, so acc and acc_norm can part, and
+# digits, which SmolLM2's tokenizer splits one by one
+ARC_LIKE = [
+    ("Which part of a plant takes in most of the water it needs?", ["roots", "leaves", "the flowers at the top",
+                                                                    "stem"], 0),
+    ("How many legs does an insect have?", ["4", "6", "8", "10"], 1),
+    ("What do we call the change of liquid water into water vapor?", ["melting", "freezing", "evaporation",
+                                                                      "condensation"], 2),
+    ("A student drops a ball from a height of 2 meters. Which force pulls the ball to the ground?",
+     ["friction", "magnetism", "gravity", "the push of the air around the falling ball"], 2),
+    ("Which of these is a renewable source of energy?", ["coal", "oil", "natural gas", "wind"], 3),
+    ("Earth takes about how many days to orbit the Sun once?", ["1", "30", "365", "about 24 hours"], 2),
+]
+
+
+@pytest.mark.slow
+def test_choice_scores_match_lm_eval_harness(smollm2_gguf_path, tmp_path, monkeypatch):
+    """eval.py's acc, acc_norm and every option's log-likelihood equal lm-evaluation-harness 0.4.13's (its HFLM on
+    transformers' model holding the same SmolLM2 weights and transformers' tokenizer of the GGUF file, its
+    evaluator on a task written like its arc_easy) on a few ARC-like questions."""
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(key, "1")
+    import bench_lm_eval as lme
+    why = lme.lm_eval_missing()
+    if why:
+        pytest.skip(why)
+    from checkpoint import load_run
+    records = [{"question": q, "choices": c, "labels": ["A", "B", "C", "D"], "gold": "ABCD"[g]} for q, c, g in ARC_LIKE]
+    model, tok, _, _ = load_run(None, str(smollm2_gguf_path))
+    ours = lme.our_scores(model, tok, records, batch_size=4)
+    ref = lme.lm_eval_scores(lme.lm_eval_model(model, smollm2_gguf_path, 4),
+                             lme.write_jsonl(records, tmp_path / "test.jsonl"))
+    assert [len(x) for x in ref["lls"]] == [len(r["choices"]) for r in records]
+    for got, want in zip(ours["lls"], ref["lls"]):
+        assert got == pytest.approx(want, abs=1e-4)
+    assert ours["acc"] == ref["acc"]
+    assert ours["acc_norm"] == ref["acc_norm"]
