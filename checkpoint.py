@@ -63,8 +63,9 @@ def base_folder(init):
 
 def run_settings(saved):
     """A run's settings as saved (ckpt.pt's args, as args.json shows them) -> the settings it runs with: each
-    config built (and so checked) once, here; a field the run did not save (or saved as None) takes BEFORE_DEFAULTS'
-    value, else its default. A run saved with flat keys ({prefix}_{field}, before the configs were nested) is read too."""
+    config built (and so checked) once, here; a field the run did not save (or saved as None) takes
+    BEFORE_DEFAULTS' value, else its default. A run saved with flat keys ({prefix}_{field}, before the configs were
+    nested) is read too."""
     saved = nested_settings(saved)
     settings = dict(saved)
     for name, (cls, prefix) in CONFIGS.items():
