@@ -595,11 +595,13 @@ def score_row(args):
     from checkpoint import build_model
     from data import load_examples
     from eval import option_logliks
+    from mod import MoDConfig
+    from model import LoRAConfig
     from tokenizer import load_tokenizer
     torch.set_num_threads(args.threads)
     gguf = smollm2_file(args.path)
-    settings = {"pretrain": False, "init": str(gguf), "seed": 0, "lora_targets": "q,k,v,o,gate,up,down",
-                "mod_k": args.mod_k if args.row == "mod" else None}
+    settings = {"pretrain": False, "init": str(gguf), "seed": 0, "lora": LoRAConfig(targets="q,k,v,o,gate,up,down"),
+                "mod": MoDConfig(k=args.mod_k) if args.row == "mod" else None}
     model = build_model(settings, verbose=False).eval()
     tokenizer = load_tokenizer(gguf)
     records = load_examples(args.data, "test", n=args.n, seed=0)

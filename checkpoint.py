@@ -3,7 +3,8 @@ What a run folder is, and how a run's model is rebuilt from it: one module for t
 command.
 
 A run folder (train.py --out) holds:
-    args.json       every setting of the run (also inside ckpt.pt)
+    args.json       every setting of the run (also inside ckpt.pt): the plain ones, then one object per config
+                    (CONFIGS: {"optim": {...}, "base": {...}, "lora": {...}, "mod": {...} or null, "molex": ...})
     ckpt.pt         trainable parameters, optimizer state, step, data position, RNG states; read with
                     torch.load(weights_only=True). The frozen base is not copied: the settings say where it is.
     metrics.jsonl   one JSON object per line ({"step", "loss", "lr", ...} every step, {"step", "val_loss"})
@@ -12,10 +13,12 @@ While a run trains, its folder also holds a `lock` file (the process id; flock-e
 again). A folder belongs to one run: a second process on it is refused (claim_run_folder), and a new run refuses a
 folder holding another run's files unless --overwrite is given.
 
-build_model(settings) makes the model of a run from its settings: the base (loaded, or new for --pretrain),
-frozen here and only here, then LoRA, then the add-ons (MoD's head hook, MoLEx's layer hook), whose configs
-run_configs reads from the settings.
+A run's settings are a dict of plain values and config dataclasses (train.py's args; run_settings builds them
+from what a run saved, saved_settings writes them). build_model(settings) makes the model of a run from them: the
+base (loaded, or new for --pretrain), frozen here and only here, then LoRA, then the add-ons (MoD's head hook,
+MoLEx's layer hook).
 """
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -26,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError, all_reduce_sum, config_from
+from cli import UserError, all_reduce_sum, key, make_config
 from mod import MoDConfig, attach_mod
 from model import Llama, LlamaConfig, LoRAConfig, apply_lora, freeze_base
 from molex import MoLExConfig, attach_molex
+from optim import OptimConfig
 from quant import QuantConfig
 from tokenizer import check_tokenizer_fits, load_tokenizer
 from weights import atomic_write, find_format, from_pretrained, plain_error, read_json
@@ -40,10 +44,16 @@ BUILTIN_BASE = REPO / "checkpoints" / "builtin-base-8x64"
 CHECKPOINT_FORMAT = "llama-layers train.py checkpoint v1"
 
 
-# Settings a run folder may lack, with the value that reproduces the run that wrote it (a run folder that
+# The configs a run carries: their key in its settings (args.lora, args.json's "lora") -> (dataclass, the prefix of
+# their flags: --lora-rank is LoRAConfig.rank, --lr OptimConfig.lr). An add-on's config is None when it is off.
+CONFIGS = {"optim": (OptimConfig, ""), "base": (QuantConfig, "base"), "lora": (LoRAConfig, "lora"),
+           "mod": (MoDConfig, "mod"), "molex": (MoLExConfig, "molex")}
+ADDONS = {"mod": "--mod", "molex": "--molex"}  # the add-ons and their switches
+
+# Config fields a run folder may lack, with the value that reproduces the run that wrote it (a run folder that
 # saves every setting never needs these).
-BEFORE_DEFAULTS = {"mod_start": "uniform", "mod_router_input": "normed", "mod_top_k_weights": "renormalized",
-                   "molex_gate_init": "uniform"}
+BEFORE_DEFAULTS = {"mod": {"start": "uniform", "router_input": "normed", "top_k_weights": "renormalized"},
+                   "molex": {"gate_init": "uniform"}}
 
 
 def base_folder(init):
@@ -51,27 +61,51 @@ def base_folder(init):
     return BUILTIN_BASE if init in (None, "builtin") else Path(init)
 
 
-def mod_on(settings):
-    return bool(settings.get("mod_k"))  # None (not given) or 0 (older runs): off
+def run_settings(saved):
+    """A run's settings as saved (ckpt.pt's args, as args.json shows them) -> the settings it runs with: each
+    config built (and so checked) once, here; a field the run did not save (or saved as None) takes
+    BEFORE_DEFAULTS' value, else its default. A run saved with flat keys ({prefix}_{field}, before the configs were
+    nested) is read too."""
+    saved = nested_settings(saved)
+    settings = dict(saved)
+    for name, (cls, prefix) in CONFIGS.items():
+        if saved.get(name) is not None or name not in ADDONS:
+            fields = {f.name for f in dataclasses.fields(cls)}
+            values = {**BEFORE_DEFAULTS.get(name, {}), **(saved.get(name) or {})}
+            settings[name] = make_config(cls, {k: v for k, v in values.items() if k in fields and v is not None},
+                                         prefix)
+    return settings
 
 
-# The add-ons: prefix of their settings -> (config dataclass, whether a run's settings switch it on, the switch)
-ADDONS = {"mod": (MoDConfig, mod_on, "--mod"), "molex": (MoLExConfig, lambda s: bool(s.get("molex")), "--molex")}
+def nested_settings(saved):
+    """A run's saved settings in today's form, one dict per config. A run saved before that has every config field
+    as a flat key ({prefix}_{field}: lora_rank, mod_k, lr) and the add-ons' switches as mod_k (MoD on unless None
+    or 0) and molex (a bool): it is converted, once, as it is read."""
+    if isinstance(saved.get("optim"), dict):
+        return saved
+    nested = dict(saved)
+    on = {"mod": bool(saved.get("mod_k")), "molex": bool(saved.get("molex"))}
+    for name, (cls, prefix) in CONFIGS.items():
+        nested.pop(name, None)  # the add-ons' switches
+        values = {f.name: nested.pop(key(prefix, f.name)) for f in dataclasses.fields(cls)
+                  if key(prefix, f.name) in nested}
+        nested[name] = values if on.get(name, True) else None
+    return nested
 
 
-def run_configs(settings):
-    """A run's LoRA and add-on configs, built (and so checked) from its settings, the one place that reads them:
-    {"lora": LoRAConfig, "mod": MoDConfig or None, "molex": MoLExConfig or None} (None: the add-on is off). A
-    field the settings lack (an older run) takes its default; a bad value is a UserError naming the flag."""
-    return {"lora": config_from(LoRAConfig, settings, "lora"),
-            **{prefix: config_from(cls, settings, prefix) if on(settings) else None
-               for prefix, (cls, on, _) in ADDONS.items()}}
+def saved_settings(settings):
+    """What a run saves of its settings (ckpt.pt's args, args.json): the plain values, then each config as a dict
+    of its fields (run_settings reads them back)."""
+    return {**{k: v for k, v in settings.items() if k not in CONFIGS},
+            **{k: dataclasses.asdict(settings[k]) if settings[k] is not None else None
+               for k in CONFIGS if k in settings}}
 
 
 def build_model(settings, device="cpu", dtype=torch.float32, verbose=True, with_addons=True):
-    """The model a run trains or evaluates, from its settings (a dict: parsed flags or a run's args.json).
-    dtype: of the frozen base weights (trainable parameters stay float32). with_addons=False: the base alone
-    (frozen), as eval.py --baseline scores it."""
+    """The model a run trains or evaluates, from its settings (a dict: train.py's args, or run_settings of a saved
+    run; a missing "lora" or "base" is its default config, a missing add-on is off). dtype: of the frozen base
+    weights (trainable parameters stay float32). with_addons=False: the base alone (frozen), as eval.py --baseline
+    scores it."""
     a = settings
     if a["pretrain"]:
         try:
@@ -83,22 +117,20 @@ def build_model(settings, device="cpu", dtype=torch.float32, verbose=True, with_
         return Llama(cfg).init_weights(seed=a["seed"], std=0.02).to(device)
     try:
         model = from_pretrained(base_folder(a["init"]), dtype=dtype, device=device,
-                                base=config_from(QuantConfig, a, "base"))  # --base-bits: 4 or 8 bits
+                                base=a.get("base") or QuantConfig())  # --base-bits: 4 or 8 bits
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"--init {a['init']}: {e}") from None
     model.base_fingerprint = base_fingerprint(model)
     freeze_base(model)
     if with_addons:
         torch.manual_seed(a["seed"])  # LoRA's A init
-        cfg = run_configs(a)
         try:
-            apply_lora(model, cfg=cfg["lora"], verbose=verbose)
-            if cfg["mod"] is not None:
-                attach_mod(model, cfg["mod"], verbose=verbose)
-            if cfg["molex"] is not None:
-                if cfg["molex"].seed is None:  # the gate's seed: the run's unless --molex-seed is given
-                    cfg["molex"].seed = a["seed"]
-                attach_molex(model, cfg["molex"], verbose=verbose)
+            apply_lora(model, cfg=a.get("lora") or LoRAConfig(), verbose=verbose)
+            if a.get("mod") is not None:
+                attach_mod(model, a["mod"], verbose=verbose)
+            if a.get("molex") is not None:  # the gate's seed: the run's unless --molex-seed is given
+                seed = a["seed"] if a["molex"].seed is None else a["molex"].seed
+                attach_molex(model, dataclasses.replace(a["molex"], seed=seed), verbose=verbose)
         except ValueError as e:  # a setting that does not fit this model (e.g. --mod-k above its layers)
             raise UserError(str(e)) from None
     model.grad_checkpointing = bool(a.get("grad_checkpointing"))
@@ -255,7 +287,7 @@ def load_checkpoint(path):
         raise UserError(f"{path}: not a train.py checkpoint (no format tag {CHECKPOINT_FORMAT!r})")
     if isinstance(ckpt.get("args"), dict):
         check_args_file(path.parent / "args.json", ckpt["args"])
-        ckpt["args"] = {**BEFORE_DEFAULTS, **ckpt["args"]}  # an older run resumes and evaluates as it was trained
+        ckpt["args"] = run_settings(ckpt["args"])  # an older run resumes and evaluates as it was trained
     return ckpt
 
 
@@ -275,12 +307,18 @@ def check_args_file(args_file, saved):
     except (OSError, ValueError):
         raise UserError(f"{args_file}: not valid JSON (edited by hand?); restore it from ckpt.pt's settings") from None
     saved = json.loads(json.dumps(saved))  # as JSON shows them (tuples as lists)
+    saved, shown = nested_settings(saved), nested_settings(shown)  # a resumed older run rewrites args.json first
     skip = CHANGEABLE_ON_RESUME | {"base_fingerprint"}  # may lag behind in ckpt.pt until its next save
-    differ = sorted(k for k in saved.keys() - skip if shown.get(k) != saved[k])  # a run's settings, as saved
+    differ = []  # (name, in ckpt.pt, in args.json) of each setting the run saved; a config's fields named as flags
+    for k in sorted(saved.keys() - skip):
+        if k in CONFIGS and isinstance(saved[k], dict) and isinstance(shown.get(k), dict):
+            differ += [(key(CONFIGS[k][1], f), v, shown[k].get(f)) for f, v in saved[k].items()
+                       if key(CONFIGS[k][1], f) not in skip and shown[k].get(f) != v]
+        elif shown.get(k) != saved[k]:
+            differ.append((k, saved[k], shown.get(k)))
     if differ:
         raise UserError(f"{args_file} differs from the settings saved in ckpt.pt ("
-                        + ", ".join(f"{k}: {saved.get(k)!r} in ckpt.pt, {shown.get(k)!r} in args.json"
-                                    for k in differ[:4])
+                        + ", ".join(f"{k}: {a!r} in ckpt.pt, {b!r} in args.json" for k, a, b in differ[:4])
                         + "): edits to args.json are not used (ckpt.pt's parameters were trained with its settings). "
                         "Restore args.json; with train.py --resume, change the run's length or schedule with flags")
 
@@ -305,7 +343,7 @@ def checkpoint_state(model, optimizer, order, step, settings, world, device):
         torch.distributed.all_gather_object(rngs, rng_state(device))
     else:
         rngs = [rng_state(device)]
-    return {"format": CHECKPOINT_FORMAT, "args": settings, "model": trainable_state(model),
+    return {"format": CHECKPOINT_FORMAT, "args": saved_settings(settings), "model": trainable_state(model),
             "optimizer": optimizer.state_dict(), "step": step, "data": order.state(), "rng": rngs,
             "model_config": dict(vars(model.config))}
 
@@ -323,7 +361,7 @@ def open_run_folder(run, settings, resume_from, step, overwrite=False):
     """Claim the run folder (claim_run_folder: refused if in use or holding another run; --resume A --out B starts
     B as a copy of A) and write args.json; a resumed run drops what metrics.jsonl logged after its checkpoint."""
     claim_run_folder(run, resume_from, overwrite)
-    (run / "args.json").write_text(json.dumps(settings, indent=2) + "\n")
+    (run / "args.json").write_text(json.dumps(saved_settings(settings), indent=2) + "\n")
     if resume_from is not None:
         truncate_metrics(run / "metrics.jsonl", step)
 
@@ -331,7 +369,7 @@ def open_run_folder(run, settings, resume_from, step, overwrite=False):
 def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.float32, verbose=False, base=None):
     """(model in eval mode, tokenizer, settings, checkpoint or None) of a tuned run folder (`ckpt`), or of a base
     alone (`init`, default the built-in base) without tuning. `init` with `ckpt`: where the run's base is now.
-    base: {"base_bits", "base_format"} of a base alone (quant.QuantConfig's settings; a run keeps its own)."""
+    base: the quant.QuantConfig of a base alone (a run keeps its own)."""
     if ckpt is not None:
         state = load_checkpoint(ckpt)
         settings = dict(state["args"])
@@ -340,7 +378,7 @@ def load_run(ckpt=None, init=None, tokenizer=None, device="cpu", dtype=torch.flo
         check_base_is_there(settings, f"the run {checkpoint_path(ckpt).parent}")
     else:
         state, settings = None, {"init": init or "builtin", "pretrain": False, "seed": 0, "data": None,
-                                 "difficulty": None, "tokenizer": None, **(base or {})}
+                                 "difficulty": None, "tokenizer": None, "base": base or QuantConfig()}
     builtin = not settings["pretrain"] and settings["init"] in (None, "builtin")
     if builtin and not (BUILTIN_BASE / "config.json").is_file():
         raise UserError(f"the built-in base is not built yet ({BUILTIN_BASE}): run python train.py, which builds it "

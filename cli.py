@@ -5,8 +5,8 @@ the CPU-thread governor is threads.Threads.
 
 A config dataclass (model.LoRAConfig, mod.MoDConfig, molex.MoLExConfig) is the one place a setting is written:
 its field gives the flag's type, default and help (`metadata={"help": ..., "choices": ...}`), its __post_init__
-checks the value. add_config_flags makes the flags; config_from reads them back, from parsed flags or from a
-run's saved settings (a field an older run did not save takes its default).
+checks the value. add_config_flags makes the flags; config_from builds the config from them, once: from then on
+a command carries the dataclass itself (train.py's args.lora, args.mod, ...; checkpoint.CONFIGS).
 """
 import argparse
 import dataclasses
@@ -65,24 +65,21 @@ def given_fields(settings, cls, prefix):
     return [f.name for f in dataclasses.fields(cls) if settings.get(key(prefix, f.name)) is not None]
 
 
-def config_from(cls, settings, prefix, **fixed):
-    """cls built from `settings` (parsed flags or a run's saved dict); fields missing or None get their defaults.
-    A bad value raises UserError with __post_init__'s message (which names the flag)."""
-    values = {f.name: settings[key(prefix, f.name)] for f in dataclasses.fields(cls)
-              if settings.get(key(prefix, f.name)) is not None}
+def config_from(cls, settings, prefix):
+    """cls built from parsed flags (a dict of dest -> value): the flags not given (None) take their defaults."""
+    return make_config(cls, {f.name: settings[key(prefix, f.name)] for f in dataclasses.fields(cls)
+                             if settings.get(key(prefix, f.name)) is not None}, prefix)
+
+
+def make_config(cls, values, prefix):
+    """cls(**values), checked: a bad value raises UserError with __post_init__'s message (which names the flag)."""
     for name, v in values.items():  # NaN passes every `x <= 0` check below it: refused here, for every float
         if isinstance(v, float) and not math.isfinite(v):
             raise UserError(f"--{key(prefix, name).replace('_', '-')} must be a finite number, got {v}")
     try:
-        return cls(**{**values, **fixed})
+        return cls(**values)
     except (TypeError, ValueError) as e:
         raise UserError(str(e)) from None
-
-
-def store_config(settings, cfg, prefix):
-    """Write every field of cfg back into settings (so a run folder saves the values it really used)."""
-    for f in dataclasses.fields(cfg):
-        settings[key(prefix, f.name)] = getattr(cfg, f.name)
 
 
 # ----------------------------------------------------------------------------------------------------------

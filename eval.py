@@ -48,6 +48,7 @@ from cli import (
     add_config_flags,
     add_device_flags,
     add_run_flags,
+    config_from,
     pick_device,
     run_main,
     use_bf16,
@@ -481,9 +482,9 @@ def main(argv=None):
     # the model: a run's base + its trained parameters, or a base alone
     if args.ckpt is not None and args.base_bits is not None:
         parser.error("--base-bits is for a base alone: a run folder (--ckpt) holds its base as it was trained")
+    base = config_from(QuantConfig, vars(args), "base") if args.ckpt is None else None  # a base alone's --base-*
     model, tokenizer, saved, ckpt = load_run(args.ckpt, args.init, args.tokenizer, device,
-                                             torch.bfloat16 if bf16 else torch.float32,
-                                             base={"base_bits": args.base_bits, "base_format": args.base_format})
+                                             torch.bfloat16 if bf16 else torch.float32, base=base)
     if ckpt is not None:
         title_model = f"{run_dir.name} (step {ckpt['step']})"
     else:

@@ -72,9 +72,10 @@ def fill_case_defaults(settings, case):
 
 
 def param_groups(model, args):
-    """AdamW parameter groups, each with its own peak lr and weight decay (the schedule scales every group's lr
-    by the same factor). Matrices decay, norms and vectors do not; LoRA's B factors get lr * lora_plus (LoRA+);
-    MoLEx's gate and (with --mod-router-lr) MoD's router have groups of their own."""
+    """AdamW parameter groups of a run (args.optim, args.lora), each with its own peak lr and weight decay (the
+    schedule scales every group's lr by the same factor). Matrices decay, norms and vectors do not; LoRA's B factors
+    get lr * --lora-plus (LoRA+); MoLEx's gate and (with --mod-router-lr) MoD's router have groups of their own."""
+    lr, weight_decay = args.optim.lr, args.optim.weight_decay
     gate = model.molex.gate_parameters() if model.molex is not None else []
     router_lr = model.mod.cfg.router_lr if model.mod is not None else None
     router = [p for n, p in model.mod.named_parameters() if n.startswith(("router.", "scores"))] if router_lr else []
@@ -83,23 +84,22 @@ def param_groups(model, args):
     lora_b = [p for n, p in trainable if n.endswith("lora_B")]
     decay = [p for n, p in trainable if p.dim() >= 2 and not n.endswith("lora_B")]
     no_decay = [p for n, p in trainable if p.dim() < 2]
-    groups = [{"name": "decay", "params": decay, "peak_lr": args.lr, "weight_decay": args.weight_decay},
-              {"name": "lora_B", "params": lora_b, "peak_lr": args.lr * (args.lora_plus or 1.0),
-               "weight_decay": args.weight_decay},
-              {"name": "no_decay", "params": no_decay, "peak_lr": args.lr, "weight_decay": 0.0}]
+    groups = [{"name": "decay", "params": decay, "peak_lr": lr, "weight_decay": weight_decay},
+              {"name": "lora_B", "params": lora_b, "peak_lr": lr * args.lora.plus, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "peak_lr": lr, "weight_decay": 0.0}]
     if router:
         groups.append({"name": "mod_router", "params": router, "peak_lr": router_lr, "weight_decay": 0.0})
     if gate:
         cfg = model.molex.cfg
-        groups.append({"name": "molex_gate", "params": gate, "peak_lr": cfg.gate_lr or args.lr,
+        groups.append({"name": "molex_gate", "params": gate, "peak_lr": cfg.gate_lr or lr,
                        "weight_decay": cfg.gate_weight_decay})
     return [g for g in groups if g["params"]]
 
 
-def lr_factor(step, args, max_steps):
-    """Linear warmup from 0 to 1 over warmup_steps, then cosine down to min_lr/lr at max_steps."""
-    if step < args.warmup_steps:
-        return (step + 1) / args.warmup_steps
-    min_factor = (args.lr / 10 if args.min_lr is None else args.min_lr) / args.lr
-    progress = min(1.0, (step - args.warmup_steps) / max(1, max_steps - args.warmup_steps))
+def lr_factor(step, opt, max_steps):
+    """Linear warmup from 0 to 1 over warmup_steps, then cosine down to min_lr/lr at max_steps (opt: OptimConfig)."""
+    if step < opt.warmup_steps:
+        return (step + 1) / opt.warmup_steps
+    min_factor = (opt.lr / 10 if opt.min_lr is None else opt.min_lr) / opt.lr
+    progress = min(1.0, (step - opt.warmup_steps) / max(1, max_steps - opt.warmup_steps))
     return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))

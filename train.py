@@ -11,8 +11,9 @@ Tune a LLaMA model with LoRA, or pretrain the tiny built-in base, in one plain t
     python train.py --pretrain --out checkpoints/my-base   # full-parameter pretraining of a new tiny model
 
 One step is train_step (forward and backward over the micro-batches, clip, update); main sets up the run and
-loops. The flags and their checks: train_args.py (the LoRA, MoD and MoLEx flags are made from their config
-dataclasses, which check the values). What a run folder holds and how its model is rebuilt: checkpoint.py.
+loops. The flags and their checks: train_args.py (the optimizer, LoRA, MoD and MoLEx flags are made from their
+config dataclasses, which check the values; args carries the configs: args.optim, args.lora, args.mod, ...). What a
+run folder holds and how its model is rebuilt: checkpoint.py.
 """
 import json
 import math
@@ -214,21 +215,22 @@ def main(argv=None):
     if threads and sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
         threads.limit(1)  # a tiny model gains little from a second thread and pays double in CPU time
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    if args.batch_size < world:
-        raise UserError(f"--batch-size {args.batch_size} is smaller than the number of processes ({world}): some "
+    opt = args.optim
+    if opt.batch_size < world:
+        raise UserError(f"--batch-size {opt.batch_size} is smaller than the number of processes ({world}): some "
                         f"would get no examples")
-    global_batch = args.batch_size * args.grad_accum
-    max_steps = args.max_steps or max(1, math.ceil((args.epochs or 1.0) * len(train) / global_batch))
+    global_batch = opt.batch_size * opt.grad_accum
+    max_steps = opt.max_steps or max(1, math.ceil((opt.epochs or 1.0) * len(train) / global_batch))
 
     groups = param_groups(model, args)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay)
     params = [p for g in groups for p in g["params"]]
     lengths = [len(ids) for ids, _ in train] if args.length_groups else None
-    step, order = 0, DataOrder(len(train), args.seed, lengths, args.batch_size)
+    step, order = 0, DataOrder(len(train), args.seed, lengths, opt.batch_size)
     if ckpt is not None:
         load_trainable(model, ckpt["model"], args.resume)
         optimizer.load_state_dict(ckpt["optimizer"])
-        step, order = ckpt["step"], DataOrder(len(train), args.seed, lengths, args.batch_size, **ckpt["data"])
+        step, order = ckpt["step"], DataOrder(len(train), args.seed, lengths, opt.batch_size, **ckpt["data"])
     if step >= max_steps:
         return nothing_to_do(args, step, max_steps, master, started_group)
     torch.manual_seed(args.seed + rank)  # dropout: one RNG stream per rank, restored on resume (same world size)
@@ -258,13 +260,13 @@ def main(argv=None):
         t0 = time.time()
         if threads:
             threads.update()
-        factor = lr_factor(step, args, max_steps)
+        factor = lr_factor(step, opt, max_steps)
         for g in optimizer.param_groups:
             g["lr"] = g["peak_lr"] * factor
-        lr = args.lr * factor
+        lr = opt.lr * factor
         # this step's examples: grad_accum micro-batches of batch_size; each rank takes every world-th one
-        micro = [[train[i] for i in order.take(args.batch_size)][rank::world] for _ in range(args.grad_accum)]
-        loss, grad_norm, n_tokens = train_step(model, optimizer, micro, params, args.grad_clip, pad_id, device,
+        micro = [[train[i] for i in order.take(opt.batch_size)][rank::world] for _ in range(opt.grad_accum)]
+        loss, grad_norm, n_tokens = train_step(model, optimizer, micro, params, opt.grad_clip, pad_id, device,
                                                autocast, world)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             bar.close()
@@ -283,7 +285,7 @@ def main(argv=None):
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / (time.time() - t_start):.0f}", lr=f"{lr:.2e}")
 
         if (args.eval_every and step % args.eval_every == 0) or step == max_steps:
-            val_loss = validation_loss(raw_model, val, args.batch_size, pad_id, device, autocast)
+            val_loss = validation_loss(raw_model, val, opt.batch_size, pad_id, device, autocast)
             if val_loss is not None and master:
                 log(metrics_file, {"step": step, "val_loss": val_loss})
                 bar.write(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}")

@@ -1,12 +1,24 @@
 """
 train.py's flags, checked before anything is loaded: the parser, --resume's saved settings, the checks of the
-values, and the paths a run saves (so that eval.py finds the same data and base later).
+values, and the paths a run saves (so that eval.py finds the same data and base later). The flags of a config
+dataclass become that config once, here (configs_from_flags: args.optim, args.base, args.lora, args.mod, args.molex;
+an add-on's None when it is off), or come from the run's saved settings with --resume.
 """
 import argparse
+import dataclasses
 from pathlib import Path
 
-from checkpoint import ADDONS, CHANGEABLE_ON_RESUME, check_base_is_there, checkpoint_path, load_checkpoint, run_configs
-from cli import HelpFormatter, UserError, add_config_flags, add_device_flags, config_from, given_fields, store_config
+from checkpoint import ADDONS, CHANGEABLE_ON_RESUME, CONFIGS, check_base_is_there, checkpoint_path, load_checkpoint
+from cli import (
+    HelpFormatter,
+    UserError,
+    add_config_flags,
+    add_device_flags,
+    config_from,
+    given_fields,
+    key,
+    make_config,
+)
 from data import BUILTIN_TASKS, resolve_path
 from data.builtin import DEFAULT_DIFFICULTY
 from data.format import CHOICE_TARGETS
@@ -108,6 +120,7 @@ def parse_args(argv=None):
             check_switches(args)
             case = "pretrain" if args.pretrain else "builtin" if args.init in (None, "builtin") else "init"
             fill_case_defaults(vars(args), case)
+            configs_from_flags(args)
         check_args(args)
     except UserError as e:
         parser.error(str(e))
@@ -122,29 +135,50 @@ def explicit_flags(argv):
     return vars(parser.parse_args(argv))
 
 
+def config_flags():
+    """{dest: (config name, field)} of every flag made from a config's field (--lora-rank: ("lora", "rank"))."""
+    return {key(prefix, f.name): (name, f.name) for name, (cls, prefix) in CONFIGS.items()
+            for f in dataclasses.fields(cls)}
+
+
+def saved_flag(saved, dest):
+    """The value of flag `dest` in a run's settings: a config's field (None when the add-on is off), whether an
+    add-on is on (its switch), or a plain setting."""
+    if dest in ADDONS:
+        return saved[dest] is not None
+    name, field = config_flags().get(dest, (None, None))
+    if name is not None:
+        return None if saved[name] is None else getattr(saved[name], field)
+    return saved.get(dest)
+
+
 def resumed_args(parser, args, argv):
     ckpt_path = checkpoint_path(args.resume)
-    saved = load_checkpoint(ckpt_path)["args"]
+    saved = load_checkpoint(ckpt_path)["args"]  # its configs built and checked
     given = explicit_flags(argv)
     overridable = RESUME_OVERRIDABLE - ({"init"} if "base_fingerprint" not in saved else set())
-    changed = [f"--{k.replace('_', '-')} (saved {saved.get(k)!r}, given {v!r})" for k, v in given.items()
-               if k not in overridable and saved.get(k) != v]
+    changed = [f"--{k.replace('_', '-')} (saved {saved_flag(saved, k)!r}, given {v!r})" for k, v in given.items()
+               if k not in overridable and saved_flag(saved, k) != v]
     if changed:
         raise UserError("--resume continues a run with its saved settings; these flags differ: " + ", ".join(changed))
-    defaults = vars(parser.parse_args([]))  # flags newer than the checkpoint get their defaults
-    defaults["choice_target"] = "label"  # except this one: a run saved before it trained on labels
-    defaults["length_groups"] = False  # but a run saved before length grouping had random batches
-    args = argparse.Namespace(**{**defaults, **saved, **{k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}})
+    flags = config_flags()
+    defaults = {k: v for k, v in vars(parser.parse_args([])).items() if k not in flags}  # flags newer than the
+    defaults["choice_target"] = "label"  # checkpoint get their defaults, except this one: a run saved before it
+    defaults["length_groups"] = False  # trained on labels; and a run saved before length grouping had random batches
+    args = argparse.Namespace(**{**defaults, **saved, **{k: v for k, v in given.items()
+                                                         if k in RESUME_OVERRIDABLE and k not in flags}})
     if "init" not in given:
         check_base_is_there(saved, f"the run {ckpt_path.parent}")
     args.resume, args.out = str(ckpt_path), given.get("out") or str(ckpt_path.parent)  # --out: a copy goes on
     if "max_steps" in given or "epochs" in given:  # a new length replaces the saved one
-        args.max_steps, args.epochs = given.get("max_steps"), given.get("epochs")
+        length = {"max_steps": given.get("max_steps"), "epochs": given.get("epochs")}
+        args.optim = make_config(OptimConfig, {**vars(args.optim), **length}, "")
     return args
 
 
 def switch_mod_on(a):
-    """--mod and --mod-k N both switch MoD on (the run folder keeps mod_k, its switch); --mod-k 0 is refused."""
+    """--mod and --mod-k N both switch MoD on (a.mod, until configs_from_flags makes it the config); --mod-k 0 is
+    refused."""
     if a.mod_k is not None and a.mod_k < 1:
         raise UserError(f"--mod-k must be >= 1, got {a.mod_k} (leave out --mod and --mod-k for no MoD)")
     if a.mod and a.mod_k is None:
@@ -154,11 +188,22 @@ def switch_mod_on(a):
 
 def check_switches(a):
     """An add-on's flags given without its switch are refused, naming the switch."""
-    for prefix, (cls, on, switch) in ADDONS.items():
-        given = [f"--{prefix}-{n.replace('_', '-')}" for n in given_fields(vars(a), cls, prefix) if n != "k"]
-        if given and not on(vars(a)):
+    for prefix, switch in ADDONS.items():
+        given = [f"--{prefix}-{n.replace('_', '-')}" for n in given_fields(vars(a), CONFIGS[prefix][0], prefix)
+                 if n != "k"]
+        if given and not getattr(a, prefix):
             raise UserError(f"{', '.join(given)} given without {switch}: these flags set up "
                             f"{'MoD' if prefix == 'mod' else 'MoLEx'}, which is off unless {switch} is given")
+
+
+def configs_from_flags(a):
+    """Each config built (and so checked) from its flags, which it then replaces in `a`: args.lora is a LoRAConfig,
+    args.mod a MoDConfig or None (off), and so on (CONFIGS)."""
+    for name, (cls, prefix) in CONFIGS.items():
+        cfg = config_from(cls, vars(a), prefix) if name not in ADDONS or getattr(a, name) else None
+        for f in dataclasses.fields(cls):
+            delattr(a, key(prefix, f.name))
+        setattr(a, name, cfg)
 
 
 def check_args(a):
@@ -170,7 +215,6 @@ def check_args(a):
                ("n_train", a.n_train is not None and a.n_train < 1, ">= 1")]
     if message := bad_flag(checks, a):
         raise UserError(message)
-    store_config(vars(a), config_from(OptimConfig, vars(a), ""), "")
     if a.pretrain and a.init is not None:
         raise UserError("--pretrain trains a new model from scratch: it takes no --init")
     if a.init not in (None, "builtin") and not Path(a.init).exists():
@@ -186,17 +230,12 @@ def check_args(a):
             resolve_path(a.data, "train")
         except FileNotFoundError as e:
             raise UserError(f"--data: {e}") from None
-    settings = vars(a)
-    for _, on, switch in ADDONS.values():
-        if on(settings) and a.pretrain:
+    for name, switch in ADDONS.items():
+        if getattr(a, name) is not None and a.pretrain:
             raise UserError(f"{switch} tunes a pretrained model: it cannot be combined with --pretrain")
-    for prefix, cfg in run_configs(settings).items():  # each config checks its values; saved complete
-        if cfg is not None:
-            store_config(settings, cfg, prefix)
-    store_config(settings, config_from(QuantConfig, settings, "base"), "base")
-    if a.pretrain and a.base_bits:
+    if a.pretrain and a.base.bits:
         raise UserError("--base-bits holds a frozen base in 4 or 8 bits: --pretrain trains every weight")
-    if a.molex and a.prompt_loss and a.molex_vote == "prompt":
+    if a.molex is not None and a.prompt_loss and a.molex.vote == "prompt":
         raise UserError("--molex-vote prompt needs the prompt/answer boundary, which --prompt-loss removes from the "
                         "labels: use --molex-vote all")
 

@@ -369,7 +369,7 @@ def test_gate_init_and_seed(make_model):
 
 def test_run_seed_seeds_the_gate(tiny_base):
     from checkpoint import build_model
-    settings = {"pretrain": False, "init": str(tiny_base), "seed": 0, "molex": True, "mod_k": None}
+    settings = {"pretrain": False, "init": str(tiny_base), "seed": 0, "molex": MoLExConfig(), "mod": None}
     gate = lambda **kw: build_model({**settings, **kw}, verbose=False).molex.gate_weight  # noqa: E731
     assert not torch.equal(gate(seed=0), gate(seed=1))
-    assert torch.equal(gate(seed=1), gate(seed=5, molex_seed=1))  # --molex-seed overrides
+    assert torch.equal(gate(seed=1), gate(seed=5, molex=MoLExConfig(seed=1)))  # --molex-seed overrides

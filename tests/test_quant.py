@@ -202,17 +202,17 @@ def test_run_folder_carries_base_bits_to_resume_eval_sample_and_export(tiny_base
     # tiny_base has dim 32: 8 bits (q8_0, blocks of 32), and 4 bits in q4_0
     first = train.main([*small, "--max-steps", "2", "--base-bits", "4", "--base-format", "q4_0"])
     saved = json.loads((tmp_path / "r" / "args.json").read_text())
-    assert (saved["base_bits"], saved["base_format"]) == (4, "q4_0")
+    assert (saved["base"]["bits"], saved["base"]["format"]) == (4, "q4_0")
     resumed = train.main(["--resume", str(tmp_path / "r"), "--max-steps", "3"])
     assert resumed["step"] == 3 and len(first["losses"]) == 2
     model, _, settings, _ = load_run(tmp_path / "r")
-    assert settings["base_bits"] == 4 and isinstance(model.layers[0].attn.q.quantized, QuantizedLinear)
+    assert settings["base"].bits == 4 and isinstance(model.layers[0].attn.q.quantized, QuantizedLinear)
     export.main(["--ckpt", str(tmp_path / "r"), "--out", str(tmp_path / "hf")])
     exported = from_pretrained(tmp_path / "hf")
     idx = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(exported(idx)[0], model(idx)[0], rtol=1e-5, atol=1e-5)
-    alone, _, _, _ = load_run(None, str(tiny_base), base={"base_bits": 8, "base_format": None})  # eval.py --init
+    alone, _, _, _ = load_run(None, str(tiny_base), base=QuantConfig(bits=8))  # eval.py --init
     assert alone.layers[0].mlp.up.fmt == "q8_0"
     with pytest.raises(SystemExit):
         train.main([*small, "--base-bits", "4", "--base-format", "q8_0"])

@@ -231,3 +231,65 @@ def test_hand_edits_to_args_json_are_refused(tiny_base, tmp_path, capsys):
         assert f"{run / 'args.json'} differs from the settings saved in ckpt.pt (lr: 0.01 in ckpt.pt, 0.02" in msg
     (run / "args.json").write_text(good)
     assert train.main(["--resume", str(run), "--max-steps", "2"])["step"] == 2
+
+
+def test_a_run_folder_with_flat_settings_loads_resumes_and_evaluates_as_saved(tiny_base, tmp_path):
+    """Runs saved before the configs were nested have every config field as a flat key in ckpt.pt's args and in
+    args.json (as written below, by hand, from such a run): they rebuild the same configs, evaluate and resume as
+    the same run saved today, and a hand edit of their args.json is still refused."""
+    import checkpoint
+    new, old = tmp_path / "new", tmp_path / "old"
+    train.main(base_argv(tiny_base, new, "--max-steps", "2", "--mod-k", "2", "--mod-router", "vector", "--molex",
+                         "--molex-gate-mode", "aux_free", "--lora-plus", "2"))
+    shutil.copytree(new, old)
+    ckpt = torch.load(old / "ckpt.pt", weights_only=True)
+    nested = ckpt["args"]
+    flat = {"init": nested["init"], "tokenizer": "byte", "data": "arith", "difficulty": 1, "n_train": 24,
+            "max_len": 96, "prompt_loss": False, "choice_target": "text", "length_groups": True, "eval_n": 4,
+            "base_bits": None, "base_format": None,
+            "lora_rank": 4, "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_targets": "q,k,v,o,gate,up,down",
+            "lora_layers": "all", "lora_plus": 2.0,
+            "mod_k": 2, "mod_start": "final", "mod_weight_range": "free", "mod_router": "vector",
+            "mod_router_input": "scaled", "mod_top_k": None, "mod_top_k_weights": "kept", "mod_router_lr": None,
+            "mod_distill_weight": 1.0, "mod_distill_temp": 1.0, "mod_distill_direction": "forward",
+            "mod_layer_ce": True, "mod_chunk_size": None, "mod": True,
+            "molex_layers": "all", "molex_share": "shared", "molex_cosine": False, "molex_cosine_scale": 10.0,
+            "molex_rule": "paper", "molex_vote": "prompt", "molex_alpha": 1.0, "molex_learn_alpha": True,
+            "molex_gate_mode": "aux_free", "molex_balance_weight": 0.0, "molex_bias_rate": 0.001,
+            "molex_gate_lr": None, "molex_gate_weight_decay": 0.1, "molex_gate_init": "normal", "molex_seed": None,
+            "molex": True,
+            "pretrain": False, "dim": 128, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "context": 512,
+            "corpus_chars": 400000, "lr": 0.01, "min_lr": None, "warmup_steps": 2, "weight_decay": 0.0,
+            "beta1": 0.9, "beta2": 0.99, "grad_clip": 1.0, "batch_size": 4, "grad_accum": 1, "max_steps": 2,
+            "epochs": None, "device": "auto", "dtype": "auto", "threads": 0, "compile": False,
+            "grad_checkpointing": False, "seed": 0, "out": str(old), "eval_every": 0, "save_every": 100,
+            "vocab_size": 259, "base_fingerprint": nested["base_fingerprint"]}
+    ckpt["args"] = flat
+    old_names = {v: k for k, v in checkpoint.RENAMED.items()}  # and the parameter names of that time
+    ckpt["model"] = {old_names.get(k, k): v for k, v in ckpt["model"].items()}
+    assert "mod.share" in ckpt["model"] and "molex.share" in ckpt["model"]
+    torch.save(ckpt, old / "ckpt.pt")
+    (old / "args.json").write_text(json.dumps(flat, indent=2) + "\n")
+
+    settings = {r: checkpoint.load_run(r)[2] for r in (new, old)}
+    for name in checkpoint.CONFIGS:  # the same configs, built from the flat keys
+        assert settings[old][name] == settings[new][name] and settings[old][name] is not None
+    assert settings[old]["mod"].router == "vector" and settings[old]["lora"].plus == 2.0
+    assert {k: v for k, v in settings[old].items() if k != "out"} == {k: v for k, v in settings[new].items()
+                                                                         if k != "out"}
+    flags = ["--n", "2", "--layers", "0", "--max-new-tokens", "2"]
+    assert ev.main(["--ckpt", str(old), *flags])["metrics"] == ev.main(["--ckpt", str(new), *flags])["metrics"]
+
+    edited = {**flat, "lora_rank": 8}
+    (old / "args.json").write_text(json.dumps(edited, indent=2) + "\n")
+    with pytest.raises(SystemExit, match=r"differs from the settings saved in ckpt.pt \(lora_rank: 4 in ckpt.pt, 8"):
+        checkpoint.load_run(old)
+    (old / "args.json").write_text((new / "args.json").read_text())  # rewritten by a resume that did not save yet
+    checkpoint.load_run(old)
+    (old / "args.json").write_text(json.dumps(flat, indent=2) + "\n")
+
+    expected = train.main(["--resume", str(new), "--max-steps", "4"])["losses"]
+    assert train.main(["--resume", str(old), "--max-steps", "4"])["losses"] == expected and len(expected) == 2
+    saved = json.loads((old / "args.json").read_text())  # saved in today's form from then on
+    assert saved["mod"]["router"] == "vector" and "mod_router" not in saved and saved == torch.load(
+        old / "ckpt.pt", weights_only=True)["args"]

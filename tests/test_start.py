@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from checkpoint import BUILTIN_BASE, build_model
+from mod import MoDConfig
+from molex import MoLExConfig
 
-ADDONS = {"lora": {}, "lora+mod2": {"mod_k": 2}, "lora+mod4": {"mod_k": 4}, "lora+molex": {"molex": True},
-          "lora+mod4+molex": {"mod_k": 4, "molex": True}}
+ADDONS = {"lora": {}, "lora+mod2": {"mod": MoDConfig(k=2)}, "lora+mod4": {"mod": MoDConfig(k=4)},
+          "lora+molex": {"molex": MoLExConfig()}, "lora+mod4+molex": {"mod": MoDConfig(k=4), "molex": MoLExConfig()}}
 
 
 @pytest.fixture(params=["builtin", "tiny"])
@@ -23,7 +25,7 @@ def base(request, tiny_base):
 def test_default_start_is_the_base_model(base, addons):
     settings = {"pretrain": False, "init": base, "seed": 3, **ADDONS[addons]}
     plain = build_model(settings, verbose=False, with_addons=False).eval()
-    if settings.get("mod_k", 0) > plain.config.n_layers:
+    if "mod" in settings and settings["mod"].k > plain.config.n_layers:
         pytest.skip(f"the base has {plain.config.n_layers} layers")
     tuned = build_model(settings, verbose=False).eval()
     idx = torch.randint(3, 259, (3, 40), generator=torch.Generator().manual_seed(0))

@@ -41,7 +41,7 @@ def ckpt_params(run):
 
 def test_lr_schedule_warmup_then_cosine():
     args = train.parse_args(["--lr", "1e-3", "--min-lr", "1e-4", "--warmup-steps", "10"])
-    f = [optim.lr_factor(s, args, 110) for s in range(111)]
+    f = [optim.lr_factor(s, args.optim, 110) for s in range(111)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup, step 0 already > 0
     for s in (10, 35, 60, 85, 110):  # naive cosine from 1 to 0.1 over steps 10..110
         assert f[s] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 10) / 100)))
@@ -196,11 +196,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_base, tmp_path, 
 
 def test_mod_switch():
     # --mod switches MoD on with the default k; --mod-k N alone switches it on too; neither: off
-    assert train.parse_args(["--mod"]).mod_k == MoDConfig.k == 4
-    assert train.parse_args(["--mod-k", "2"]).mod_k == 2 and train.parse_args(["--mod-k", "2"]).mod
-    assert train.parse_args(["--mod", "--mod-k", "3"]).mod_k == 3
+    assert train.parse_args(["--mod"]).mod.k == MoDConfig.k == 4
+    assert train.parse_args(["--mod-k", "2"]).mod.k == 2 and train.parse_args(["--mod-k", "2"]).mod
+    assert train.parse_args(["--mod", "--mod-k", "3"]).mod.k == 3
     args = train.parse_args([])
-    assert args.mod_k is None and not args.mod and not checkpoint.mod_on(vars(args))
+    assert args.mod is None
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -251,10 +251,10 @@ def test_checkpoint_holds_only_trainable_parameters_and_loads_weights_only(tiny_
     assert sorted(ckpt["model"]) == ["layers.2.attn.q.lora_A", "layers.2.attn.q.lora_B",  # the last of 3 layers
                                      "layers.2.attn.v.lora_A", "layers.2.attn.v.lora_B"]
     assert ckpt["step"] == 2 and set(ckpt["data"]) == {"epoch", "pos"} and len(ckpt["rng"]) == 1
-    assert ckpt["args"]["lora_rank"] == 4 and ckpt["args"]["init"] == str(tiny_base.resolve())
+    assert ckpt["args"]["lora"]["rank"] == 4 and ckpt["args"]["init"] == str(tiny_base.resolve())
     assert ckpt["optimizer"]["state"]  # Adam moments are there
     # rebuilt from its own args, the model matches
-    model = checkpoint.build_model(ckpt["args"], verbose=False)
+    model = checkpoint.build_model(checkpoint.run_settings(ckpt["args"]), verbose=False)
     checkpoint.load_trainable(model, ckpt["model"], "ckpt")
 
 
@@ -308,9 +308,8 @@ def test_mod_and_molex_run_resumes_exactly_and_saves_their_parameters(tiny_base,
     assert "molex.select_bias" in a and a["molex.select_bias"].abs().sum() > 0  # aux_free moved the bias
     # the gate has its own optimizer group with its own lr
     ckpt = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
-    model = checkpoint.build_model(ckpt["args"], verbose=False)
-    args = train.get_parser().parse_args(base_argv(tiny_base, tmp_path / "x", *extra))
-    args.lr, args.weight_decay = 1e-2, 0.0
+    model = checkpoint.build_model(checkpoint.run_settings(ckpt["args"]), verbose=False)
+    args = train.parse_args(base_argv(tiny_base, tmp_path / "x", *extra))  # --lr 1e-2, weight decay 0.0
     groups = {g["name"]: g for g in optim.param_groups(model, args)}
     gate_ids = {id(p) for p in model.molex.gate_parameters()}
     assert groups["molex_gate"]["peak_lr"] == 0.05 and {id(p) for p in groups["molex_gate"]["params"]} == gate_ids
@@ -319,8 +318,7 @@ def test_mod_and_molex_run_resumes_exactly_and_saves_their_parameters(tiny_base,
 
 def test_mod_router_lr_gives_the_router_its_own_group(tiny_base, tmp_path):
     argv = base_argv(tiny_base, tmp_path / "x", "--mod-k", "2", "--mod-router-lr", "1e-4")
-    args = train.get_parser().parse_args(argv)
-    args.lr, args.weight_decay = 1e-2, 0.0
+    args = train.parse_args(argv)  # --lr 1e-2, weight decay 0.0
     model = checkpoint.build_model(vars(args), verbose=False)
     groups = {g["name"]: g for g in optim.param_groups(model, args)}
     router = {id(p) for p in model.mod.router.parameters()}
@@ -369,18 +367,18 @@ def test_a_run_folder_without_newer_settings_takes_their_defaults(tiny_base, tmp
     run = tmp_path / "run"
     train.main(base_argv(tiny_base, run, "--max-steps", "2", "--mod-k", "2", "--mod-router", "vector", "--molex"))
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
-    for key in ("mod_top_k", "mod_router_lr", "mod_layer_ce", "molex_vote", "molex_seed", "lora_plus", "beta2"):
-        del ckpt["args"][key]
+    for key in ("mod.top_k", "mod.router_lr", "mod.layer_ce", "molex.vote", "molex.seed", "lora.plus", "optim.beta2"):
+        del ckpt["args"][key.split(".")[0]][key.split(".")[1]]
     torch.save(ckpt, run / "ckpt.pt")
-    model = checkpoint.build_model(ckpt["args"], verbose=False)
-    assert model.mod.cfg == checkpoint.config_from(checkpoint.MoDConfig, {"mod_k": 2, "mod_router": "vector"}, "mod")
+    model = checkpoint.build_model(checkpoint.run_settings(ckpt["args"]), verbose=False)
+    assert model.mod.cfg == MoDConfig(k=2, router="vector")
     assert model.molex.cfg.vote == "prompt" and model.molex.cfg.seed == 0
     capsys.readouterr()
     resumed = train.main(["--resume", str(run), "--max-steps", "3"])
     assert resumed["step"] == 3 and resumed["losses"]
     out = capsys.readouterr().out  # what it resumes, and the steps of this process and in all
     assert f"resuming {run} at step 2 of 3" in out and "done: 1 step in this run (steps 3-3; 3 in all)" in out
-    assert json.loads((run / "args.json").read_text())["beta2"] == 0.99  # saved complete again
+    assert json.loads((run / "args.json").read_text())["optim"]["beta2"] == 0.99  # saved complete again
 
 
 def test_a_run_folder_from_before_the_base_start_keeps_its_settings(tiny_base, tmp_path):
@@ -393,11 +391,12 @@ def test_a_run_folder_from_before_the_base_start_keeps_its_settings(tiny_base, t
     train.main(base_argv(tiny_base, run, "--max-steps", "2", "--mod-k", "2", "--molex", *flags))
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     assert "mod.ensemble_weight" not in ckpt["model"]
-    for key in old:
-        del ckpt["args"][key]
+    for key in old:  # mod_start: the field start of the run's "mod" settings
+        del ckpt["args"][key.split("_", 1)[0]][key.split("_", 1)[1]]
     torch.save(ckpt, run / "ckpt.pt")
     model, _, settings, _ = checkpoint.load_run(run)
-    assert {k: settings[k] for k in old} == old and model.mod.cfg.start == "uniform"
+    assert {k: getattr(settings[k.split("_", 1)[0]], k.split("_", 1)[1]) for k in old} == old
+    assert model.mod.cfg.start == "uniform"
     assert train.main(["--resume", str(run), "--max-steps", "3"])["step"] == 3
 
 
