@@ -91,12 +91,12 @@ def quantize(w, fmt):
 
 def dequantize(blocks, fmt, shape, dtype=torch.float32):
     """Blocks (any shape holding whole blocks) -> the float matrix of `shape`, computed in float32, then cast.
-    About 4M values at a time, written into the result: the float32 and index temporaries (16 bytes a value)
-    stay small, so a layer's peak is its result alone (2 bytes a value in bfloat16)."""
+    1M values at a time, written into the result: the float32 and index temporaries (about 20 bytes a value)
+    stay near 20 MB, so a layer's peak is about its result alone (2 bytes a value in bfloat16)."""
     values = BLOCKS[fmt][0]
     rows = blocks.reshape(-1, BLOCKS[fmt][1])
     out = torch.empty(rows.shape[0], values, dtype=dtype, device=rows.device)
-    step = max(1, 2 ** 22 // values)
+    step = max(1, 2 ** 20 // values)
     for start in range(0, rows.shape[0], step):
         part = rows[start:start + step]
         if fmt == "nf4":
