@@ -540,13 +540,13 @@ def bench_padding(args):
         print(f"| {Path(data).name} | training, one epoch of {len(train):,} | {bs} | {shares[0]:.1%} | "
               f"{shares[1]:.1%} |")
         test = load_examples(data, "test")
-        if task_kind(test[0]) == "choice":  # eval.option_logliks' rows: prompt without options + one option
+        if task_kind(test[0]) == "choice":  # scoring.option_logliks' rows: prompt without options + one option
             what, lengths = "option scoring", []
             for rec in test:
                 for cont in choice_continuations(rec, by="text"):
                     p_ids, c_ids = split_encode(tok, prompt_text(rec, with_options=False), cont)
                     lengths.append(len(bos(tok) + p_ids + c_ids))
-        else:  # eval.answer_scores' rows: prompt + reference answer
+        else:  # scoring.answer_scores' rows: prompt + reference answer
             what, lengths = "answer scoring", [len(encode_example(tok, r)[0]) for r in test]
         n, bs = len(lengths), args.eval_batch_size
         in_order = [list(range(s, min(s + bs, n))) for s in range(0, n, bs)]
@@ -560,7 +560,7 @@ SCORE_ROWS = {"lora": "LoRA (r=8, all seven projections)", "mod": "LoRA + MoD k=
 
 
 def bench_score(args):
-    """eval.option_logliks (the model's output only, as eval.py --layers 0) on the first --n test questions of an
+    """scoring.option_logliks (the model's output only, as eval.py --layers 0) on the first --n test questions of an
     ARC-like folder, SmolLM2 with LoRA, and with LoRA + MoD; each row in a fresh process (peak RSS)."""
     if args.row:
         return score_row(args)
@@ -592,7 +592,7 @@ def bench_score(args):
 def score_row(args):
     from checkpoint import build_model
     from data import load_examples
-    from eval import option_logliks
+    from scoring import option_logliks
     from tokenizer import load_tokenizer
     torch.set_num_threads(args.threads)
     gguf = smollm2_file(args.path)
@@ -780,8 +780,9 @@ def bench_quant_7b(args):
     float copy of the whole model); --layers 0: the bytes of the whole base, from its embedding, head and one block
     built for real (all 32 blocks hold the same tensors); --step: build N blocks, run one LoRA step and report
     its peak RSS."""
-    from model import Llama, LlamaConfig, QuantizedLinear, apply_lora
-    from quant import nbytes, quantize
+    from lora import apply_lora
+    from model import Llama, LlamaConfig
+    from quant import QuantizedLinear, nbytes, quantize
     from weights import QUANTIZABLE
     cfg = LlamaConfig(**SHAPES["7b"], max_seq_len=4096)
     n_layers = args.layers or cfg.n_layers

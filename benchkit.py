@@ -391,7 +391,7 @@ def build_row(row, cfg, device, dtype, lora, mod_k, mod_chunk, grad_checkpointin
     """(module, loss_fn(module, idx, targets)) for one row of `bench.py train` on a random model of `cfg`: "hf"
     (transformers + PEFT), "lora", "mod" / "mod-chunked" (chunk `mod_chunk`), "molex"; in training mode with LoRA
     (rank, alpha, targets) = `lora` applied."""
-    from model import apply_lora
+    from lora import apply_lora
     rank, alpha, targets = lora
     model = random_model(cfg, device, dtype)
     if row == "hf":

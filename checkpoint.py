@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from cli import UserError, all_reduce_sum, config_from
+from lora import LoRAConfig, apply_lora, freeze_base
 from mod import MoDConfig, attach_mod
-from model import Llama, LlamaConfig, LoRAConfig, apply_lora, freeze_base
+from model import Llama, LlamaConfig
 from molex import MoLExConfig, attach_molex
 from quant import QuantConfig
 from tokenizer import check_tokenizer_fits, load_tokenizer

@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import check_choices, target_rows
+from errors import check_choices
+from head_loss import target_rows
 
 ROUTERS = ("token", "sequence", "vector")
 STARTS = ("final", "uniform")

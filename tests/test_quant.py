@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from lora import apply_lora
 from mod import MoDConfig, attach_mod
-from model import QuantizedLinear, apply_lora
 from molex import MoLExConfig, attach_molex
-from quant import BLOCKS, QuantConfig, dequantize, quantize
+from quant import BLOCKS, QuantConfig, QuantizedLinear, dequantize, quantize
 from weights import dequantize_model, from_pretrained, save_hf
 
 gguf = pytest.importorskip("gguf")
