@@ -1,6 +1,6 @@
 """torch.compile of the training forward (forward + loss): one graph, no graph break, for the plain model, LoRA
 and LoRA + MoD (naive and chunked loss, with and without gradient checkpointing), and the plain loss in
-several chunks (model.head_loss); and the compiled loss and gradients equal eager ones. Tiny fp32 models on the
+several chunks (head_loss.head_loss); and the compiled loss and gradients equal eager ones. Tiny fp32 models on the
 CPU; dynamo only traces (explain, aot_eager: no C++ build), except one real `train.py --compile` run
 (inductor)."""
 import pytest

@@ -299,7 +299,7 @@ def test_bad_config_is_refused(kwargs):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The loss at the target positions, chunked (model.head_loss) against the naive computation
+# The loss at the target positions, chunked (head_loss.head_loss) against the naive computation
 
 def naive_loss(model, idx, targets):
     """The LM head at every position, float32 logits, F.cross_entropy: what model(idx, targets) replaces."""

@@ -1,4 +1,4 @@
-"""The frozen base in 4 or 8 bits (quant.py, model.QuantizedLinear, weights.from_pretrained(base=...)): the
+"""The frozen base in 4 or 8 bits (quant.py with its QuantizedLinear, weights.from_pretrained(base=...)): the
 quantizers against the gguf package and QLoRA's NF4 definition, the quantized model against the float model built
 from the same dequantized weights (logits, generation, layer readouts, MoD, MoLEx, LoRA training), the backward
 keeping nothing of full size, torch.compile in one graph, and the run folder carrying --base-bits."""
