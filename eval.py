@@ -346,7 +346,7 @@ def main(argv=None):
               **res,
               "problems": [{k: r[k] for k in ("question", "choices", "labels", "gold") if k in r} for r in records]}
     Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    md = markdown_report(res, title, n_layers)
+    md = markdown_report(res, title, n_layers, len(records))
     Path(f"{stem}.md").write_text(md)
     plots = write_plots(res, str(stem), n_layers, f"{title_model} on {name} {args.split}, n = {len(records)}")
     print(md)

@@ -2,6 +2,8 @@
 Reports of an evaluation and of an ablation: which layers solve which problems, markdown tables and plots.
 Layers are numbered from 1 (the first block) to n_layers (the last) in every table and plot.
 """
+import math
+import statistics
 from collections import Counter
 from itertools import combinations
 
@@ -30,6 +32,54 @@ def overlap(solved, n_problems, exact_max=EXACT_OVERLAP_MAX):
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Paired differences
+
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t, 97.5%, df 1..10
+
+
+def mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired_difference(values, reference):
+    """Mean of values[s] - reference[s] over the seeds both have, and the half-width of its 95% t interval
+    (None with fewer than 2 pairs)."""
+    diffs = [values[s] - reference[s] for s in values if s in reference]
+    if not diffs:
+        return None, None, 0
+    mean, std = mean_std(diffs)
+    n = len(diffs)
+    half = T_975[min(n - 1, len(T_975)) - 1] * std / math.sqrt(n) if n > 1 else None
+    return mean, half, n
+
+
+def question_paired_difference(solved, reference, seeds, n):
+    """The difference to the reference paired by seed and by question: d_q = mean over `seeds` of (solved q) -
+    (reference solved q), in %; returns (mean of d_q, half-width of its 95% interval over the n questions).
+    The interval holds these seeds fixed: it measures which questions move, not how another seed would train."""
+    d = [0.0] * n
+    for s in seeds:
+        for q in solved[s]:
+            d[q] += 1.0 / len(seeds)
+        for q in reference[s]:
+            d[q] -= 1.0 / len(seeds)
+    mean, std = mean_std(d)
+    return 100.0 * mean, 100.0 * 1.96 * std / math.sqrt(n)
+
+
+def paired_to_base(res, n):
+    """Rows comparing the tuned output with the untuned base (source \"base\", eval.py --baseline) question by
+    question: (metric, output %, base %, difference with its 95% interval over the n questions, fixed, broken)."""
+    rows = []
+    for m in res["solved"]["base"]:
+        tuned, base = set(res["solved"]["output"][m]), set(res["solved"]["base"][m])
+        d, half = question_paired_difference({0: tuned}, {0: base}, [0], n)
+        rows.append((m, res["metrics"]["output"][m], res["metrics"]["base"][m], d, half, len(tuned - base),
+                     len(base - tuned)))
+    return rows
+
+
 def source_label(s, n_layers, mod_k=0):
     if s == "output":
         return "model output" + (f" (MoD ensemble of {mod_k})" if mod_k else "")
@@ -48,13 +98,19 @@ def metric_cell(metrics, name):
     return f"{metrics[name]:.{DECIMALS.get(name, 1)}f}" if name in metrics else ""
 
 
-def markdown_report(res, title, n_layers):
+def markdown_report(res, title, n_layers, n):
     metric_names = list(next(iter(res["metrics"].values())))
     lines = [f"# {title}", "", "| readout | " + " | ".join(metric_names) + " |",
              "|---|" + "---:|" * len(metric_names)]
     for s, m in res["metrics"].items():
         lines.append(f"| {source_label(s, n_layers, res.get('mod_k', 0))} | "
                      + " | ".join(metric_cell(m, k) for k in metric_names) + " |")
+    if "base" in res["solved"] and n > 1:
+        lines += ["", f"## Tuned against the untuned base, paired by question ({n} problems)", "",
+                  "| metric | tuned | base | difference (95% interval) | fixed | broken |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {m} | {t:.1f} | {b:.1f} | {d:+.1f} ± {half:.1f} | {fixed} | {broken} |"
+                  for m, t, b, d, half, fixed, broken in paired_to_base(res, n)]
     ov = res.get("overlap")
     if ov and ov["sources"]:
         names = [s.replace("layer_", "L") for s in ov["sources"]]
