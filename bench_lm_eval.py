@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from benchkit import SMOLLM2_HELP, facts, hf_from_ours, smollm2_gguf
+
 LM_EVAL_VERSION = "0.4.13"
 TASK = "arc_local"
 
@@ -67,7 +69,6 @@ def lm_eval_model(model, gguf, batch_size):
     --device cpu` builds from a saved folder, without writing 540 MB of float32 weights to disk."""
     from lm_eval.models.huggingface import HFLM
 
-    from benchkit import hf_from_ours
     return HFLM(pretrained=hf_from_ours(model).eval(), tokenizer=reference_tokenizer(gguf), add_bos_token=False,
                 batch_size=batch_size)
 
@@ -111,7 +112,7 @@ def lm_eval_scores(lm, jsonl):
 
 def our_scores(model, tokenizer, records, batch_size):
     """eval.py's scoring of the records' options, in the same form as lm_eval_scores."""
-    from eval import option_logliks, score_choice_lls
+    from scoring import option_logliks, score_choice_lls
     t, cpu = time.perf_counter(), time.process_time()
     lls = option_logliks(model, tokenizer, records, [], batch_size)["output"]
     scores = [score_choice_lls(ll, r["choices"], r["labels"].index(r["gold"])) for ll, r in zip(lls, records)]
@@ -134,7 +135,6 @@ def bench_lm_eval(args):
     import statistics
     import tempfile
 
-    from benchkit import facts, smollm2_gguf
 
     if args.path and not Path(args.path).is_file():
         sys.exit(f"--path {args.path}: no such file")
@@ -187,13 +187,13 @@ def bench_lm_eval(args):
           f"{os.getloadavg()[0]:.2f}")
 
 
-def add_parser(sub, smollm2_help):
-    """bench.py's `lm-eval` subcommand."""
+def add_commands(sub):
+    """This subject's subcommand, on bench.py's parser."""
     p = sub.add_parser("lm-eval", help="multiple-choice scoring: eval.py vs lm-evaluation-harness 0.4.13 on SmolLM2 "
                                        "(time, acc, acc_norm, log-likelihoods), one thread each")
     p.add_argument("--data", required=True, help="a prepared ARC-like folder (test.jsonl)")
     p.add_argument("--n", type=int, default=300, help="questions: the seeded sample eval.py --n takes")
-    p.add_argument("--path", default=None, help=smollm2_help)
+    p.add_argument("--path", default=None, help=SMOLLM2_HELP)
     p.add_argument("--batch-size", type=int, default=64, help="rows per forward, ours (eval.py's default)")
     p.add_argument("--lm-eval-batch-size", type=int, default=None, help="lm-eval's batch size (default: the same)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (and OMP_NUM_THREADS) for both")

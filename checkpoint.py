@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 from cli import UserError, all_reduce_sum, key, make_config
+from lora import LoRAConfig, apply_lora, freeze_base
 from mod import MoDConfig, attach_mod
-from model import Llama, LlamaConfig, LoRAConfig, apply_lora, freeze_base
+from model import Llama, LlamaConfig
 from molex import MoLExConfig, attach_molex
 from optim import OptimConfig
 from quant import QuantConfig

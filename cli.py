@@ -3,7 +3,7 @@ What the commands share: flags made from config dataclasses, the shared flag gro
 --ckpt / --init), the device and dtype choice, and torchrun's process group. User errors are errors.UserError;
 the CPU-thread governor is threads.Threads.
 
-A config dataclass (model.LoRAConfig, mod.MoDConfig, molex.MoLExConfig) is the one place a setting is written:
+A config dataclass (lora.LoRAConfig, mod.MoDConfig, molex.MoLExConfig) is the one place a setting is written:
 its field gives the flag's type, default and help (`metadata={"help": ..., "choices": ...}`), its __post_init__
 checks the value. add_config_flags makes the flags; config_from builds the config from them, once: from then on
 a command carries the dataclass itself (train.py's args.lora, args.mod, ...; checkpoint.CONFIGS).

@@ -1,4 +1,6 @@
-"""The user-error type, in a module of its own so that every layer (data/ included) may raise it."""
+"""The user-error type, in a module of its own so that every layer (data/ included) may raise it, and the messages
+that name a bad flag."""
+from dataclasses import fields
 
 
 class UserError(SystemExit):
@@ -15,3 +17,13 @@ def bad_flag(checks, values):
             shown = repr(value) if isinstance(value, str) else value
             return f"--{dest.replace('_', '-')} must be {rule}, got {shown}"
     return None
+
+
+def check_choices(cfg, method, prefix):
+    """Each field of a config dataclass whose metadata lists "choices" holds one of them (else a ValueError
+    naming the flag); the add-ons' configs call it from __post_init__."""
+    for f in fields(cfg):
+        allowed, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"unknown {method} {f.name} (--{prefix}-{f.name.replace('_', '-')}) {value!r}; "
+                             f"choose from {allowed}")

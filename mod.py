@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import check_choices, target_rows
+from errors import check_choices
+from head_loss import target_rows
 
 ROUTERS = ("token", "sequence", "vector")
 STARTS = ("final", "uniform")
@@ -277,7 +278,7 @@ def mod_loss(states, weight, coef, y, distill_weight, temp, forward_kl, layer_ce
     rows); the parts are per-token means (detached)."""
     need_grad = torch.is_grad_enabled() and (coef.requires_grad or any(x.requires_grad for x in states))
     if need_grad and weight.requires_grad:
-        raise ValueError("MoD's loss does not train the LM head: freeze the base first (model.freeze_base)")
+        raise ValueError("MoD's loss does not train the LM head: freeze the base first (lora.freeze_base)")
     opts = (distill_weight, temp, forward_kl, layer_ce, chunk_size, need_grad)
     return _ModLoss.apply(coef, y, weight, row_weight, opts, *states)
 

@@ -1,6 +1,7 @@
 """
-LLaMA in one file: the model (RMSNorm, RoPE, grouped-query attention, SwiGLU), KV-cache generation and LoRA
-written by hand. Reading and writing checkpoint files (Meta, Hugging Face, GGUF) is in weights.py.
+LLaMA in one file: the model (RMSNorm, RoPE, grouped-query attention, SwiGLU) and KV-cache generation. LoRA is in
+lora.py, the loss at the target positions in head_loss.py, reading and writing checkpoint files (Meta, Hugging
+Face, GGUF) in weights.py.
 
 Layout choice: RoPE pairs x[i] with x[i + head_dim/2] (Hugging Face's layout), so HF weights load as they are
 and Meta's and GGUF's q/k rows are permuted once at load time (docs/design.md#rope-layouts).
@@ -8,16 +9,16 @@ and Meta's and GGUF's q/k rows are permuted once at load time (docs/design.md#ro
 Two hooks let the add-ons change the forward pass without this file knowing them:
     model.molex  the layer hook: called instead of each block (molex.py mixes in a second block)
     model.mod    the head hook: gets every layer's output and returns (logits, loss) (mod.py's depth ensemble,
-                 whose logits are None when it computes a loss; eval.py's logit lens stands in for it to read
+                 whose logits are None when it computes a loss; scoring.py's logit lens stands in for it to read
                  out one layer)
 
 Logits only where something reads them: with targets, the LM head and the cross-entropy run at the target
-positions only, a chunk of rows at a time (head_loss: no (tokens x vocab) tensor beyond one chunk is kept for
+positions only, a chunk of rows at a time (head_loss.py: no (tokens x vocab) tensor beyond one chunk is kept for
 backward); without targets, `where` (a (B, T) mask) reads out only the chosen positions (eval's scored tokens,
 generation's last prompt position).
 """
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -25,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from quant import dequantize
+from head_loss import head_loss, target_rows
 
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -136,39 +137,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
-
-
-class DequantizeMatmul(torch.autograd.Function):
-    """y = x W^T with W held in quantized blocks: W is dequantized here, and again in the backward pass for the
-    input's gradient, so nothing of full size is saved between the two (only the blocks, which the layer holds)."""
-
-    @staticmethod
-    def forward(ctx, x, blocks, fmt, shape, dtype):
-        ctx.fmt, ctx.shape, ctx.dtype = fmt, shape, dtype
-        ctx.save_for_backward(blocks)
-        return F.linear(x, dequantize(blocks, fmt, shape, dtype))
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        (blocks,) = ctx.saved_tensors
-        w = dequantize(blocks, ctx.fmt, ctx.shape, ctx.dtype)
-        return (grad_y.to(w.dtype) @ w).to(grad_y.dtype), None, None, None, None  # the frozen W gets none
-
-
-class QuantizedLinear(nn.Module):
-    """A frozen nn.Linear (no bias) whose weight is held as 4- or 8-bit blocks (quant.py), dequantized to `dtype`
-    one layer at a time as the forward pass reaches it."""
-
-    def __init__(self, blocks, fmt, in_features, out_features, dtype=torch.float32):
-        super().__init__()
-        self.register_buffer("blocks", blocks)  # uint8 (out_features, bytes per row)
-        self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
-
-    def forward(self, x):
-        return DequantizeMatmul.apply(x, self.blocks, self.fmt, (self.out_features, self.in_features), self.dtype)
-
-    def dequantized(self):
-        return dequantize(self.blocks, self.fmt, (self.out_features, self.in_features), self.dtype)
 
 
 class MLP(nn.Module):
@@ -383,224 +351,3 @@ class Llama(nn.Module):
                     break
         rows = torch.stack(new, 1).tolist() if new else [[] for _ in prompts]
         return [r[:min((r.index(i) for i in stop if i in r), default=len(r))] for r in rows]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The LM head and its cross-entropy at the target positions only, a chunk of rows at a time
-
-# rows per chunk: logits of at most this many elements at once (64 MB in fp32: 341 rows of SmolLM2's 49,152
-# vocabulary, 130 of LLaMA-3's 128,256)
-HEAD_CHUNK_ELEMENTS = 2 ** 24
-
-
-def target_rows(targets, *tensors):
-    """([rows of each (B, T, ...) tensor], y (n,), real): the rows that have a target (targets != -100),
-    flattened to (n, ...), and their targets. Under torch.compile every row is kept and `real` (n,) weighs them
-    0/1 (a data-dependent selection would break the graph); real is None otherwise. The plain loss and MoD's
-    use it."""
-    y = targets.reshape(-1)
-    flat = [t.reshape(len(y), *t.shape[2:]) for t in tensors]
-    if torch.compiler.is_compiling():
-        return flat, y.clamp(min=0), (y != -100).float()
-    rows = (y != -100).nonzero().squeeze(1)
-    return [t[rows] for t in flat], y[rows], None
-
-
-def head_loss(x, weight, y, real=None, chunk_rows=None):
-    """Mean cross-entropy of the logits x @ weight.T (x (n, dim) normed states, weight the LM head (V, dim))
-    against y (n,), rows weighed by real (n,) 0/1 if given (0 when nothing counts). The same loss and
-    gradients as F.cross_entropy on the whole float32 logits, but made chunk_rows rows at a time (default:
-    HEAD_CHUNK_ELEMENTS // V), gradients included: no (n, V) tensor is kept for backward."""
-    chunk_rows = chunk_rows or max(1, HEAD_CHUNK_ELEMENTS // weight.size(0))
-    grad_enabled = torch.is_grad_enabled()
-    return _HeadLoss.apply(x, weight, y, real, chunk_rows, grad_enabled and x.requires_grad,
-                           grad_enabled and weight.requires_grad)
-
-
-class _HeadLoss(torch.autograd.Function):
-    """The gradients are worked out in forward, chunk by chunk (the loss is a scalar, so backward only scales
-    them): each chunk's logits become their own gradient in place and are freed before the next chunk."""
-
-    @staticmethod
-    def forward(ctx, x, weight, y, real, chunk_rows, need_x, need_w):
-        n = x.size(0)
-        count = (real.sum() if real is not None else torch.tensor(float(n), device=x.device)).clamp(min=1)
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
-        grad_x = torch.zeros_like(x) if need_x else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
-        for s in range(0, n, chunk_rows):
-            xc, yc = x[s:s + chunk_rows], y[s:s + chunk_rows]
-            logits = xc @ weight.T  # in the compute dtype (bf16 under autocast), as the LM head's output
-            z = logits.float()
-            lse = torch.logsumexp(z, -1)
-            rows = torch.arange(len(yc), device=x.device)
-            ones = torch.ones_like(lse)
-            w = (real[s:s + chunk_rows] if real is not None else ones) / count  # d loss / d CE of each row
-            total = total + ((lse - z[rows, yc]) * w).sum()
-            if need_x or need_w:  # d CE / d z = softmax(z) - onehot(y), times each row's weight
-                g = z.sub_(lse[:, None]).exp_()
-                g[rows, yc] -= 1
-                g = g.mul_(w[:, None]).to(logits.dtype)
-                if need_x:
-                    grad_x[s:s + chunk_rows] = (g @ weight).to(x.dtype)
-                if need_w:
-                    grad_w += (g.T @ xc).float()
-        if need_w:
-            grad_w = grad_w.to(weight.dtype)
-        ctx.save_for_backward(*(t for t in (grad_x, grad_w) if t is not None))
-        ctx.need = (need_x, need_w)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        saved = list(ctx.saved_tensors)
-        grads = [saved.pop(0) if need else None for need in ctx.need]
-        grad_x, grad_w = (g * grad_loss.to(g.dtype) if g is not None else None for g in grads)
-        return grad_x, grad_w, None, None, None, None, None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# LoRA: y = W x + (alpha / r) * B A dropout(x), with W frozen, A Kaiming-uniform and B zero (so it starts at W)
-
-class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear | QuantizedLinear, rank, alpha, dropout=0.0):
-        super().__init__()
-        if isinstance(base, QuantizedLinear):
-            self.quantized = base  # a 4/8-bit frozen weight: its forward dequantizes it
-            device = base.blocks.device
-        else:
-            self.quantized = None
-            self.weight = base.weight  # the same Parameter, so the state-dict key of the base weight is unchanged
-            self.weight.requires_grad_(False)
-            device = base.weight.device
-        # adapters are fp32 even on a bf16 base: the optimizer needs the precision
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.scale = alpha / rank
-        self.dropout = nn.Dropout(dropout)
-        self.merged = False
-
-    def forward(self, x):
-        y = F.linear(x, self.weight) if self.quantized is None else self.quantized(x)
-        if self.merged:
-            return y
-        delta = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
-        return y + (delta * self.scale).to(y.dtype)
-
-    def delta_weight(self):
-        return (self.lora_B @ self.lora_A) * self.scale
-
-    @torch.no_grad()
-    def merge(self):
-        if self.quantized is not None:
-            raise ValueError("LoRA cannot be merged into a quantized base: dequantize it first "
-                             "(weights.dequantize_model)")
-        if not self.merged:
-            self.weight += self.delta_weight().to(self.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.weight -= self.delta_weight().to(self.weight.dtype)
-            self.merged = False
-
-
-LORA_TARGETS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o",
-                "gate": "mlp.gate", "up": "mlp.up", "down": "mlp.down"}
-
-
-def check_choices(cfg, method, prefix):
-    """Each field of a config dataclass whose metadata lists "choices" holds one of them (else a ValueError
-    naming the flag); the add-ons' configs call it from __post_init__."""
-    for f in fields(cfg):
-        allowed, value = f.metadata.get("choices"), getattr(cfg, f.name)
-        if allowed is not None and value not in allowed:
-            raise ValueError(f"unknown {method} {f.name} (--{prefix}-{f.name.replace('_', '-')}) {value!r}; "
-                             f"choose from {allowed}")
-
-
-@dataclass
-class LoRAConfig:
-    """LoRA's settings; train.py's --lora-* flags are made from these fields (help text included)."""
-    rank: int = field(default=8, metadata={"help": "rank r of the LoRA update B A"})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA scale is alpha / r"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    targets: str = field(default="q,k,v,o,gate,up,down",
-                         metadata={"help": f"comma list of projections to adapt, from {','.join(LORA_TARGETS)}"})
-    layers: str = field(default="all", metadata={"help": "'all', or k: adapt only the last k layers"})
-    plus: float = field(default=1.0, metadata={"help": "LoRA+ (Hayou et al., 2024): the B factors learn this many "
-                                                       "times faster than the A factors (1 = plain LoRA)"})
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"--lora-rank must be >= 1, got {self.rank} (the LoRA rank)")
-        if self.alpha <= 0 or self.plus <= 0:
-            raise ValueError(f"LoRA alpha and plus (--lora-alpha, --lora-plus) must be > 0, got {self.alpha}, "
-                             f"{self.plus}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRA dropout (--lora-dropout) must be in [0, 1), got {self.dropout}")
-        unknown = [t for t in self.target_list if t not in LORA_TARGETS]
-        if not self.target_list or unknown:
-            raise ValueError(f"--lora-targets {self.targets!r}: unknown LoRA targets {unknown or 'empty list'}; "
-                             f"choose from {','.join(LORA_TARGETS)}")
-        if self.layers != "all" and not (self.layers.isdigit() and int(self.layers) >= 1):
-            raise ValueError(f"--lora-layers: LoRA on the last {self.layers} layers: give 'all' or a number >= 1")
-
-    @property
-    def target_list(self):
-        return [t.strip() for t in self.targets.split(",") if t.strip()]
-
-    @property
-    def last_layers(self):
-        return None if self.layers == "all" else int(self.layers)
-
-
-def freeze_base(model):
-    """Freeze the LLaMA weights; the add-ons' own parameters (model.mod, model.molex) stay as they are."""
-    for part in (model.embed, model.layers, model.norm, model.lm_head):
-        part.requires_grad_(False)
-
-
-def apply_lora(model, rank=8, alpha=16, dropout=0.0, targets=("q", "v"), last_layers=None, verbose=True, cfg=None):
-    """Freeze the LLaMA weights, then wrap the `targets` projections of all layers (or of the last
-    `last_layers`) with LoRA; cfg (a LoRAConfig) replaces the other arguments. Returns the number of
-    trainable parameters."""
-    if cfg is None:
-        cfg = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout,
-                         targets=targets if isinstance(targets, str) else ",".join(targets),
-                         layers="all" if last_layers is None else str(last_layers))
-    n, last = model.config.n_layers, cfg.last_layers
-    if last is not None and last > n:
-        raise ValueError(f"--lora-layers: LoRA on the last {last} layers: the model has {n}")
-    if lora_layers(model):
-        raise ValueError("LoRA is already applied to this model: merge_lora(model) and rebuild, or build a new one")
-    freeze_base(model)
-    for i in range(n - (last or n), n):
-        for t in cfg.target_list:
-            parent_name, attr = LORA_TARGETS[t].split(".")
-            parent = getattr(model.layers[i], parent_name)
-            setattr(parent, attr, LoRALinear(getattr(parent, attr), cfg.rank, cfg.alpha, cfg.dropout))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if verbose:
-        total = sum(p.numel() for p in model.parameters())
-        print(f"LoRA r={cfg.rank} on {cfg.targets} of {last or n} layers: {trainable:,} trainable "
-              f"parameters of {total:,} ({100 * trainable / total:.3f}%)")
-    return trainable
-
-
-def lora_layers(model):
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
-
-
-def merge_lora(model):
-    for m in lora_layers(model):
-        m.merge()
-
-
-def unmerge_lora(model):
-    for m in lora_layers(model):
-        m.unmerge()
-
-

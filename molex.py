@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import check_choices
+from errors import check_choices
 
 GATE_SHARING = ("shared", "per_layer")
 RULES = ("paper", "sequence")

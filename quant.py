@@ -1,5 +1,6 @@
 """
-The frozen base in 4 or 8 bits (QLoRA's idea, on torch alone): block formats, quantizers and dequantizers.
+The frozen base in 4 or 8 bits (QLoRA's idea, on torch alone): block formats, quantizers and dequantizers, and
+QuantizedLinear, the frozen layer that holds its weight as blocks.
 
 A quantized weight is a uint8 tensor of shape (out_features, bytes per row): each row of the matrix is a run of
 blocks, so permuting rows (RoPE's q/k order) permutes whole blocks. Formats (values, bytes per block):
@@ -20,6 +21,8 @@ kept as its bytes were loaded; a float tensor is quantized as it is read, to nf4
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from gguf_file import dequantize_blocks
 
@@ -133,3 +136,36 @@ def nbytes(model):
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
+
+
+class DequantizeMatmul(torch.autograd.Function):
+    """y = x W^T with W held in quantized blocks: W is dequantized here, and again in the backward pass for the
+    input's gradient, so nothing of full size is saved between the two (only the blocks, which the layer holds)."""
+
+    @staticmethod
+    def forward(ctx, x, blocks, fmt, shape, dtype):
+        ctx.fmt, ctx.shape, ctx.dtype = fmt, shape, dtype
+        ctx.save_for_backward(blocks)
+        return F.linear(x, dequantize(blocks, fmt, shape, dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (blocks,) = ctx.saved_tensors
+        w = dequantize(blocks, ctx.fmt, ctx.shape, ctx.dtype)
+        return (grad_y.to(w.dtype) @ w).to(grad_y.dtype), None, None, None, None  # the frozen W gets none
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen nn.Linear (no bias) whose weight is held as 4- or 8-bit blocks (quant.py), dequantized to `dtype`
+    one layer at a time as the forward pass reaches it."""
+
+    def __init__(self, blocks, fmt, in_features, out_features, dtype=torch.float32):
+        super().__init__()
+        self.register_buffer("blocks", blocks)  # uint8 (out_features, bytes per row)
+        self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
+
+    def forward(self, x):
+        return DequantizeMatmul.apply(x, self.blocks, self.fmt, (self.out_features, self.in_features), self.dtype)
+
+    def dequantized(self):
+        return dequantize(self.blocks, self.fmt, (self.out_features, self.in_features), self.dtype)

@@ -23,8 +23,8 @@ from data import BUILTIN_TASKS, resolve_path
 from data.builtin import DEFAULT_DIFFICULTY
 from data.format import CHOICE_TARGETS
 from errors import bad_flag
+from lora import LoRAConfig
 from mod import MoDConfig
-from model import LoRAConfig
 from molex import MoLExConfig
 from optim import CASE_DEFAULTS, OptimConfig, case_help, fill_case_defaults
 from quant import QuantConfig

@@ -6,12 +6,12 @@ Checkpoint files: read Meta's, Hugging Face's and GGUF's LLaMA formats into mode
 
 Tensors are memory-mapped and assigned (never copied) into a model built on the meta device, so loading holds
 one copy of the weights; what must be transformed (Meta's shards concatenated, q/k rows permuted, GGUF blocks
-dequantized) is transformed one tensor at a time. Nothing is ever unpickled with code. The formats and the RoPE
-row permutations are described in docs/design.md#checkpoint-formats.
+dequantized) is transformed one tensor at a time (safetensors_file.py and gguf_file.py read the files). Nothing is
+ever unpickled with code. The formats and the RoPE row permutations are described in
+docs/design.md#checkpoint-formats.
 """
 import json
 import math
-import mmap
 import os
 import pickle
 import re
@@ -20,8 +20,11 @@ from typing import NamedTuple
 
 import torch
 
-from model import LLAMA3_ROPE_KEYS, Llama, LlamaConfig, LoRALinear, QuantizedLinear
-from quant import GGML_TYPES, dequantize, quantize
+from gguf_file import GGUFFile, llama_config_from_gguf
+from lora import LoRALinear
+from model import LLAMA3_ROPE_KEYS, Llama, LlamaConfig
+from quant import GGML_TYPES, QuantizedLinear, dequantize, quantize
+from safetensors_file import SAFETENSORS_DTYPES, MappedTensors, read_safetensors
 
 # One row per weight: our name, Hugging Face's, Meta's, GGUF's ({i}: the layer). Every rename is derived from it.
 WEIGHT_NAMES = [
@@ -68,69 +71,7 @@ def read_json(path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# File readers
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-class MappedTensors(dict):
-    """read_safetensors' {name: tensor}, over a memory map of the file. release(name) gives the pages of one
-    tensor back to the OS (they are read from the file again if touched): quantizing a checkpoint tensor by
-    tensor then does not leave the whole file resident in this process."""
-
-    def __init__(self, tensors, buf, spans):
-        super().__init__(tensors)
-        self.buf, self.spans = buf, spans
-
-    def release(self, name):
-        if not isinstance(self.buf, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        page = mmap.PAGESIZE
-        start, end = self.spans[name]
-        start, end = -(-start // page) * page, end // page * page  # only pages wholly inside this tensor
-        if end > start:
-            self.buf.madvise(mmap.MADV_DONTNEED, start, end - start)
-
-
-def read_safetensors(path):
-    """{name: tensor} backed by a copy-on-write mmap of the file: nothing is read until it is used."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or 8 + n > size:
-            raise ValueError(f"{path}: corrupt safetensors file (header length {n}, file size {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
-    header.pop("__metadata__", None)
-    tensors, spans = {}, {}
-    for name, info in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape, (begin, end) = info["shape"], info["data_offsets"]
-            if not all(type(v) is int and v >= 0 for v in [*shape, begin, end]):
-                raise ValueError
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: corrupt safetensors entry for {name!r}: {info}") from None
-        count = math.prod(shape)
-        if not 0 <= begin <= end <= size - 8 - n or end - begin != count * dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name!r} ({info['dtype']} {shape}) has data offsets "
-                             f"{[begin, end]} that do not fit its shape or the file ({size} bytes)")
-        if not count:
-            t = torch.empty(0, dtype=dtype)
-        else:
-            t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin)
-        tensors[name] = t.view(shape)
-        spans[name] = (8 + n + begin, 8 + n + end)
-    return MappedTensors(tensors, buf, spans)
-
+# PyTorch's files (Meta's .pth shards, Hugging Face's .bin), read without running pickle code
 
 def plain_error(e):
     """What went wrong, in one line without terminal colour codes (torch colours parts of its messages) and without
@@ -321,7 +262,6 @@ def iter_hf(folder, release=False):
 def iter_gguf(path, dtype, keep_blocks=False):
     """A llama.cpp GGUF file: the config from its llama.* metadata, each tensor dequantized when it is used
     (keep_blocks: the block matrices in q4_0 / q4_1 / q8_0 come as their bytes, a Blocks)."""
-    from gguf_file import GGUFFile, llama_config_from_gguf
     f = GGUFFile(path)
     cfg = LlamaConfig(**llama_config_from_gguf(f.metadata, path), tie_embeddings="output.weight" not in f.tensors)
     yield cfg

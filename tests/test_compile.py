@@ -1,14 +1,14 @@
 """torch.compile of the training forward (forward + loss): one graph, no graph break, for the plain model, LoRA
 and LoRA + MoD (naive and chunked loss, with and without gradient checkpointing), and the plain loss in
-several chunks (model.head_loss); and the compiled loss and gradients equal eager ones. Tiny fp32 models on the
+several chunks (head_loss.head_loss); and the compiled loss and gradients equal eager ones. Tiny fp32 models on the
 CPU; dynamo only traces (explain, aot_eager: no C++ build), except one real `train.py --compile` run
 (inductor)."""
 import pytest
 import torch
 
-import model as model_module
+import head_loss as head_loss_module
+from lora import apply_lora
 from mod import MoDConfig, attach_mod
-from model import apply_lora
 
 pytestmark = pytest.mark.slow  # dynamo traces: seconds per test
 
@@ -24,7 +24,7 @@ def fresh_dynamo():
 
 def head_chunks(monkeypatch, config):
     if config == "lora-head-chunked":  # the plain loss in chunks of 5 rows (21 targets: 5 chunks)
-        monkeypatch.setattr(model_module, "HEAD_CHUNK_ELEMENTS", 5 * 96)
+        monkeypatch.setattr(head_loss_module, "HEAD_CHUNK_ELEMENTS", 5 * 96)
 
 
 def build(make_model, config):

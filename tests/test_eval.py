@@ -8,6 +8,7 @@ import torch
 
 import cli
 import eval as ev
+import scoring
 import train
 from cli import UserError
 from report import overlap
@@ -19,13 +20,13 @@ def test_acc_and_acc_norm_differ_where_length_matters():
     texts = ["ant", "elephant seal", "cat"]  # 3, 13, 3 characters
     lls = [-6.0, -9.8, -8.0]
     # acc: highest total (-6.0, option 0); acc_norm: per character -2.0, -0.75, -2.67 -> option 1
-    assert ev.score_choice_lls(lls, texts, gold_index=0) == {"acc": True, "acc_norm": False}
-    assert ev.score_choice_lls(lls, texts, gold_index=1) == {"acc": False, "acc_norm": True}
-    assert ev.score_choice_lls(lls, texts, gold_index=2) == {"acc": False, "acc_norm": False}
+    assert scoring.score_choice_lls(lls, texts, gold_index=0) == {"acc": True, "acc_norm": False}
+    assert scoring.score_choice_lls(lls, texts, gold_index=1) == {"acc": False, "acc_norm": True}
+    assert scoring.score_choice_lls(lls, texts, gold_index=2) == {"acc": False, "acc_norm": False}
     # equal lengths: both agree
-    assert ev.score_choice_lls([-3.0, -1.0], ["ab", "cd"], 1) == {"acc": True, "acc_norm": True}
+    assert scoring.score_choice_lls([-3.0, -1.0], ["ab", "cd"], 1) == {"acc": True, "acc_norm": True}
     with pytest.raises(ValueError, match="2 log-likelihoods for 3 options"):
-        ev.score_choice_lls([-1.0, -2.0], texts, 0)
+        scoring.score_choice_lls([-1.0, -2.0], texts, 0)
 
 
 def test_acc_norm_divides_by_the_option_text_as_lm_eval_does():
@@ -33,17 +34,18 @@ def test_acc_norm_divides_by_the_option_text_as_lm_eval_does():
     pred_norm = argmax(lls / completion_len); the scored continuation is " " + choice, but the space is not
     counted. By hand: "a" -2.0 / 1 = -2.0 against "abc" -5.0 / 3 = -1.67 -> option 1; counting the space
     (-2.0 / 2 = -1.0 against -5.0 / 4 = -1.25) would pick option 0."""
-    assert ev.score_choice_lls([-2.0, -5.0], ["a", "abc"], 1) == {"acc": False, "acc_norm": True}
-    assert ev.score_choice_lls([-2.0, -5.0], ["a", "abc"], 0) == {"acc": True, "acc_norm": False}
+    assert scoring.score_choice_lls([-2.0, -5.0], ["a", "abc"], 1) == {"acc": False, "acc_norm": True}
+    assert scoring.score_choice_lls([-2.0, -5.0], ["a", "abc"], 0) == {"acc": True, "acc_norm": False}
 
 
 def test_generation_scoring_strict_and_flexible():
     rec = {"question": "q", "answer": "x\n#### 12", "gold": "12"}
-    assert ev.score_generation(" 5 + 7 = 12\n#### 12", rec) == {"strict": True, "flexible": True}
-    assert ev.score_generation(" so she has 12 now", rec) == {"strict": False, "flexible": True}
-    assert ev.score_generation(" #### 12 or maybe 13", rec) == {"strict": True, "flexible": False}
-    assert ev.score_generation(" The answer is 12.0", rec) == {"strict": True, "flexible": True}
-    assert ev.cut_at_stops(" 3 + 4 = 7\n#### 7\n\nQuestion: Tom has", ev.STOPS["generation"]) == " 3 + 4 = 7\n#### 7"
+    assert scoring.score_generation(" 5 + 7 = 12\n#### 12", rec) == {"strict": True, "flexible": True}
+    assert scoring.score_generation(" so she has 12 now", rec) == {"strict": False, "flexible": True}
+    assert scoring.score_generation(" #### 12 or maybe 13", rec) == {"strict": True, "flexible": False}
+    assert scoring.score_generation(" The answer is 12.0", rec) == {"strict": True, "flexible": True}
+    assert scoring.cut_at_stops(" 3 + 4 = 7\n#### 7\n\nQuestion: Tom has",
+                                ev.STOPS["generation"]) == " 3 + 4 = 7\n#### 7"
 
 
 def test_overlap_counts_on_a_hand_made_example():
@@ -79,7 +81,7 @@ def test_readout_gives_each_layers_logit_lens(tiny):
     idx = torch.randint(3, 259, (2, 10), generator=torch.Generator().manual_seed(0))
     normal, hidden = tiny.forward_hidden(idx)
     for layer in range(3):
-        with ev.readout(tiny, layer):
+        with scoring.readout(tiny, layer):
             got = tiny(idx)[0]
         assert torch.allclose(got, tiny.lm_head(tiny.norm(hidden[layer])), atol=1e-5)
     assert tiny.mod is None and torch.equal(tiny(idx)[0], normal)  # restored
@@ -88,7 +90,7 @@ def test_readout_gives_each_layers_logit_lens(tiny):
 def test_readout_generation_matches_a_naive_greedy_loop(tiny):
     prompts = [[1, 50, 60, 70], [1, 80, 90]]
     layer = 1
-    with ev.readout(tiny, layer):
+    with scoring.readout(tiny, layer):
         got = tiny.generate(prompts, 6)  # KV cache, left padding, batched
     for p, g in zip(prompts, got):
         seq = list(p)
@@ -101,11 +103,11 @@ def test_readout_generation_matches_a_naive_greedy_loop(tiny):
 @torch.no_grad()
 def test_line_accuracy_gives_partial_credit():
     rec = {"question": "q", "answer": "3 + 4 = 7\n7 - 2 = 5\n#### 5", "gold": "5"}
-    assert ev.line_accuracy(" 3 + 4 = 7\n7 - 2 = 5\n#### 5", rec) == 1.0
-    assert ev.line_accuracy(" 3 + 4 = 7\n7 - 2 = 6\n#### 6", rec) == pytest.approx(1 / 3)
-    assert ev.line_accuracy(" 3 +  4 = 7\n7 - 2 = 5", rec) == pytest.approx(2 / 3)  # spacing aside; a line missing
-    assert ev.line_accuracy(" 7 - 2 = 5\n3 + 4 = 7\n#### 5", rec) == pytest.approx(1 / 3)  # by position
-    assert ev.line_accuracy("", rec) == 0.0
+    assert scoring.line_accuracy(" 3 + 4 = 7\n7 - 2 = 5\n#### 5", rec) == 1.0
+    assert scoring.line_accuracy(" 3 + 4 = 7\n7 - 2 = 6\n#### 6", rec) == pytest.approx(1 / 3)
+    assert scoring.line_accuracy(" 3 +  4 = 7\n7 - 2 = 5", rec) == pytest.approx(2 / 3)  # spacing aside; a line missing
+    assert scoring.line_accuracy(" 7 - 2 = 5\n3 + 4 = 7\n#### 5", rec) == pytest.approx(1 / 3)  # by position
+    assert scoring.line_accuracy("", rec) == 0.0
 
 
 def test_answer_scores_match_an_unbatched_reference(tiny):
@@ -123,11 +125,11 @@ def test_answer_scores_match_an_unbatched_reference(tiny):
         total -= sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(answer))
         right += sum(int(logp[len(prompt) - 1 + i].argmax()) == t for i, t in enumerate(answer))
         count += len(answer)
-    ce, acc = ev.answer_scores(tiny, tok, records, batch_size=2)
+    ce, acc = scoring.answer_scores(tiny, tok, records, batch_size=2)
     assert ce == pytest.approx(total / count, rel=1e-5) and acc == pytest.approx(100 * right / count)
     with torch.no_grad():  # sharper logits, the same top choices: a lower CE, the same token accuracy
         tiny.lm_head.weight.mul_(3)
-    sharp_ce, sharp_acc = ev.answer_scores(tiny, tok, records, batch_size=2)
+    sharp_ce, sharp_acc = scoring.answer_scores(tiny, tok, records, batch_size=2)
     with torch.no_grad():
         tiny.lm_head.weight.div_(3)
     assert sharp_acc == acc and sharp_ce != ce
@@ -138,7 +140,7 @@ def test_option_logliks_match_an_unbatched_reference(tiny):
     records = [{"question": "Tom has 3 pens. How many?", "choices": ["3", "four", "12"], "labels": ["A", "B", "C"],
                 "gold": "A"},
                {"question": "Which is more?", "choices": ["5", "9"], "labels": ["A", "B"], "gold": "B"}]
-    got = ev.option_logliks(tiny, tok, records, layers=[0, 2], batch_size=2)
+    got = scoring.option_logliks(tiny, tok, records, layers=[0, 2], batch_size=2)
     for r, rec in enumerate(records):
         for j, choice in enumerate(rec["choices"]):
             prompt = [1] + tok.encode(f"Question: {rec['question']}\nAnswer:")
@@ -171,7 +173,7 @@ def test_option_logliks_and_answer_scores_of_mod_and_molex_runs_match_full_logit
     records = [{"question": "Tom has 3 pens. How many?", "choices": ["3", "four", "12"], "labels": ["A", "B", "C"],
                 "gold": "A"},
                {"question": "Which is more?", "choices": ["5", "9"], "labels": ["A", "B"], "gold": "B"}]
-    got = ev.option_logliks(tiny, tok, records, layers=[2], batch_size=2)
+    got = scoring.option_logliks(tiny, tok, records, layers=[2], batch_size=2)
     for r, rec in enumerate(records):
         for j, choice in enumerate(rec["choices"]):
             prompt = [1] + tok.encode(f"Question: {rec['question']}\nAnswer:")
@@ -191,7 +193,7 @@ def test_option_logliks_and_answer_scores_of_mod_and_molex_runs_match_full_logit
             logp = torch.log_softmax(tiny(torch.tensor([prompt + answer]), prompt_end=len(prompt))[0][0], -1)
         total -= sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(answer))
         count += len(answer)
-    assert ev.answer_scores(tiny, tok, gen, batch_size=2)[0] == pytest.approx(total / count, rel=1e-5)
+    assert scoring.answer_scores(tiny, tok, gen, batch_size=2)[0] == pytest.approx(total / count, rel=1e-5)
 
 
 def test_mod_layers_are_read_through_their_trained_norms(tiny):
@@ -205,9 +207,9 @@ def test_mod_layers_are_read_through_their_trained_norms(tiny):
                1: tiny.lm_head(tiny.mod.norms[0](hidden[1])),  # MoD's own norm for layer 2 of 3
                2: tiny.lm_head(tiny.norm(hidden[2]))}  # the final layer alone
     for layer, ref in by_hand.items():
-        with ev.readout(tiny, layer):
+        with scoring.readout(tiny, layer):
             assert torch.allclose(tiny(idx)[0], ref, atol=1e-5)
-        assert torch.allclose(ev.layer_head(tiny, layer, hidden[layer]), ref, atol=1e-5)
+        assert torch.allclose(scoring.layer_head(tiny, layer, hidden[layer]), ref, atol=1e-5)
     assert tiny.mod.only_layer is None and torch.equal(tiny(idx)[0], ensemble)  # restored
     assert not torch.allclose(by_hand[1], tiny.lm_head(tiny.norm(hidden[1])), atol=1e-3)  # the test can fail
 
@@ -215,8 +217,8 @@ def test_mod_layers_are_read_through_their_trained_norms(tiny):
 def test_batching_does_not_change_generations(tiny):
     tok = load_tokenizer("byte")
     prompts = [[1] + tok.encode("ab" * (i + 1)) for i in range(5)]
-    one = ev.generate_texts(tiny, tok, prompts, 5, batch_size=1, stops=(), desc="x")
-    many = ev.generate_texts(tiny, tok, prompts, 5, batch_size=3, stops=(), desc="x")
+    one = scoring.generate_texts(tiny, tok, prompts, 5, batch_size=1, stops=(), desc="x")
+    many = scoring.generate_texts(tiny, tok, prompts, 5, batch_size=3, stops=(), desc="x")
     assert one == many
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import random_hf_llama
 
-from model import apply_lora, lora_layers, merge_lora
+from lora import apply_lora, lora_layers, merge_lora
 from weights import from_pretrained, save_hf
 
 transformers = pytest.importorskip("transformers")

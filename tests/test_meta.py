@@ -6,8 +6,9 @@ and branches on values cannot be taken; see docs/design.md.)"""
 import pytest
 import torch
 
+from lora import apply_lora
 from mod import MoDConfig, attach_mod
-from model import KVCache, Llama, LlamaConfig, apply_lora
+from model import KVCache, Llama, LlamaConfig
 from molex import MoLExConfig, attach_molex
 
 CFG = LlamaConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=112, max_seq_len=64)

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lora import apply_lora, freeze_base
 from mod import MoDConfig, attach_mod, layer_logits, routing_stats
-from model import KVCache, LlamaConfig, apply_lora, freeze_base
+from model import KVCache, LlamaConfig
 
 CFG = LlamaConfig(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=64, max_seq_len=64)
 V = CFG.vocab_size

@@ -6,18 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import model as model_module
-from model import (
-    KVCache,
-    LlamaConfig,
-    LoRALinear,
-    apply_lora,
-    head_loss,
-    lora_layers,
-    merge_lora,
-    target_rows,
-    unmerge_lora,
-)
+import head_loss as head_loss_module
+from head_loss import head_loss, target_rows
+from lora import LoRALinear, apply_lora, lora_layers, merge_lora, unmerge_lora
+from model import KVCache, LlamaConfig
 
 PROMPTS = [[1, 5, 9, 33, 2, 70, 11], [1, 40], [1, 7, 7, 50, 3]]  # different lengths: rows get left padding
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -307,7 +299,7 @@ def test_bad_config_is_refused(kwargs):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The loss at the target positions, chunked (model.head_loss) against the naive computation
+# The loss at the target positions, chunked (head_loss.head_loss) against the naive computation
 
 def naive_loss(model, idx, targets):
     """The LM head at every position, float32 logits, F.cross_entropy: what model(idx, targets) replaces."""
@@ -343,7 +335,7 @@ def test_head_loss_equals_the_naive_loss_and_gradients_fp32(make_model, monkeypa
                 m.lora_B.normal_(0, 0.1)  # B = 0 would make the LoRA gradients trivial
     idx, targets = loss_batch(model.config.vocab_size)
     if chunk_rows is not None:
-        monkeypatch.setattr(model_module, "HEAD_CHUNK_ELEMENTS", chunk_rows * model.config.vocab_size)
+        monkeypatch.setattr(head_loss_module, "HEAD_CHUNK_ELEMENTS", chunk_rows * model.config.vocab_size)
     ref_loss, ref_grads = loss_and_grads(model, lambda: naive_loss(model, idx, targets))
     loss, grads = loss_and_grads(model, lambda: model(idx, targets)[1])
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
@@ -414,7 +406,7 @@ def test_no_logits_beyond_one_chunk_forward_or_backward(make_model, monkeypatch,
     if what == "lora":
         apply_lora(model, rank=4, alpha=8, verbose=False)
     V, chunk = model.config.vocab_size, 8
-    monkeypatch.setattr(model_module, "HEAD_CHUNK_ELEMENTS", chunk * V)
+    monkeypatch.setattr(head_loss_module, "HEAD_CHUNK_ELEMENTS", chunk * V)
     idx, targets = loss_batch(V, B=4, T=24)
     n_targets = int((targets != -100).sum())
     naive, chunked = (lambda: naive_loss(model, idx, targets)), (lambda: model(idx, targets)[1])

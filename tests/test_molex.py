@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import apply_lora
+from lora import apply_lora
 from molex import MoLExConfig, attach_molex, prompt_end_from_targets
 from report import write_plots
 

@@ -1,4 +1,4 @@
-"""The frozen base in 4 or 8 bits (quant.py, model.QuantizedLinear, weights.from_pretrained(base=...)): the
+"""The frozen base in 4 or 8 bits (quant.py with its QuantizedLinear, weights.from_pretrained(base=...)): the
 quantizers against the gguf package and QLoRA's NF4 definition, the quantized model against the float model built
 from the same dequantized weights (logits, generation, layer readouts, MoD, MoLEx, LoRA training), the backward
 keeping nothing of full size, torch.compile in one graph, and the run folder carrying --base-bits."""
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from lora import apply_lora
 from mod import MoDConfig, attach_mod
-from model import QuantizedLinear, apply_lora
 from molex import MoLExConfig, attach_molex
-from quant import BLOCKS, QuantConfig, dequantize, quantize
+from quant import BLOCKS, QuantConfig, QuantizedLinear, dequantize, quantize
 from weights import dequantize_model, from_pretrained, save_hf
 
 gguf = pytest.importorskip("gguf")

@@ -50,8 +50,8 @@ def test_logits_and_greedy_generation_equal_transformers(smollm2_gguf_path, ours
 @pytest.mark.parametrize("addon", ["mod4", "molex"])
 def test_tuning_starts_exactly_at_the_pretrained_model(smollm2_gguf_path, ours, addon):
     # LoRA (B = 0) + MoD (the ensemble weight g = 0) or + MoLEx (the mixing weight m_t starts at 0), with defaults
+    from lora import apply_lora
     from mod import MoDConfig, attach_mod
-    from model import apply_lora
     from molex import MoLExConfig, attach_molex
     tok = load_tokenizer(smollm2_gguf_path)
     x = torch.tensor([tok.encode(TEXTS[0])])
