@@ -36,7 +36,6 @@ from checkpoint import (
     load_trainable,
     open_run_folder,
     open_tokenizer,
-    release_run_folder,
     resolve_tokenizer,
     restore_rng,
     save_checkpoint,
@@ -47,6 +46,7 @@ from data.batching import DataOrder, collate, load_training_data
 from data.format import IGNORE_INDEX
 from molex import prompt_end_from_targets
 from optim import lr_factor, param_groups
+from run_folder import release_run_folder
 from threads import Threads
 from tokenizer import check_tokenizer_fits
 from train_args import get_parser, parse_args, resolve_paths  # noqa: F401 - get_parser: train.get_parser for tests
