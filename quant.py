@@ -100,13 +100,14 @@ def dequantize(blocks, fmt, shape, dtype=torch.float32):
     rows = blocks.reshape(-1, BLOCKS[fmt][1])
     out = torch.empty(rows.shape[0], values, dtype=dtype, device=rows.device)
     step = max(1, 2 ** 20 // values)
+    code = NF4_CODE.to(rows.device)  # once per call, not once per piece
     for start in range(0, rows.shape[0], step):
         part = rows[start:start + step]
         if fmt == "nf4":
             absmax = part[:, :2].contiguous().view(torch.float16).float()
             packed = part[:, 2:]
             q = torch.cat([packed & 0x0F, packed >> 4], dim=1).long()
-            out[start:start + step] = NF4_CODE.to(rows.device)[q] * absmax
+            out[start:start + step] = code[q] * absmax
         else:
             out[start:start + step] = dequantize_blocks(part, GGML_TYPES[fmt])
     return out.reshape(shape)
