@@ -52,6 +52,7 @@ CONFIGS = {  # name: (label, train.py flags added to the LoRA baseline)
                       ["--molex", "--molex-alpha", "0.95", "--no-molex-learn-alpha", "--molex-layers", "first:4"]),
     # not run by default
     "mod4-top1": ("LoRA + MoD k=4, Top-1", ["--mod-k", "4", "--mod-top-k", "1"]),
+    "mod4-no-layer-ce": ("LoRA + MoD k=4 without the per-layer CE", ["--mod-k", "4", "--no-mod-layer-ce"]),
     "mod4-paper": ("LoRA + MoD k=4, the paper's settings (uniform start, no layer CE, normed router input)",
                    ["--mod-k", "4", "--mod-start", "uniform", "--no-mod-layer-ce", "--mod-router-input", "normed"]),
     "molex-paper-alpha": ("LoRA + MoLEx, alpha 0.5 fixed (the paper's encoder setting)",

@@ -52,3 +52,17 @@ def test_ablation_table_and_continuation(tmp_path, monkeypatch, tiny_base):
     assert ablate.main(argv) == results
     with pytest.raises(SystemExit):
         ablate.main(["--configs", "lora,nope"])
+
+
+@pytest.mark.parametrize("name", list(ablate.CONFIGS))
+def test_every_config_is_valid_train_flags(name):
+    """A typo in a configuration's flags would only show after hours of an ablation's other runs."""
+    import train_args
+
+    flags = ablate.CONFIGS[name][1]
+    args = train_args.parse_args(["--out", "unused"] + flags)
+    assert (args.mod is not None) == ("--mod-k" in flags) and (args.molex is not None) == ("--molex" in flags)
+    if "--no-mod-layer-ce" in flags:
+        assert args.mod.layer_ce is False
+    if "--mod-weight-range" in flags:
+        assert args.mod.weight_range == flags[flags.index("--mod-weight-range") + 1]
