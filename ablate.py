@@ -40,19 +40,23 @@ from report import (
 )
 
 REPO = Path(__file__).resolve().parent
-CONFIGS = {  # name: (label, train.py flags added to the LoRA baseline)
+# name: (label, train.py flags added to the LoRA baseline). MoD's g range is spelled out, so a configuration's
+# finished runs stay what its name says when a default changes.
+CONFIGS = {
     "lora": ("LoRA", []),
-    "mod2": ("LoRA + MoD k=2", ["--mod-k", "2"]),
-    "mod4": ("LoRA + MoD k=4", ["--mod-k", "4"]),
-    "mod4-last": ("LoRA on the last 4 layers + MoD k=4", ["--mod-k", "4", "--lora-layers", "4"]),
+    "mod2": ("LoRA + MoD k=2, free g", ["--mod-k", "2", "--mod-weight-range", "free"]),
+    "mod4": ("LoRA + MoD k=4, free g", ["--mod-k", "4", "--mod-weight-range", "free"]),
+    "mod4-last": ("LoRA on the last 4 layers + MoD k=4, free g",
+                  ["--mod-k", "4", "--mod-weight-range", "free", "--lora-layers", "4"]),
     "mod4-bounded": ("LoRA + MoD k=4, ensemble weight g in [0, 1]", ["--mod-k", "4", "--mod-weight-range", "bounded"]),
     "molex": ("LoRA + MoLEx, paper rule (one expert per batch)", ["--molex"]),
     "molex-seq": ("LoRA + MoLEx, per-sequence rule", ["--molex", "--molex-rule", "sequence"]),
     "molex-decoder": ("LoRA + MoLEx, decoder recipe (alpha 0.95 fixed, first half)",
                       ["--molex", "--molex-alpha", "0.95", "--no-molex-learn-alpha", "--molex-layers", "first:4"]),
     # not run by default
-    "mod4-top1": ("LoRA + MoD k=4, Top-1", ["--mod-k", "4", "--mod-top-k", "1"]),
-    "mod4-no-layer-ce": ("LoRA + MoD k=4 without the per-layer CE", ["--mod-k", "4", "--no-mod-layer-ce"]),
+    "mod4-top1": ("LoRA + MoD k=4, free g, Top-1", ["--mod-k", "4", "--mod-weight-range", "free", "--mod-top-k", "1"]),
+    "mod4-no-layer-ce": ("LoRA + MoD k=4, g in [0, 1], without the per-layer CE",
+                         ["--mod-k", "4", "--mod-weight-range", "bounded", "--no-mod-layer-ce"]),
     "mod4-paper": ("LoRA + MoD k=4, the paper's settings (uniform start, no layer CE, normed router input)",
                    ["--mod-k", "4", "--mod-start", "uniform", "--no-mod-layer-ce", "--mod-router-input", "normed"]),
     "molex-paper-alpha": ("LoRA + MoLEx, alpha 0.5 fixed (the paper's encoder setting)",
