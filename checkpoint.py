@@ -51,7 +51,8 @@ ADDONS = {"mod": "--mod", "molex": "--molex"}  # the add-ons and their switches
 
 # Config fields a run folder may lack, with the value that reproduces the run that wrote it (a run folder that
 # saves every setting never needs these).
-BEFORE_DEFAULTS = {"mod": {"start": "uniform", "router_input": "normed", "top_k_weights": "renormalized"},
+BEFORE_DEFAULTS = {"mod": {"start": "uniform", "router_input": "normed", "top_k_weights": "renormalized",
+                           "weight_range": "free"},
                    "molex": {"gate_init": "uniform"}}
 
 

@@ -9,10 +9,11 @@ the k layers, and the ensemble logits are
     start "uniform" (paper):  z = sum_i w_i l_i                              (g = 1: the router's uniform start)
 
 so by default a tuned model starts exactly at its base, as LoRA's zero B does, and g has a gradient at 0 (the
-ensemble grows in; a saturated softmax on the final layer would give the other layers none). With weight range
-"bounded" g stays in [0, 1], so z stays an interpolation between the final layer and the router mix: a smooth map
-onto [0, 1] has a zero derivative where it reaches 0, so g is not squashed but clamped, at use (clamp passes the
-gradient at the bounds: 1 at g = 0) and after each optimizer step (after_step: projected gradient descent).
+ensemble grows in; a saturated softmax on the final layer would give the other layers none). g stays in [0, 1]
+(weight range "bounded", the default), so z stays an interpolation between the final layer and the router mix:
+a smooth map onto [0, 1] has a zero derivative where it reaches 0, so g is not squashed but clamped, at use (clamp
+passes the gradient at the bounds: 1 at g = 0) and after each optimizer step (after_step: projected gradient
+descent). A "free" g grew to about 3 on the built-in task, an extrapolation past the final layer.
 Training loss, averaged over the target tokens (targets != -100):
 
     CE(z, y) + distill_weight * mean_{i < k} T^2 * KL(p_final.detach() || p_i)  + mean_{all k} CE(l_i, y)
@@ -55,10 +56,10 @@ class MoDConfig:
     start: str = field(default="final", metadata={"choices": STARTS, "help": (
         "final: z = l_final + g * (router mix - l_final) with a learned g from 0, so step 0 is the base model; "
         "uniform: z = the router mix, which starts as the average of the k layers (the paper)")})
-    weight_range: str = field(default="free", metadata={"choices": WEIGHT_RANGES, "help": (
-        "with start final, the ensemble weight g: free = any real number (it grew to about 3 on the built-in task: an "
-        "extrapolation past the final layer); bounded = kept in [0, 1], so z interpolates between the final "
-        "layer and the router mix (clamped, with its gradient at 0)")})
+    weight_range: str = field(default="bounded", metadata={"choices": WEIGHT_RANGES, "help": (
+        "with start final, the ensemble weight g: bounded = kept in [0, 1], so z interpolates between the final "
+        "layer and the router mix (clamped, with its gradient at 0); free = any real number (it grew to about 3 "
+        "on the built-in task, an extrapolation past the final layer, and scored lower there)")})
     # sequence: causal, so cached generation equals the full forward (needs model.forward's cache= and n_pad=)
     router: str = field(default="token", metadata={"choices": ROUTERS, "help": (
         "routing weights: token = a zero-initialized linear layer on each token's final hidden state; sequence = "

@@ -239,7 +239,8 @@ def test_a_run_folder_with_flat_settings_loads_resumes_and_evaluates_as_saved(ti
     the same run saved today, and a hand edit of their args.json is still refused."""
     import checkpoint
     new, old = tmp_path / "new", tmp_path / "old"
-    train.main(base_argv(tiny_base, new, "--max-steps", "2", "--mod-k", "2", "--mod-router", "vector", "--molex",
+    train.main(base_argv(tiny_base, new, "--max-steps", "2", "--mod-k", "2", "--mod-weight-range", "free",
+                         "--mod-router", "vector", "--molex",
                          "--molex-gate-mode", "aux_free", "--lora-plus", "2"))
     shutil.copytree(new, old)
     ckpt = torch.load(old / "ckpt.pt", weights_only=True)
@@ -293,3 +294,14 @@ def test_a_run_folder_with_flat_settings_loads_resumes_and_evaluates_as_saved(ti
     saved = json.loads((old / "args.json").read_text())  # saved in today's form from then on
     assert saved["mod"]["router"] == "vector" and "mod_router" not in saved and saved == torch.load(
         old / "ckpt.pt", weights_only=True)["args"]
+
+
+def test_mods_g_is_bounded_by_default_and_a_run_saved_before_the_choice_keeps_its_free_g():
+    import checkpoint
+    from mod import MoDConfig
+
+    assert MoDConfig().weight_range == "bounded"
+    settings = {"optim": {}, "mod": {"k": 2, "start": "final"}}  # saved before weight_range existed
+    assert checkpoint.run_settings(settings)["mod"].weight_range == "free"
+    settings["mod"]["weight_range"] = "bounded"
+    assert checkpoint.run_settings(settings)["mod"].weight_range == "bounded"
