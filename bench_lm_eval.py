@@ -15,6 +15,7 @@ lm-eval and its dependencies (datasets, evaluate, accelerate, ...) are test / be
 in the project imports them.
 """
 import json
+import logging
 import os
 import sys
 import time
@@ -100,7 +101,8 @@ def lm_eval_scores(lm, jsonl):
     from lm_eval.evaluator import evaluate
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    tasks = get_task_dict([task_config(jsonl)], TaskManager(verbosity="ERROR"))
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # quiet, as verbosity= once did
+    tasks = get_task_dict([task_config(jsonl)], TaskManager())
     t, cpu = time.perf_counter(), time.process_time()
     results = evaluate(lm, tasks, log_samples=True, bootstrap_iters=0, verbosity="ERROR")
     seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
