@@ -8,14 +8,17 @@ from collections import Counter
 from itertools import combinations
 
 EXACT_OVERLAP_MAX = 5  # count every subset of layers (2^k regions) up to this many layers
+EXACT_REGIONS_MAX = 15  # beyond that, the regions holding the most problems
 
 
 def overlap(solved, n_problems, exact_max=EXACT_OVERLAP_MAX):
     """How the sets of solved problem indices of several sources (e.g. layers) overlap.
 
     solved: {name: set of indices}. Returns solved counts, "any" / "all" / "none", "only" (solved by this source
-    and no other), the pairwise matrix |A & B| (diagonal = |A|) and, for at most exact_max sources, "exact": the
-    number of problems solved by exactly each subset of sources (every problem lands in one region)."""
+    and no other), the pairwise matrix |A & B| (diagonal = |A|) and "exact": the number of problems solved by
+    exactly each subset of sources (every problem lands in one region). With at most exact_max sources it lists
+    every subset; with more (2^k subsets) only the EXACT_REGIONS_MAX regions holding the most problems, largest
+    first, and "exact_rest" counts the problems of the regions left out."""
     names = list(solved)
     sets = [set(solved[k]) for k in names]
     union = set().union(*sets) if sets else set()
@@ -25,10 +28,14 @@ def overlap(solved, n_problems, exact_max=EXACT_OVERLAP_MAX):
            "only": {k: len(s - set().union(*(t for j, t in enumerate(sets) if j != i))) for i, (k, s) in
                     enumerate(zip(names, sets))},
            "pairwise": [[len(a & b) for b in sets] for a in sets]}
+    region = Counter(frozenset(k for k, s in zip(names, sets) if i in s) for i in range(n_problems))
     if len(names) <= exact_max:
-        region = Counter(frozenset(k for k, s in zip(names, sets) if i in s) for i in range(n_problems))
-        out["exact"] = [{"sources": [k for k in names if k in subset], "count": region.get(frozenset(subset), 0)}
-                        for r in range(len(names), -1, -1) for subset in combinations(names, r)]
+        subsets = [subset for r in range(len(names), -1, -1) for subset in combinations(names, r)]
+    else:
+        subsets = [subset for subset, _ in region.most_common(EXACT_REGIONS_MAX)]
+        out["exact_rest"] = n_problems - sum(region[subset] for subset in subsets)
+    out["exact"] = [{"sources": [k for k in names if k in subset], "count": region.get(frozenset(subset), 0)}
+                    for subset in subsets]
     return out
 
 
@@ -274,12 +281,15 @@ def solved_overlap_plot(ov, labels, path, title):
     left.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     left.set_yticks(range(len(names)), names, fontsize=8)
     left.set_title("solved by both (diagonal: solved)", fontsize=9)
-    y = range(len(regions))
-    right.barh(list(y), [r["count"] for r in regions], color="tab:blue", alpha=0.7)
-    for i, r in enumerate(regions):
-        right.text(r["count"], i, f" {r['count']}", va="center", fontsize=7)
-    right.set_yticks(list(y), [" + ".join(labels[s] for s in r["sources"]) + (" only" if len(r["sources"]) == 1
-                                                                             else "") for r in regions], fontsize=7)
+    bars = [(" + ".join(labels[s] for s in r["sources"]) + (" only" if len(r["sources"]) == 1 else ""), r["count"])
+            for r in regions]
+    if ov.get("exact_rest"):
+        bars.append(("any other combination", ov["exact_rest"]))
+    y = range(len(bars))
+    right.barh(list(y), [count for _, count in bars], color="tab:blue", alpha=0.7)
+    for i, (_, count) in enumerate(bars):
+        right.text(count, i, f" {count}", va="center", fontsize=7)
+    right.set_yticks(list(y), [name for name, _ in bars], fontsize=7)
     right.invert_yaxis()
     right.set_xlabel(f"problems (of {ov['n']}; solved by none: {ov['none']})")
     right.set_title("solved by exactly these", fontsize=9)

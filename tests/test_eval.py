@@ -62,10 +62,15 @@ def test_overlap_counts_on_a_hand_made_example():
     assert ov["pairwise"] == [[3, 2, 1], [2, 3, 1], [1, 1, 2]]
 
 
-def test_overlap_many_layers_has_matrix_but_no_exact_regions():
+def test_overlap_many_layers_lists_the_largest_exact_regions(monkeypatch):
     solved = {f"L{i}": set(range(i)) for i in range(1, 8)}  # nested sets
     ov = overlap(solved, n_problems=10)
-    assert "exact" not in ov
+    # problem 0 is solved by L1-L7, problem p (1-6) by L(p+1)-L7, problems 7-9 by none: 8 regions
+    assert [(e["sources"], e["count"]) for e in ov["exact"][:2]] == [([], 3), ([f"L{i}" for i in range(1, 8)], 1)]
+    assert len(ov["exact"]) == 8 and ov["exact_rest"] == 0 and sum(e["count"] for e in ov["exact"]) == 10
+    monkeypatch.setattr("report.EXACT_REGIONS_MAX", 3)
+    ov3 = overlap(solved, n_problems=10)
+    assert [e["count"] for e in ov3["exact"]] == [3, 1, 1] and ov3["exact_rest"] == 5
     assert ov["pairwise"][2][5] == 3 and ov["any"] == 7 and ov["all"] == 1 and ov["none"] == 3
     assert ov["only"] == {**{f"L{i}": 0 for i in range(1, 7)}, "L7": 1}
 
