@@ -1,5 +1,6 @@
 """
-The ablation: LoRA against LoRA + MoD (k = 2 and 4, LoRA on the last k layers only, Top-1, the paper's settings)
+The ablation: LoRA against LoRA + MoD (k = 2 and 4, free or bounded g, LoRA on the last k layers only, Top-1, without
+the per-layer CE or the distillation, the paper's settings)
 and LoRA + MoLEx (the paper's routing rule, per-sequence routing, the authors' decoder recipe), several seeds
 each, on a built-in task; one table of mean ± std and the paired difference to LoRA (same seeds) with its 95%
 interval, for the exact-match accuracy and for the teacher-forced answer CE (which varies far less).
@@ -10,7 +11,7 @@ interval, for the exact-match accuracy and for the teacher-forced answer CE (whi
 
 The real-model ablation, one command (SmolLM2-135M-Instruct from its wheel, ARC-Easy prepared by data.prepare):
 
-    python ablate.py --preset smollm2-arc-easy   # LoRA, + MoD k=4, + MoD k=4 bounded share, + MoLEx; 3 seeds
+    python ablate.py --preset smollm2-arc-easy   # LoRA, + MoD k=4 (free g, bounded g), + MoLEx; 3 seeds
 
 Each run is `python train.py` then `python eval.py` (separate processes) into <out>/<config>-seed<s>/, --jobs
 at a time; a run whose evaluation is already there is not repeated, so an interrupted ablation continues where it
