@@ -1,9 +1,9 @@
 """
-The ablation: LoRA against LoRA + MoD (k = 2 and 4, free or bounded g, LoRA on the last k layers only, Top-1, without
-the per-layer CE or the distillation, the paper's settings)
-and LoRA + MoLEx (the paper's routing rule, per-sequence routing, the authors' decoder recipe), several seeds
-each, on a built-in task; one table of mean ± std and the paired difference to LoRA (same seeds) with its 95%
-interval, for the exact-match accuracy and for the teacher-forced answer CE (which varies far less).
+The ablation: LoRA against LoRA + MoD (k = 2 and 4, free or bounded g, LoRA on the last k layers only, Top-1,
+without the per-layer CE, the distillation or both, the paper's settings) and LoRA + MoLEx (the paper's routing
+rule, per-sequence routing, the authors' decoder recipe), several seeds each, on a built-in task; one table of
+mean ± std and the paired difference to LoRA (same seeds) with its 95% interval, for the exact-match accuracy and
+for the teacher-forced answer CE (which varies far less).
 
     python ablate.py                          # the default configurations, seeds 0-4, on the built-in arith task
     python ablate.py --configs lora,mod4 --seeds 0 1 2 --steps 300
@@ -58,6 +58,8 @@ CONFIGS = {
     "mod4-top1": ("LoRA + MoD k=4, free g, Top-1", ["--mod-k", "4", "--mod-weight-range", "free", "--mod-top-k", "1"]),
     "mod4-no-layer-ce": ("LoRA + MoD k=4, g in [0, 1], without the per-layer CE",
                          ["--mod-k", "4", "--mod-weight-range", "bounded", "--no-mod-layer-ce"]),
+    "mod4-no-distill": ("LoRA + MoD k=4, g in [0, 1], without the distillation",
+                        ["--mod-k", "4", "--mod-weight-range", "bounded", "--mod-distill-weight", "0"]),
     "mod4-ce-only": ("LoRA + MoD k=4, g in [0, 1], the ensemble's CE alone (no distillation, no per-layer CE)",
                      ["--mod-k", "4", "--mod-weight-range", "bounded", "--no-mod-layer-ce",
                       "--mod-distill-weight", "0"]),
