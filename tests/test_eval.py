@@ -151,10 +151,11 @@ def test_option_logliks_match_an_unbatched_reference(tiny):
             prompt = [1] + tok.encode(f"Question: {rec['question']}\nAnswer:")
             cont = tok.encode(" " + choice)
             ids = torch.tensor([prompt + cont])
-            logits, hidden = tiny.forward_hidden(ids)
+            with torch.no_grad():
+                logits, hidden = tiny.forward_hidden(ids)
             for source, lg in (("output", logits), ("layer_1", tiny.lm_head(tiny.norm(hidden[0]))),
                                ("layer_3", tiny.lm_head(tiny.norm(hidden[2])))):
-                lp = torch.log_softmax(lg[0], -1)
+                lp = torch.log_softmax(lg[0].detach(), -1)
                 ref = sum(float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(cont))
                 assert got[source][r][j] == pytest.approx(ref, abs=1e-4)
 
