@@ -189,7 +189,7 @@ def molex_state_keys(molex):
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
 def test_learned_mix_weight_starts_at_one_minus_alpha_and_learns(make_model, alpha):
     model, molex = molex_model(make_model, alpha=alpha, share="per_layer")
-    assert [float(molex.mix_weight_of(t)) for t in range(L)] == [1 - alpha] * L
+    assert [molex.mix_weight_of(t).item() for t in range(L)] == [1 - alpha] * L
     assert {"molex.mix_weight", "molex.gate_weight", "molex.gate_bias"} <= set(model.state_dict())
     force_experts(molex, {0: 2, 1: 3, 2: 0, 3: 1})
     model.train()
