@@ -153,9 +153,10 @@ def test_option_logliks_match_an_unbatched_reference(tiny):
             ids = torch.tensor([prompt + cont])
             with torch.no_grad():
                 logits, hidden = tiny.forward_hidden(ids)
-            for source, lg in (("output", logits), ("layer_1", tiny.lm_head(tiny.norm(hidden[0]))),
-                               ("layer_3", tiny.lm_head(tiny.norm(hidden[2])))):
-                lp = torch.log_softmax(lg[0].detach(), -1)
+                sources = (("output", logits), ("layer_1", tiny.lm_head(tiny.norm(hidden[0]))),
+                           ("layer_3", tiny.lm_head(tiny.norm(hidden[2]))))
+            for source, lg in sources:
+                lp = torch.log_softmax(lg[0], -1)
                 ref = sum(float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(cont))
                 assert got[source][r][j] == pytest.approx(ref, abs=1e-4)
 
